@@ -1,0 +1,1412 @@
+#!/usr/bin/env python3
+"""grit — incremental pipelines of shell-script steps.
+
+A TOML manifest names the steps. Every file a step's script writes into
+$OUTPUT_DIR becomes a named, SHA-256 content-addressed resource; steps whose
+`inputs` match that name get one task per resource. Metadata lives in SQLite,
+object content in LMDB, both under one database directory.
+
+Sections, in the order data flows through them:
+    Errors and console → Names → Manifest → Object store → Metadata store
+    → Output capture → Task execution → Scheduler → Commands → CLI
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import concurrent.futures
+import difflib
+import fcntl
+import fnmatch
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import sqlite3
+import stat
+import struct
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import IO, Callable, Iterator, Sequence
+
+try:
+    import tomllib
+except ImportError:  # Python < 3.11
+    import tomli as tomllib  # type: ignore[no-redef]
+
+__version__ = "0.1.0"
+
+EXIT_OK = 0
+EXIT_TASK_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+# =============================================================================
+# Errors and console
+# =============================================================================
+
+class GritError(Exception):
+    """A problem to report as one line on stderr, then exit with `exit_code`."""
+
+    exit_code = EXIT_USAGE
+
+
+class NotFoundError(GritError):
+    """A name or hash the user asked for does not exist."""
+
+    exit_code = EXIT_TASK_FAILED
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived."""
+
+
+def did_you_mean(word: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f' (did you mean "{close[0]}"?)' if close else ""
+
+
+class Console:
+    """All user-facing output: levels, colors, and the live progress line.
+
+    Messages go to stderr so that stdout stays clean for -export output.
+    """
+
+    COLORS = {"red": "31", "green": "32", "yellow": "33", "cyan": "36", "dim": "2"}
+
+    def __init__(self, level: int = 1, stream: IO[str] | None = None) -> None:
+        self.level = level  # 0 quiet, 1 normal, 2 verbose
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.color = self.tty and "NO_COLOR" not in os.environ
+        self._progress_shown = False
+        self._lock = threading.Lock()
+
+    def paint(self, text: str, color: str) -> str:
+        return f"\033[{self.COLORS[color]}m{text}\033[0m" if self.color else text
+
+    def _write(self, line: str) -> None:
+        with self._lock:
+            if self._progress_shown:
+                self.stream.write("\r\033[K")
+                self._progress_shown = False
+            self.stream.write(line + "\n")
+            self.stream.flush()
+
+    def error(self, message: str) -> None:
+        self._write(self.paint("grit: error: ", "red") + message)
+
+    def warn(self, message: str) -> None:
+        if self.level >= 1:
+            self._write(self.paint("grit: warning: ", "yellow") + message)
+
+    def info(self, message: str) -> None:
+        if self.level >= 1:
+            self._write(message)
+
+    def detail(self, message: str) -> None:
+        if self.level >= 2:
+            self._write(self.paint(message, "dim"))
+
+    def progress(self, line: str) -> None:
+        """Rewrite the live status line; only on a terminal in normal mode."""
+        if self.level != 1 or not self.tty:
+            return
+        with self._lock:
+            width = shutil.get_terminal_size((100, 20)).columns - 1
+            self.stream.write("\r\033[K" + line[:width])
+            self.stream.flush()
+            self._progress_shown = True
+
+    def end_progress(self) -> None:
+        with self._lock:
+            if self._progress_shown:
+                self.stream.write("\r\033[K")
+                self.stream.flush()
+                self._progress_shown = False
+
+
+# =============================================================================
+# Names
+# =============================================================================
+
+# Longest path segment most Linux filesystems accept, in bytes.
+MAX_SEGMENT_BYTES = 255
+GLOB_CHARS = "*?["
+STEP_NAME_RE = re.compile(r"[A-Za-z0-9_.-]+\Z")
+
+
+def _name_problem(name: str, allow_glob: bool) -> str | None:
+    """Why `name` is not a valid resource name (or input pattern), or None."""
+    if not name:
+        return "is empty"
+    if name.startswith("/"):
+        return "is absolute"
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid UTF-8"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "contains a control character"
+    if not allow_glob and any(c in GLOB_CHARS for c in name):
+        return "contains one of * ? [ (pattern characters in inputs)"
+    for segment in name.split("/"):
+        if segment == "":
+            return "has an empty path segment"
+        if segment in (".", ".."):
+            return f'has a "{segment}" segment'
+        if len(segment.encode("utf-8")) > MAX_SEGMENT_BYTES:
+            return f"has a segment longer than {MAX_SEGMENT_BYTES} bytes"
+    del encoded
+    return None
+
+
+def resource_name_problem(name: str) -> str | None:
+    return _name_problem(name, allow_glob=False)
+
+
+def input_pattern_problem(pattern: str) -> str | None:
+    return _name_problem(pattern, allow_glob=True)
+
+
+def is_pattern(text: str) -> bool:
+    return any(c in GLOB_CHARS for c in text)
+
+
+def matches_inputs(name: str, inputs: Sequence[str]) -> bool:
+    """fnmatch rules, case-sensitive; `*` also crosses `/` as in fnmatch."""
+    return any(fnmatch.fnmatchcase(name, p) if is_pattern(p) else name == p for p in inputs)
+
+
+# =============================================================================
+# Manifest
+# =============================================================================
+
+STEP_KEYS = ("name", "inputs", "parallel", "script", "start")
+
+
+@dataclass(frozen=True)
+class StepDef:
+    """One [[step]] of the manifest."""
+
+    name: str
+    script: str
+    inputs: tuple[str, ...] = ()
+    parallel: int = 0  # most concurrent tasks of this step; 0 = unlimited
+
+    @property
+    def is_seed(self) -> bool:
+        return not self.inputs
+
+
+@dataclass
+class Manifest:
+    path: str
+    steps: list[StepDef]
+
+    def step(self, name: str) -> StepDef:
+        for s in self.steps:
+            if s.name == name:
+                return s
+        raise GritError(f"unknown step \"{name}\" in {self.path}"
+                        f"{did_you_mean(name, [s.name for s in self.steps])}")
+
+
+def load_manifest(path: str) -> Manifest:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise GritError(f"manifest not found: {path}") from None
+    except IsADirectoryError:
+        raise GritError(f"manifest is a directory: {path}") from None
+    except PermissionError:
+        raise GritError(f"manifest not readable: {path}") from None
+    except UnicodeDecodeError as e:
+        raise GritError(f"{path}: invalid TOML: not UTF-8 ({e.reason})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise GritError(f"{path}: invalid TOML: {e}") from None
+    return parse_manifest(data, path)
+
+
+def parse_manifest(data: dict, path: str) -> Manifest:
+    for key in data:
+        if key != "step":
+            raise GritError(f"{path}: unknown top-level key \"{key}\"{did_you_mean(key, ['step'])}")
+    tables = data.get("step")
+    if tables is None:
+        raise GritError(f"{path}: no steps: add at least one [[step]] table")
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise GritError(f"{path}: \"step\" must be an array of tables, written [[step]]")
+    steps: list[StepDef] = []
+    seen: set[str] = set()
+    for index, table in enumerate(tables, start=1):
+        step = _parse_step(table, f"{path}: step {index}")
+        if step.name in seen:
+            raise GritError(f"{path}: step {index}: duplicate step name \"{step.name}\"")
+        seen.add(step.name)
+        steps.append(step)
+    if not steps:
+        raise GritError(f"{path}: no steps: add at least one [[step]] table")
+    return Manifest(path, steps)
+
+
+def _parse_step(table: dict, where: str) -> StepDef:
+    for key in table:
+        if key not in STEP_KEYS:
+            raise GritError(f"{where}: unknown key \"{key}\"{did_you_mean(key, STEP_KEYS)}")
+    name = table.get("name")
+    if name is None:
+        raise GritError(f"{where}: missing key \"name\"")
+    if not isinstance(name, str):
+        raise GritError(f"{where}: \"name\" must be a string, not {_toml_type(name)}")
+    if not STEP_NAME_RE.match(name):
+        raise GritError(f"{where}: invalid step name {json.dumps(name)}: "
+                        "use letters, digits, '_', '.' and '-'")
+    where = f"{where} (\"{name}\")"
+    script = table.get("script")
+    if script is None:
+        raise GritError(f"{where}: missing key \"script\"")
+    if not isinstance(script, str):
+        raise GritError(f"{where}: \"script\" must be a string, not {_toml_type(script)}")
+    if not script.strip():
+        raise GritError(f"{where}: \"script\" is empty")
+    inputs = table.get("inputs", [])
+    if not isinstance(inputs, list) or not all(isinstance(i, str) for i in inputs):
+        raise GritError(f"{where}: \"inputs\" must be an array of strings, "
+                        f"like inputs = [\"data\"], not {_toml_type(inputs)}")
+    for pattern in inputs:
+        problem = input_pattern_problem(pattern)
+        if problem:
+            raise GritError(f"{where}: input {json.dumps(pattern)} {problem}")
+    parallel = table.get("parallel", 0)
+    if isinstance(parallel, bool) or not isinstance(parallel, int):
+        raise GritError(f"{where}: \"parallel\" must be an integer, not {_toml_type(parallel)}")
+    if parallel < 0:
+        raise GritError(f"{where}: \"parallel\" must be 0 (unlimited) or more, not {parallel}")
+    start = table.get("start", False)
+    if not isinstance(start, bool):
+        raise GritError(f"{where}: \"start\" must be true or false, not {_toml_type(start)}")
+    if start and inputs:
+        raise GritError(f"{where}: a start step has no inputs: remove \"start\" or \"inputs\"")
+    # Sorted and deduplicated: reordering inputs is not a new definition.
+    return StepDef(name=name, script=script, inputs=tuple(sorted(set(inputs))), parallel=parallel)
+
+
+def _toml_type(value: object) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a float", str: "a string",
+             list: "an array", dict: "a table"}
+    return names.get(type(value), f"a {type(value).__name__}")
+
+
+# =============================================================================
+# Object store (LMDB)
+# =============================================================================
+
+# LMDB value size for object chunks. Big enough to amortise per-key cost, small
+# enough that LMDB finds contiguous free pages for it and memory stays bounded.
+CHUNK_SIZE = 256 * 1024
+# Bytes written per LMDB write transaction, so one large object does not hold
+# LMDB's single writer lock (and our resize guard) for seconds.
+TXN_BYTES = 16 * 1024 * 1024
+# First LMDB map size; the map doubles whenever it fills, so this is not a limit.
+INITIAL_MAP_SIZE = 256 * 1024 * 1024
+HEADER = struct.Struct(">QI")  # object header: size in bytes, number of chunks
+
+
+def sha256_file(path: str) -> tuple[str, int]:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(CHUNK_SIZE)
+            if not block:
+                return h.hexdigest(), size
+            h.update(block)
+            size += len(block)
+
+
+class ObjectStore:
+    """Content-addressed objects: put, open, has, delete. Knows nothing of names.
+
+    An object is a header under its hash in the `objects` table and its bytes in
+    CHUNK_SIZE pieces under (hash, index) in `chunks`. The header is written
+    last, so an object is either complete or absent; chunks left by a crash
+    mid-put are overwritten by the next put of the same hash.
+    """
+
+    def __init__(self, path: str, readonly: bool = False) -> None:
+        import lmdb  # imported here: only commands that touch objects pay for it
+
+        self._lmdb = lmdb
+        if not readonly and not os.path.exists(os.path.join(path, "data.mdb")):
+            if lmdb.version()[0] >= 1:
+                raise GritError(f"the linked LMDB {'.'.join(map(str, lmdb.version()))} would "
+                                "create a format LMDB 0.9 cannot read; install lmdb==1.7.5")
+        size = INITIAL_MAP_SIZE
+        data_file = os.path.join(path, "data.mdb")
+        if os.path.exists(data_file):
+            size = max(size, 2 * os.path.getsize(data_file))
+        try:
+            self.env = lmdb.open(path, map_size=size, max_dbs=2, readonly=readonly,
+                                 sync=False, metasync=False, readahead=False,
+                                 subdir=True, create=not readonly, mode=0o600)
+            self._objects = self.env.open_db(b"objects", create=not readonly)
+            self._chunks = self.env.open_db(b"chunks", create=not readonly)
+        except lmdb.Error as e:
+            raise GritError(f"cannot open object store {path}: {e}") from None
+        # Every transaction holds this lock: LMDB may only be resized while no
+        # transaction of this process is open.
+        self._guard = threading.Lock()
+
+    def close(self) -> None:
+        self.env.close()
+
+    def sync(self) -> None:
+        """Flush written objects to disk; called before metadata that names them commits."""
+        self.env.sync(True)
+
+    def _write(self, fn: Callable[[object], None]) -> None:
+        """Run fn(txn) in a write transaction, growing the map when it is full."""
+        with self._guard:
+            while True:
+                try:
+                    with self.env.begin(write=True) as txn:
+                        fn(txn)
+                    return
+                except self._lmdb.MapFullError:
+                    self.env.set_mapsize(self.env.info()["map_size"] * 2)
+
+    def has(self, digest: str) -> bool:
+        with self._guard, self.env.begin() as txn:
+            return txn.get(bytes.fromhex(digest), db=self._objects) is not None
+
+    def size(self, digest: str) -> int | None:
+        with self._guard, self.env.begin() as txn:
+            header = txn.get(bytes.fromhex(digest), db=self._objects)
+        return None if header is None else HEADER.unpack(header)[0]
+
+    def put_file(self, path: str, digest: str | None = None) -> tuple[str, int]:
+        """Store the file's bytes; returns (hash, size). Pass `digest` if already known."""
+        size = os.path.getsize(path)
+        if size <= CHUNK_SIZE:  # one read serves both hashing and storing
+            with open(path, "rb") as f:
+                data = f.read()
+            digest = hashlib.sha256(data).hexdigest()
+            if not self.has(digest):
+                self._put_chunks(digest, len(data), iter([data]))
+            return digest, len(data)
+        if digest is None:
+            digest, size = sha256_file(path)
+        if not self.has(digest):
+            with open(path, "rb") as f:
+                self._put_chunks(digest, size, iter(lambda: f.read(CHUNK_SIZE), b""))
+        return digest, size
+
+    def _put_chunks(self, digest: str, size: int, chunks: Iterator[bytes]) -> None:
+        key = bytes.fromhex(digest)
+        count = 0
+        done = False
+        while not done:
+            batch: list[bytes] = []
+            batch_bytes = 0
+            for chunk in chunks:
+                batch.append(chunk)
+                batch_bytes += len(chunk)
+                if batch_bytes >= TXN_BYTES:
+                    break
+            else:
+                done = True
+            first = count
+
+            def write(txn: object, batch: list[bytes] = batch, first: int = first) -> None:
+                for i, chunk in enumerate(batch, start=first):
+                    txn.put(key + struct.pack(">I", i), chunk, db=self._chunks)  # type: ignore[attr-defined]
+                if done:
+                    txn.put(key, HEADER.pack(size, first + len(batch)), db=self._objects)  # type: ignore[attr-defined]
+
+            self._write(write)
+            count += len(batch)
+
+    def open(self, digest: str) -> Iterator[bytes]:
+        """The object's bytes, chunk by chunk. Raises KeyError if absent."""
+        key = bytes.fromhex(digest)
+        with self._guard, self.env.begin() as txn:
+            header = txn.get(key, db=self._objects)
+        if header is None:
+            raise KeyError(digest)
+        _, count = HEADER.unpack(header)
+        return self._read_chunks(key, count)
+
+    def _read_chunks(self, key: bytes, count: int) -> Iterator[bytes]:
+        per_txn = max(1, TXN_BYTES // CHUNK_SIZE)
+        for first in range(0, count, per_txn):
+            with self._guard, self.env.begin() as txn:
+                batch = [txn.get(key + struct.pack(">I", i), db=self._chunks)
+                         for i in range(first, min(count, first + per_txn))]
+            for chunk in batch:
+                if chunk is None:
+                    raise GritError(f"object {key.hex()} is missing a chunk: database damaged")
+                yield chunk
+
+    def delete(self, digest: str) -> None:
+        key = bytes.fromhex(digest)
+
+        def remove(txn: object) -> None:
+            txn.delete(key, db=self._objects)  # type: ignore[attr-defined]
+            cursor = txn.cursor(db=self._chunks)  # type: ignore[attr-defined]
+            if cursor.set_range(key):
+                while cursor.key()[:32] == key and cursor.delete():
+                    pass
+
+        self._write(remove)
+
+
+# =============================================================================
+# Metadata store (SQLite)
+# =============================================================================
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+-- One row per version of a step definition (script, inputs). A changed
+-- definition adds a version; old versions stay as history.
+CREATE TABLE step (
+    id          INTEGER PRIMARY KEY,
+    name        TEXT NOT NULL,
+    version     INTEGER NOT NULL,
+    script      TEXT NOT NULL,
+    inputs      TEXT NOT NULL,              -- JSON array of names/patterns; [] = seed step
+    created_at  TEXT NOT NULL,
+    scanned_resource_id INTEGER NOT NULL DEFAULT 0,  -- resources up to this id were matched
+    UNIQUE (name, version)
+);
+
+-- A named object: (name, hash) is unique, so producing it again makes nothing new.
+CREATE TABLE resource (
+    id          INTEGER PRIMARY KEY,
+    name        TEXT NOT NULL,
+    hash        TEXT NOT NULL,              -- SHA-256 of the content, lowercase hex
+    size        INTEGER NOT NULL,
+    task_id     INTEGER REFERENCES task(id),  -- the task that first produced it
+    created_at  TEXT NOT NULL,
+    UNIQUE (name, hash)
+);
+CREATE INDEX resource_name ON resource(name);   -- name lookups in id order
+CREATE INDEX resource_hash ON resource(hash);
+
+-- One unit of work: a step version applied to one input resource (NULL for a
+-- seed task). Outputs and status='done' commit in one transaction.
+CREATE TABLE task (
+    id          INTEGER PRIMARY KEY,
+    step_id     INTEGER NOT NULL REFERENCES step(id),
+    input_resource_id INTEGER REFERENCES resource(id),
+    status      TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'done', 'failed')),
+    exit_code   INTEGER,
+    error       TEXT,                       -- why it failed, with the tail of its stderr
+    stdout_hash TEXT,                       -- objects holding its output, NULL when empty
+    stderr_hash TEXT,
+    started_at  TEXT,
+    finished_at TEXT,
+    duration    REAL,
+    UNIQUE (step_id, input_resource_id)
+);
+-- NULLs are distinct in UNIQUE, so seed tasks need their own rule: one per step version.
+CREATE UNIQUE INDEX task_seed ON task(step_id) WHERE input_resource_id IS NULL;
+CREATE INDEX task_unfinished ON task(step_id) WHERE status != 'done';
+"""
+
+
+def utc_now() -> str:
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
+
+
+@dataclass
+class StepVersion:
+    """A step of this run: the manifest's definition and its stored version."""
+
+    id: int
+    definition: StepDef
+    version: int
+    scanned_resource_id: int
+    is_new: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.definition.name
+
+
+@dataclass
+class TaskSpec:
+    """Everything needed to run one task; no database access needed."""
+
+    task_id: int
+    step: str
+    script: str
+    input_name: str = ""
+    input_hash: str = ""
+
+
+@dataclass
+class Output:
+    name: str
+    hash: str
+    size: int
+
+
+@dataclass
+class TaskResult:
+    task_id: int
+    exit_code: int | None = None
+    error: str | None = None  # set when the task failed
+    outputs: list[Output] = field(default_factory=list)
+    stdout_hash: str | None = None
+    stderr_hash: str | None = None
+    started_at: str = ""
+    duration: float = 0.0
+    interrupted: bool = False  # killed by grit's shutdown: stays pending
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and not self.interrupted
+
+
+class Metadata:
+    """Steps, tasks and resources in SQLite. Knows nothing of object bytes."""
+
+    def __init__(self, path: str, readonly: bool = False) -> None:
+        try:
+            if readonly:
+                self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True,
+                                          isolation_level=None, check_same_thread=False)
+            else:
+                self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+                self.db.execute("PRAGMA journal_mode=WAL")
+                # NORMAL in WAL mode: a power cut may lose the last commits but
+                # never corrupts; lost tasks simply run again.
+                self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("PRAGMA busy_timeout=5000")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            self._migrate(readonly)
+        except sqlite3.DatabaseError as e:
+            raise GritError(f"cannot use metadata database {path}: {e}") from None
+
+    def _migrate(self, readonly: bool) -> None:
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if version == SCHEMA_VERSION:
+            return
+        if version > SCHEMA_VERSION:
+            raise GritError(f"database schema {version} is newer than this grit "
+                            f"({__version__}, schema {SCHEMA_VERSION}): upgrade grit")
+        tables = self.db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        if version == 0 and tables == 0 and not readonly:
+            with self.transaction():
+                self.db.executescript("BEGIN;" + SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION};")
+            return
+        raise GritError("not a grit database (unknown schema)")
+
+    def close(self) -> None:
+        self.db.close()
+
+    def transaction(self) -> "_Transaction":
+        return _Transaction(self.db)
+
+    # -- steps ---------------------------------------------------------------
+
+    def register(self, definition: StepDef) -> StepVersion:
+        """The stored latest version of this step, adding one if the definition changed."""
+        inputs = json.dumps(list(definition.inputs))
+        row = self.db.execute(
+            "SELECT id, version, script, inputs, scanned_resource_id FROM step "
+            "WHERE name = ? ORDER BY version DESC LIMIT 1", (definition.name,)).fetchone()
+        if row and row[2] == definition.script and row[3] == inputs:
+            return StepVersion(row[0], definition, row[1], row[4])
+        version = row[1] + 1 if row else 1
+        with self.transaction():
+            cur = self.db.execute(
+                "INSERT INTO step (name, version, script, inputs, created_at) VALUES (?,?,?,?,?)",
+                (definition.name, version, definition.script, inputs, utc_now()))
+            step_id = cur.lastrowid
+            if definition.is_seed:
+                self.db.execute("INSERT INTO task (step_id) VALUES (?)", (step_id,))
+        return StepVersion(step_id, definition, version, 0, is_new=True)
+
+    def retry_failed(self, step_id: int) -> int:
+        return self.db.execute("UPDATE task SET status = 'pending' WHERE step_id = ? "
+                               "AND status = 'failed'", (step_id,)).rowcount
+
+    def has_tasks(self, step_id: int) -> bool:
+        return self.db.execute("SELECT 1 FROM task WHERE step_id = ? LIMIT 1",
+                               (step_id,)).fetchone() is not None
+
+    def names_produced_by(self, step_name: str) -> set[str]:
+        rows = self.db.execute(
+            "SELECT DISTINCT r.name FROM resource r JOIN task t ON t.id = r.task_id "
+            "JOIN step s ON s.id = t.step_id WHERE s.name = ?", (step_name,))
+        return {r[0] for r in rows}
+
+    # -- scheduling ----------------------------------------------------------
+
+    def max_resource_id(self) -> int:
+        return self.db.execute("SELECT coalesce(max(id), 0) FROM resource").fetchone()[0]
+
+    def scan(self, step: StepVersion, limit: int) -> tuple[int, bool]:
+        """Create tasks for resources newer than the step's cursor that match its
+        inputs; returns (tasks created, more to scan). Call inside a transaction.
+
+        Exact input names use the name index; patterns look at each new
+        resource once. Either way a rerun with nothing new reads nothing.
+        """
+        inputs = step.definition.inputs
+        if any(is_pattern(p) for p in inputs):
+            rows = self.db.execute("SELECT id, name FROM resource WHERE id > ? ORDER BY id "
+                                   "LIMIT ?", (step.scanned_resource_id, limit)).fetchall()
+            last = rows[-1][0] if rows else step.scanned_resource_id
+            ids = [r[0] for r in rows if matches_inputs(r[1], inputs)]
+            more = len(rows) == limit
+        else:
+            marks = ",".join("?" * len(inputs))
+            rows = self.db.execute(f"SELECT id FROM resource WHERE name IN ({marks}) AND id > ? "
+                                   f"ORDER BY id LIMIT ?",
+                                   (*inputs, step.scanned_resource_id, limit)).fetchall()
+            ids = [r[0] for r in rows]
+            more = len(rows) == limit
+            last = ids[-1] if more else self.max_resource_id()
+        created = 0
+        for rid in ids:
+            created += self.db.execute("INSERT OR IGNORE INTO task (step_id, input_resource_id) "
+                                       "VALUES (?, ?)", (step.id, rid)).rowcount
+        if last != step.scanned_resource_id:
+            self.db.execute("UPDATE step SET scanned_resource_id = ? WHERE id = ?", (last, step.id))
+            step.scanned_resource_id = last
+        return created, more
+
+    def pending(self, step: StepVersion, after_task_id: int, limit: int) -> list[TaskSpec]:
+        rows = self.db.execute(
+            "SELECT t.id, r.name, r.hash FROM task t LEFT JOIN resource r "
+            "ON r.id = t.input_resource_id WHERE t.step_id = ? AND t.status = 'pending' "
+            "AND t.id > ? ORDER BY t.id LIMIT ?", (step.id, after_task_id, limit)).fetchall()
+        return [TaskSpec(tid, step.name, step.definition.script, name or "", digest or "")
+                for tid, name, digest in rows]
+
+    def record(self, result: TaskResult) -> int:
+        """Store a finished task and its outputs; returns resources created.
+        Call inside a transaction so both commit together."""
+        created = 0
+        if result.ok:
+            now = utc_now()
+            for out in result.outputs:
+                created += self.db.execute(
+                    "INSERT OR IGNORE INTO resource (name, hash, size, task_id, created_at) "
+                    "VALUES (?,?,?,?,?)", (out.name, out.hash, out.size, result.task_id, now)
+                ).rowcount
+        self.db.execute(
+            "UPDATE task SET status = ?, exit_code = ?, error = ?, stdout_hash = ?, "
+            "stderr_hash = ?, started_at = ?, finished_at = ?, duration = ? WHERE id = ?",
+            ("done" if result.ok else "failed", result.exit_code, result.error,
+             result.stdout_hash, result.stderr_hash, result.started_at, utc_now(),
+             result.duration, result.task_id))
+        return created
+
+    # -- export --------------------------------------------------------------
+
+    def resources_named(self, name: str) -> list[tuple[str, str, str]]:
+        return self.db.execute("SELECT hash, name, created_at FROM resource WHERE name = ? "
+                               "ORDER BY id", (name,)).fetchall()
+
+    def hashes_with_prefix(self, prefix: str) -> list[str]:
+        rows = self.db.execute("SELECT DISTINCT hash FROM resource WHERE hash >= ? AND hash < ? "
+                               "LIMIT 2", (prefix, prefix + "g"))
+        return [r[0] for r in rows]
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE … COMMIT, or ROLLBACK on an exception."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, kind: object, *_: object) -> None:
+        self.db.execute("COMMIT" if kind is None else "ROLLBACK")
+
+
+# =============================================================================
+# Output capture
+# =============================================================================
+
+class OutputError(Exception):
+    """A task's outputs cannot become resources (bad name, symlink, …)."""
+
+
+class DirCapture:
+    """$OUTPUT_DIR as a plain private directory, collected after the script exits.
+
+    Only the final content of each name is seen, so rewriting one name in a
+    loop yields one resource here (FUSE mode sees every rewrite).
+    """
+
+    mode = "dir"
+
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+
+    def prepare(self, workdir: str) -> str:
+        out = os.path.join(workdir, "out")
+        os.mkdir(out, 0o700)
+        return out
+
+    def collect(self, out: str) -> list[Output]:
+        found: list[tuple[str, str]] = []
+        for root, dirs, files in os.walk(out):
+            for entry in sorted(dirs + files):
+                path = os.path.join(root, entry)
+                name = os.path.relpath(path, out)
+                st = os.lstat(path)
+                if stat.S_ISDIR(st.st_mode):
+                    continue
+                if stat.S_ISLNK(st.st_mode):
+                    raise OutputError(f"output {name!r} is a symbolic link, not a file")
+                if not stat.S_ISREG(st.st_mode):
+                    raise OutputError(f"output {name!r} is not a regular file")
+                problem = resource_name_problem(name)
+                if problem:
+                    raise OutputError(f"output name {name!r} {problem}")
+                found.append((name, path))
+        outputs = []
+        for name, path in found:
+            digest, size = self.store.put_file(path)
+            outputs.append(Output(name, digest, size))
+        return outputs
+
+
+# =============================================================================
+# Task execution
+# =============================================================================
+
+STDERR_TAIL_BYTES = 2000  # of a failed task's stderr, stored and shown
+# How long scripts get to exit after SIGTERM before SIGKILL.
+TERMINATE_GRACE_SECONDS = 2.0
+
+
+class LocalExecutor:
+    """Runs a task's script on this machine and hands back its outputs.
+
+    The interface is run(spec) -> TaskResult and terminate_all(); an executor
+    for a cluster scheduler can replace this one.
+    """
+
+    def __init__(self, store: ObjectStore, capture: DirCapture, workroot: str,
+                 console: Console) -> None:
+        self.store = store
+        self.capture = capture
+        self.workroot = workroot
+        self.console = console
+        self._running: dict[int, int] = {}  # task id -> process group id
+        self._lock = threading.Lock()
+        self._stopping = False
+
+    def run(self, spec: TaskSpec) -> TaskResult:
+        workdir = os.path.join(self.workroot, str(spec.task_id))
+        try:
+            shutil.rmtree(workdir, ignore_errors=True)  # left by an interrupted run
+            os.mkdir(workdir, 0o700)
+            return self._run_in(spec, workdir)
+        except Exception as e:  # disk full, damaged object, …: this task fails, the run goes on
+            return TaskResult(spec.task_id, error=f"grit could not run the task: {e}",
+                              started_at=utc_now())
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    def _run_in(self, spec: TaskSpec, workdir: str) -> TaskResult:
+        result = TaskResult(spec.task_id, started_at=utc_now())
+        started = time.monotonic()
+        input_file = self._write_input(spec, workdir) if spec.input_hash else ""
+        out = self.capture.prepare(workdir)
+        env = dict(os.environ, INPUT_FILE=input_file, OUTPUT_DIR=out, GRIT_STEP=spec.step,
+                   GRIT_TASK_ID=str(spec.task_id), GRIT_INPUT_NAME=spec.input_name,
+                   GRIT_INPUT_HASH=spec.input_hash)
+        log_out, log_err = os.path.join(workdir, "stdout"), os.path.join(workdir, "stderr")
+        status = self._spawn_and_wait(spec, env, log_out, log_err)
+        result.duration = time.monotonic() - started
+        if status is None:
+            result.interrupted = True
+            return result
+        result.exit_code = status
+        if status == 0:
+            try:
+                result.outputs = self.capture.collect(out)
+            except OutputError as e:
+                result.error = str(e)
+            except OSError as e:
+                result.error = f"cannot collect outputs: {e}"
+        else:
+            result.error = describe_exit(status) + stderr_tail(log_err)
+        result.stdout_hash = self._keep_log(log_out)
+        result.stderr_hash = self._keep_log(log_err)
+        if self.console.level >= 2:
+            self._show_logs(spec, log_out, log_err)
+        return result
+
+    def _write_input(self, spec: TaskSpec, workdir: str) -> str:
+        path = os.path.join(workdir, "input")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            for chunk in self.store.open(spec.input_hash):
+                f.write(chunk)
+        return path
+
+    def _spawn_and_wait(self, spec: TaskSpec, env: dict, log_out: str,
+                        log_err: str) -> int | None:
+        """Exit status (negative: killed by that signal), or None if grit stopped it."""
+        import subprocess
+
+        with open(log_out, "wb") as fo, open(log_err, "wb") as fe, self._lock:
+            if self._stopping:
+                return None
+            proc = subprocess.Popen(["sh", "-c", spec.script], stdin=subprocess.DEVNULL,
+                                    stdout=fo, stderr=fe, env=env, start_new_session=True)
+            self._running[spec.task_id] = proc.pid
+        try:
+            # Wait without reaping, so the process group id cannot be reused
+            # before we kill what the script left running in it.
+            os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
+            _kill_group(proc.pid, signal.SIGKILL)
+            status = proc.wait()
+        finally:
+            with self._lock:
+                self._running.pop(spec.task_id, None)
+        if self._stopping and status != 0:
+            return None
+        return status
+
+    def terminate_all(self, sig: int = signal.SIGTERM) -> None:
+        """Stop starting scripts and signal the process groups of those running."""
+        with self._lock:
+            self._stopping = True
+            groups = list(self._running.values())
+        for pgid in groups:
+            _kill_group(pgid, sig)
+
+    def _keep_log(self, path: str) -> str | None:
+        if os.path.getsize(path) == 0:
+            return None
+        return self.store.put_file(path)[0]
+
+    def _show_logs(self, spec: TaskSpec, log_out: str, log_err: str) -> None:
+        for label, path in (("stdout", log_out), ("stderr", log_err)):
+            with open(path, "rb") as f:
+                text = f.read(64 * 1024).decode("utf-8", "replace")
+            for line in text.splitlines():
+                self.console.detail(f"  [{spec.step} #{spec.task_id} {label}] {line}")
+
+
+def _kill_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def describe_exit(status: int) -> str:
+    if status < 0:
+        try:
+            return f"killed by {signal.Signals(-status).name}"
+        except ValueError:
+            return f"killed by signal {-status}"
+    return f"exit status {status}"
+
+
+def stderr_tail(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - STDERR_TAIL_BYTES))
+            tail = f.read().decode("utf-8", "replace").strip()
+    except OSError:
+        return ""
+    return f": {tail}" if tail else ""
+
+
+# =============================================================================
+# Scheduler
+# =============================================================================
+
+# Tasks read from the database per step at a time, and resources matched per
+# scan: bounds memory when a new step version has millions of tasks to do.
+QUEUE_BATCH = 1000
+SCAN_BATCH = 10000
+PROGRESS_INTERVAL = 0.2  # seconds between live progress updates
+
+
+@dataclass
+class StepState:
+    """In-memory scheduling state of one step version in this run."""
+
+    step: StepVersion
+    queue: collections.deque = field(default_factory=collections.deque)
+    loaded_upto: int = 0       # highest task id read into the queue
+    exhausted: bool = False    # no pending task beyond loaded_upto
+    running: int = 0
+    done: int = 0
+    failed: int = 0
+
+    @property
+    def cap(self) -> int:
+        return self.step.definition.parallel or sys.maxsize
+
+
+@dataclass
+class RunSummary:
+    tasks: int = 0
+    failed: int = 0
+    resources: int = 0
+    interrupted: bool = False
+
+
+class Scheduler:
+    """Runs tasks as soon as their input resources are committed.
+
+    The main thread owns SQLite: it dispatches tasks to a pool of workers,
+    commits each batch of finished tasks in one transaction (every task's
+    outputs with its status), then matches the new resources to steps.
+    """
+
+    def __init__(self, meta: Metadata, store: ObjectStore, executor: LocalExecutor,
+                 steps: list[StepVersion], console: Console, parallel: int,
+                 start: str | None = None) -> None:
+        self.meta = meta
+        self.store = store
+        self.executor = executor
+        self.console = console
+        self.parallel = parallel
+        self.all_steps = steps
+        self.start = start
+        self.states: dict[int, StepState] = {}
+        self.summary = RunSummary()
+        self.produced: dict[str, set[str]] = {}  # step name -> resource names (for -start)
+        self._stop = threading.Event()
+        self._last_progress = 0.0
+
+    def request_stop(self) -> None:
+        self._stop.set()
+        self.executor.terminate_all()
+
+    # -- which steps run -----------------------------------------------------
+
+    def _activate(self, step: StepVersion) -> None:
+        if step.id in self.states:
+            return
+        self.states[step.id] = StepState(step)
+        retried = self.meta.retry_failed(step.id)
+        if retried:
+            self.console.detail(f"{step.name}: retrying {retried} failed task(s)")
+
+    def _activate_downstream(self) -> None:
+        """With -start: activate steps fed, transitively, by active steps' outputs."""
+        changed = True
+        while changed:
+            changed = False
+            names = set().union(*(self.produced.get(s.step.name, set())
+                                  for s in self.states.values()))
+            for step in self.all_steps:
+                if step.id not in self.states and not step.definition.is_seed and any(
+                        matches_inputs(n, step.definition.inputs) for n in names):
+                    self.console.detail(f"{step.name}: downstream of -start, activated")
+                    self._activate(step)
+                    changed = True
+
+    # -- the loop --------------------------------------------------------------
+
+    def run(self, active: list[StepVersion]) -> RunSummary:
+        for step in active:
+            self._activate(step)
+        if self.start:
+            self.produced = {s.name: self.meta.names_produced_by(s.name) for s in self.all_steps}
+            self._activate_downstream()
+        with self.meta.transaction():
+            self._scan_all()
+        running: dict[concurrent.futures.Future, StepState] = {}
+        with concurrent.futures.ThreadPoolExecutor(self.parallel, "grit-task") as pool:
+            while True:
+                if not self._stop.is_set():
+                    self._dispatch(pool, running)
+                if not running:
+                    break
+                finished, _ = concurrent.futures.wait(
+                    running, timeout=PROGRESS_INTERVAL,
+                    return_when=concurrent.futures.FIRST_COMPLETED)
+                if finished:
+                    self._commit([(f.result(), running.pop(f)) for f in finished])
+                self._show_progress()
+        self.console.end_progress()
+        self.summary.interrupted = self._stop.is_set()
+        return self.summary
+
+    def _dispatch(self, pool: concurrent.futures.ThreadPoolExecutor,
+                  running: dict[concurrent.futures.Future, StepState]) -> None:
+        # Downstream steps first: results reach the end of the pipeline sooner
+        # and the queue of intermediate resources stays short.
+        order = sorted(self.states.values(), key=lambda s: -self._position(s))
+        for state in order:
+            while len(running) < self.parallel and state.running < state.cap:
+                if not state.queue and not self._refill(state):
+                    break
+                spec = state.queue.popleft()
+                state.running += 1
+                self.console.detail(f"start task {spec.task_id} {spec.step}"
+                                    + (f" on {spec.input_name} {spec.input_hash[:12]}"
+                                       if spec.input_hash else " (seed)"))
+                running[pool.submit(self.executor.run, spec)] = state
+
+    def _position(self, state: StepState) -> int:
+        return next(i for i, s in enumerate(self.all_steps) if s.id == state.step.id)
+
+    def _refill(self, state: StepState) -> bool:
+        if state.exhausted:
+            return False
+        batch = self.meta.pending(state.step, state.loaded_upto, QUEUE_BATCH)
+        if len(batch) < QUEUE_BATCH:
+            state.exhausted = True
+        if batch:
+            state.loaded_upto = batch[-1].task_id
+            state.queue.extend(batch)
+        return bool(batch)
+
+    def _commit(self, finished: list[tuple[TaskResult, StepState]]) -> None:
+        results = [(r, s) for r, s in finished if not r.interrupted]
+        if not results:
+            return
+        self.store.sync()  # objects reach disk before the rows that name them
+        with self.meta.transaction():
+            for result, state in results:
+                created = self.meta.record(result)
+                self.summary.resources += created
+                self.summary.tasks += 1
+                state.running -= 1
+                self._report(result, state, created)
+                if self.start and result.ok:
+                    self.produced.setdefault(state.step.name, set()).update(
+                        o.name for o in result.outputs)
+            if self.start:
+                self._activate_downstream()
+            self._scan_all()
+        for result, state in finished:
+            if result.interrupted:
+                state.running -= 1
+
+    def _report(self, result: TaskResult, state: StepState, created: int) -> None:
+        if result.ok:
+            state.done += 1
+            outs = ", ".join(f"{o.name} ({o.size} B)" for o in result.outputs) or "no outputs"
+            self.console.detail(f"done  task {result.task_id} {state.step.name} in "
+                                f"{result.duration:.2f}s: {outs}; {created} new resource(s)")
+        else:
+            state.failed += 1
+            self.summary.failed += 1
+            self.console.error(f"task {result.task_id} ({state.step.name}) failed: {result.error}")
+
+    def _scan_all(self) -> None:
+        """Create tasks for new resources; call inside a transaction."""
+        newest = self.meta.max_resource_id()
+        for state in self.states.values():
+            if state.step.definition.is_seed:
+                continue
+            more = state.step.scanned_resource_id < newest
+            while more:
+                created, more = self.meta.scan(state.step, SCAN_BATCH)
+                if created:
+                    state.exhausted = False
+
+    def _show_progress(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_progress < PROGRESS_INTERVAL:
+            return
+        self._last_progress = now
+        parts = []
+        for state in sorted(self.states.values(), key=self._position):
+            part = f"{state.step.name} {state.done} done"
+            if state.running:
+                part += f", {state.running} running"
+            if state.failed:
+                part += f", {state.failed} failed"
+            parts.append(part)
+        self.console.progress(" | ".join(parts))
+
+
+# =============================================================================
+# Commands
+# =============================================================================
+
+DISK_WARN_FRACTION = 0.85  # SPEC 7: warn before a run when the disk is fuller
+
+
+@dataclass
+class Database:
+    """The database directory: metadata, objects, lock and scratch space."""
+
+    path: str
+
+    @property
+    def metadata_path(self) -> str:
+        return os.path.join(self.path, "metadata.sqlite")
+
+    @property
+    def objects_path(self) -> str:
+        return os.path.join(self.path, "objects")
+
+    @property
+    def tmp_path(self) -> str:
+        return os.path.join(self.path, "tmp")
+
+    def create(self) -> None:
+        try:
+            os.makedirs(self.objects_path, mode=0o700, exist_ok=True)
+            os.chmod(self.path, 0o700)
+        except OSError as e:
+            raise GritError(f"cannot create database directory {self.path}: {e.strerror}") from None
+
+    def require(self) -> None:
+        if not os.path.isfile(self.metadata_path):
+            raise GritError(f"no grit database at {self.path}")
+
+    def lock(self) -> IO[str]:
+        """Hold an exclusive lock for this process's lifetime; the kernel drops
+        it when the process dies, so a killed run never blocks the next one."""
+        f = open(os.path.join(self.path, "lock"), "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise GritError(f"database {self.path} is in use by another grit run "
+                            f"(pid {holder}); wait for it or stop it") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        return f
+
+
+@dataclass
+class RunOptions:
+    manifest: str
+    db: str
+    parallel: int
+    start: str | None = None
+    steps: list[str] = field(default_factory=list)
+    output_mode: str = "auto"
+
+
+def warn_if_disk_full(path: str, console: Console) -> None:
+    usage = shutil.disk_usage(path)
+    if usage.total and usage.used / usage.total > DISK_WARN_FRACTION:
+        console.warn(f"the disk holding {path} is {usage.used / usage.total:.0%} full "
+                     f"({usage.free // 2**20} MiB free)")
+
+
+def choose_active(manifest: Manifest, versions: list[StepVersion],
+                  opts: RunOptions) -> list[StepVersion]:
+    by_name = {v.name: v for v in versions}
+    if opts.start and opts.steps:
+        raise GritError("use -start or -step, not both")
+    if opts.start:
+        return [by_name[manifest.step(opts.start).name]]
+    if opts.steps:
+        return [by_name[manifest.step(n).name] for n in dict.fromkeys(opts.steps)]
+    return versions
+
+
+def cmd_run(opts: RunOptions, console: Console) -> int:
+    started = time.monotonic()
+    manifest = load_manifest(opts.manifest)
+    console.info(f"manifest {opts.manifest}: {len(manifest.steps)} step(s)")
+    if opts.start:
+        manifest.step(opts.start)
+    for name in opts.steps:
+        manifest.step(name)
+    if opts.output_mode == "fuse":
+        raise GritError("-output-mode fuse is not available in this build; use dir or auto")
+    db = Database(opts.db)
+    db.create()
+    lock = db.lock()
+    warn_if_disk_full(db.path, console)
+    meta = Metadata(db.metadata_path)
+    store = ObjectStore(db.objects_path)
+    try:
+        versions = [meta.register(s) for s in manifest.steps]
+        new = [f"{v.name} v{v.version}" for v in versions if v.is_new]
+        console.info(f"registered {len(versions)} step(s)"
+                     + (f"; new version: {', '.join(new)}" if new else ""))
+        for v in versions:
+            console.detail(f"step {v.name} v{v.version} (id {v.id}), inputs "
+                           f"{list(v.definition.inputs) or '(seed)'}")
+        active = choose_active(manifest, versions, opts)
+        shutil.rmtree(db.tmp_path, ignore_errors=True)
+        os.mkdir(db.tmp_path, 0o700)
+        capture = DirCapture(store)
+        console.detail(f"output mode: {capture.mode} (rewriting one name in a task yields "
+                       "only its final content)")
+        executor = LocalExecutor(store, capture, db.tmp_path, console)
+        scheduler = Scheduler(meta, store, executor, versions, console, opts.parallel,
+                              start=opts.start)
+        with stop_on_signals(scheduler.request_stop):
+            summary = scheduler.run(active)
+        for state in scheduler.states.values():
+            step = state.step
+            if not step.definition.is_seed and not meta.has_tasks(step.id):
+                console.warn(f"step \"{step.name}\": no resource matches its inputs "
+                             f"{list(step.definition.inputs)}")
+    finally:
+        store.sync()
+        store.close()
+        meta.close()
+        shutil.rmtree(db.tmp_path, ignore_errors=True)
+        lock.close()
+    elapsed = time.monotonic() - started
+    if summary.interrupted:
+        console.error(f"interrupted: {summary.tasks} task(s) finished; the rest stay "
+                      "pending for the next -run")
+        return EXIT_INTERRUPTED
+    line = (f"{summary.tasks} task(s) run, {summary.failed} failed, "
+            f"{summary.resources} resource(s) created in {elapsed:.2f}s")
+    if summary.failed:
+        console.error(line)
+        return EXIT_TASK_FAILED
+    console.info(console.paint(line, "green") if summary.tasks else line)
+    return EXIT_OK
+
+
+class stop_on_signals:
+    """While active, SIGINT and SIGTERM call `stop` instead of killing grit."""
+
+    def __init__(self, stop: Callable[[], None]) -> None:
+        self.stop = stop
+        self.saved: dict[int, object] = {}
+
+    def __enter__(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.saved[sig] = signal.signal(sig, lambda *_: self.stop())
+
+    def __exit__(self, *_: object) -> None:
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+
+
+def open_readonly(db_path: str) -> tuple[Metadata, Database]:
+    db = Database(db_path)
+    db.require()
+    return Metadata(db.metadata_path, readonly=True), db
+
+
+def cmd_export(db_path: str, name: str) -> int:
+    meta, _ = open_readonly(db_path)
+    rows = meta.resources_named(name)
+    if not rows:
+        raise NotFoundError(f"no resource named \"{name}\" in {db_path}")
+    sys.stdout.write("".join(f"{h}\t{n}\t{c}\n" for h, n, c in rows))
+    return EXIT_OK
+
+
+HASH_PREFIX_MIN = 8  # hex digits; shorter prefixes are too likely to be ambiguous
+
+
+def cmd_export_hash(db_path: str, prefix: str) -> int:
+    prefix = prefix.lower()
+    if not re.fullmatch(r"[0-9a-f]{%d,64}" % HASH_PREFIX_MIN, prefix):
+        raise GritError(f"-export-hash needs a SHA-256 hash or a prefix of at least "
+                        f"{HASH_PREFIX_MIN} hex digits, not {prefix!r}")
+    meta, db = open_readonly(db_path)
+    found = meta.hashes_with_prefix(prefix)
+    if not found:
+        raise NotFoundError(f"no object with hash {prefix} in {db_path}")
+    if len(found) > 1:
+        raise NotFoundError(f"hash prefix {prefix} is ambiguous: give more digits")
+    store = ObjectStore(db.objects_path, readonly=True)
+    try:
+        out = sys.stdout.buffer
+        for chunk in store.open(found[0]):
+            out.write(chunk)
+        out.flush()
+    except KeyError:
+        raise GritError(f"object {found[0]} is named in the metadata but missing from "
+                        f"the object store: database damaged") from None
+    finally:
+        store.close()
+    return EXIT_OK
+
+
+# =============================================================================
+# CLI
+# =============================================================================
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="grit", allow_abbrev=False,
+        description="Run a TOML manifest of shell-script steps incrementally; every file a "
+                    "script writes to $OUTPUT_DIR becomes a content-addressed resource.",
+        epilog="Flags take one or two dashes, and -flag value or -flag=value.")
+
+    def flag(name: str, **kw: object) -> None:
+        p.add_argument(f"-{name}", f"--{name}", **kw)  # type: ignore[arg-type]
+
+    flag("manifest", metavar="PATH", help="the TOML manifest (required for -run)")
+    flag("db", metavar="DIR", default="./db", help="database directory (default ./db)")
+    flag("run", action="store_true", help="execute the pipeline")
+    flag("parallel", metavar="N", type=int, default=os.cpu_count() or 1,
+         help="most tasks running at once (default: number of CPUs)")
+    flag("start", metavar="STEP", help="run STEP and the steps downstream of it")
+    flag("step", metavar="STEP", action="append", default=[],
+         help="run only this step (repeatable)")
+    flag("export", metavar="NAME", help="list hash, name and created_at of each resource NAME")
+    flag("export-hash", metavar="HASH", dest="export_hash",
+         help="write the object's bytes to stdout (unique prefix of 8+ hex digits)")
+    flag("output-mode", metavar="MODE", dest="output_mode", default="auto",
+         choices=("auto", "fuse", "dir"), help="how $OUTPUT_DIR captures files: auto, fuse, dir")
+    flag("verbose", action="store_true", help="one line per task, script output, details")
+    flag("quiet", action="store_true", help="errors only (wins over -verbose)")
+    flag("version", action="version", version=f"grit {__version__}")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    console = Console(0 if args.quiet else 2 if args.verbose else 1)
+    commands = [c for c in ("run", "export", "export_hash") if getattr(args, c)]
+    try:
+        if len(commands) != 1:
+            raise GritError("give exactly one of -run, -export NAME, -export-hash HASH "
+                            "(see grit --help)")
+        if args.run:
+            if not args.manifest:
+                raise GritError("-run needs -manifest PATH")
+            if args.parallel < 1:
+                raise GritError(f"-parallel must be 1 or more, not {args.parallel}")
+            return cmd_run(RunOptions(args.manifest, args.db, args.parallel, args.start,
+                                      args.step, args.output_mode), console)
+        if args.export:
+            return cmd_export(args.db, args.export)
+        return cmd_export_hash(args.db, args.export_hash)
+    except GritError as e:
+        console.end_progress()
+        console.error(str(e))
+        return e.exit_code
+    except BrokenPipeError:
+        # stdout closed early (e.g. `| head`): not an error of grit's.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except KeyboardInterrupt:
+        console.end_progress()
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Makes a fresh machine ready to run grit and its tests, then prints the path
+# of the Python to use. Idempotent: later calls only check.
+#   - a venv in .venv with grit's dependencies and the test tools;
+#   - FUSE (fuse3 for fusermount, libfuse2 for fusepy) when root and missing.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+venv=${GRIT_VENV:-$root/.venv}
+python=${PYTHON:-python3}
+
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    missing=()
+    command -v fusermount >/dev/null || missing+=(fuse3)
+    ldconfig -p 2>/dev/null | grep -q 'libfuse\.so\.2' || missing+=(libfuse2)
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "bootstrap: installing ${missing[*]}" >&2
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq >&2
+        apt-get install -y -qq "${missing[@]}" >&2
+    fi
+fi
+
+stamp=$venv/.requirements
+want=$(cat "$root/requirements.txt" "$root/tests/requirements.txt")
+if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    echo "bootstrap: preparing $venv" >&2
+    "$python" -m venv "$venv" >&2
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check \
+        -r "$root/tests/requirements.txt" >&2
+    printf '%s' "$want" > "$stamp"
+fi
+echo "$venv/bin/python"
