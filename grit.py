@@ -1227,11 +1227,11 @@ def choose_active(manifest: Manifest, versions: list[StepVersion],
 def cmd_run(opts: RunOptions, console: Console) -> int:
     started = time.monotonic()
     manifest = load_manifest(opts.manifest)
-    console.info(f"manifest {opts.manifest}: {len(manifest.steps)} step(s)")
     if opts.start:
         manifest.step(opts.start)
     for name in opts.steps:
         manifest.step(name)
+    console.info(f"manifest {opts.manifest}: {len(manifest.steps)} step(s)")
     if opts.output_mode == "fuse":
         raise GritError("-output-mode fuse is not available in this build; use dir or auto")
     db = Database(opts.db)

@@ -1,0 +1,79 @@
+"""Helpers shared by the tests: run grit as a user would, in a temp directory."""
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+GRIT = str(ROOT / "grit.py")
+EXAMPLES = ROOT / "examples"
+sys.path.insert(0, str(ROOT))
+
+
+class Grit:
+    """A working directory with a manifest and a database, and grit to run in it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.manifest = path / "workflow.toml"
+        self.db = path / "db"
+
+    def write(self, toml: str) -> Path:
+        self.manifest.write_text(textwrap.dedent(toml))
+        return self.manifest
+
+    def __call__(self, *args: str, timeout: float = 120, env: dict | None = None,
+                 check: int | None = None) -> subprocess.CompletedProcess:
+        proc = subprocess.run([sys.executable, GRIT, *args], cwd=self.path,
+                              capture_output=True, text=True, timeout=timeout,
+                              env=dict(os.environ, **(env or {})))
+        if check is not None:
+            assert proc.returncode == check, proc.stderr + proc.stdout
+        return proc
+
+    def run(self, *extra: str, check: int | None = 0, **kw) -> subprocess.CompletedProcess:
+        return self("-manifest", str(self.manifest), "-db", str(self.db), "-run", *extra,
+                    check=check, **kw)
+
+    def popen(self, *extra: str, **kw) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, GRIT, "-manifest", str(self.manifest),
+                                 "-db", str(self.db), "-run", *extra], cwd=self.path,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+    def export(self, name: str) -> list[tuple[str, str, str]]:
+        proc = self("-db", str(self.db), "-export", name, check=0)
+        return [tuple(line.split("\t")) for line in proc.stdout.splitlines()]
+
+    def content(self, digest: str) -> bytes:
+        proc = subprocess.run([sys.executable, GRIT, "-db", str(self.db), "-export-hash", digest],
+                              capture_output=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    def contents(self, name: str) -> list[bytes]:
+        """Content of every resource of that name, oldest first."""
+        return [self.content(h) for h, _, _ in self.export(name)] if self.has(name) else []
+
+    def has(self, name: str) -> bool:
+        return self("-db", str(self.db), "-export", name).returncode == 0
+
+    def sql(self, query: str, *params) -> list[tuple]:
+        db = sqlite3.connect(f"file:{self.db / 'metadata.sqlite'}?mode=ro", uri=True)
+        try:
+            return db.execute(query, params).fetchall()
+        finally:
+            db.close()
+
+    def resources(self) -> set[tuple[str, str]]:
+        return set(self.sql("SELECT name, hash FROM resource"))
+
+
+@pytest.fixture
+def grit(tmp_path: Path) -> Grit:
+    return Grit(tmp_path)

@@ -1,0 +1,351 @@
+"""Incrementality, versions, dedup, early cutoff, failures, -step/-start, the
+task environment and scheduling, all through the command line."""
+import hashlib
+import time
+
+SEED_ITEMS = '''
+[[step]]
+name = "seed"
+script = """
+for i in {items}; do echo "item $i" > $OUTPUT_DIR/item-$i; done
+"""
+
+[[step]]
+name = "upper"
+inputs = ["item-*"]
+script = """
+tr a-z A-Z < $INPUT_FILE > $OUTPUT_DIR/upper
+"""
+'''
+
+
+def count_tasks(grit, step):
+    return grit.sql("SELECT count(*) FROM task t JOIN step s ON s.id = t.step_id "
+                    "WHERE s.name = ? AND t.status = 'done'", step)[0][0]
+
+
+def test_noop_rerun_runs_nothing(grit):
+    grit.write(SEED_ITEMS.format(items="1 2 3"))
+    assert "4 task(s) run" in grit.run().stderr
+    before = grit.resources()
+    assert "0 task(s) run, 0 failed, 0 resource(s) created" in grit.run().stderr
+    assert grit.resources() == before
+
+
+def test_one_new_input_runs_one_task(grit):
+    grit.write(SEED_ITEMS.format(items="1 2 3"))
+    grit.run()
+    grit.write(SEED_ITEMS.format(items="1 2 3 4"))
+    proc = grit.run()
+    # the new seed version re-emits 1..3 (same name and hash: nothing new) and item-4
+    assert "new version: seed v2" in proc.stderr
+    assert "2 task(s) run, 0 failed, 2 resource(s) created" in proc.stderr
+    assert count_tasks(grit, "upper") == 4
+    assert sorted(grit.contents("upper")) == [b"ITEM 1\n", b"ITEM 2\n", b"ITEM 3\n", b"ITEM 4\n"]
+
+
+def test_changed_script_is_new_version_that_reprocesses_everything(grit):
+    grit.write(SEED_ITEMS.format(items="1 2"))
+    grit.run()
+    grit.write(SEED_ITEMS.format(items="1 2").replace("tr a-z A-Z", "tr a-z A-Z | rev"))
+    proc = grit.run()
+    assert "new version: upper v2" in proc.stderr and "2 task(s) run" in proc.stderr
+    assert grit.sql("SELECT version, count(*) FROM task t JOIN step s ON s.id=t.step_id "
+                    "WHERE s.name='upper' GROUP BY version") == [(1, 2), (2, 2)]
+
+
+def test_changed_inputs_is_new_version_but_parallel_or_order_is_not(grit):
+    base = '''
+        [[step]]
+        name = "seed"
+        script = "echo a > $OUTPUT_DIR/a; echo b > $OUTPUT_DIR/b"
+        [[step]]
+        name = "use"
+        inputs = {inputs}
+        {extra}
+        script = "cat $INPUT_FILE > $OUTPUT_DIR/copy"
+    '''
+    grit.write(base.format(inputs='["a"]', extra=""))
+    grit.run()
+    grit.write(base.format(inputs='["a"]', extra="parallel = 3"))
+    assert "new version" not in grit.run().stderr
+    grit.write(base.format(inputs='["b", "a"]', extra="parallel = 3"))
+    proc = grit.run()
+    assert "new version: use v2" in proc.stderr
+    grit.write(base.format(inputs='["a", "b"]', extra=""))
+    assert "new version" not in grit.run().stderr
+    assert grit.sql("SELECT max(version) FROM step WHERE name='use'") == [(2,)]
+
+
+def test_identical_content_is_stored_once_and_cuts_off_downstream(grit):
+    grit.write('''
+        [[step]]
+        name = "seed"
+        script = "echo x > $OUTPUT_DIR/in-1; echo y > $OUTPUT_DIR/in-2; echo z > $OUTPUT_DIR/in-3"
+        [[step]]
+        name = "constant"
+        inputs = ["in-*"]
+        script = "echo same > $OUTPUT_DIR/out"
+        [[step]]
+        name = "after"
+        inputs = ["out"]
+        script = "echo ran >> $OUTPUT_DIR/log"
+    ''')
+    grit.run()
+    assert count_tasks(grit, "constant") == 3
+    assert len(grit.export("out")) == 1          # (name, hash) is unique
+    assert count_tasks(grit, "after") == 1      # early cutoff: no downstream rerun
+
+
+def test_failed_task_keeps_no_outputs_others_finish_and_retry_next_run(grit, tmp_path):
+    flag = tmp_path / "allow"
+    grit.write(f'''
+        [[step]]
+        name = "seed"
+        script = "for i in 1 2 3; do echo $i > $OUTPUT_DIR/n-$i; done"
+        [[step]]
+        name = "work"
+        inputs = ["n-*"]
+        script = """
+        echo partial > $OUTPUT_DIR/result
+        if [ "$(cat $INPUT_FILE)" = 2 ] && [ ! -e {flag} ]; then
+            echo "cannot handle two" >&2; exit 3
+        fi
+        echo "done $(cat $INPUT_FILE)" > $OUTPUT_DIR/result
+        """
+    ''')
+    proc = grit.run(check=1)
+    assert "failed: exit status 3: cannot handle two" in proc.stderr
+    assert "1 failed" in proc.stderr
+    assert sorted(grit.contents("result")) == [b"done 1\n", b"done 3\n"]  # no "partial"
+    assert grit.sql("SELECT status, exit_code FROM task WHERE status != 'done'") == [("failed", 3)]
+    flag.touch()
+    proc = grit.run()
+    assert "1 task(s) run, 0 failed" in proc.stderr
+    assert sorted(grit.contents("result")) == [b"done 1\n", b"done 2\n", b"done 3\n"]
+
+
+def test_killed_by_signal_is_a_failure(grit):
+    grit.write('''
+        [[step]]
+        name = "seed"
+        script = "echo x > $OUTPUT_DIR/x; kill -KILL $$"
+    ''')
+    proc = grit.run(check=1)
+    assert "killed by SIGKILL" in proc.stderr
+    assert not grit.has("x")
+
+
+PIPE = '''
+[[step]]
+name = "seed"
+script = "echo a > $OUTPUT_DIR/a; echo b > $OUTPUT_DIR/b"
+[[step]]
+name = "pa"
+inputs = ["a"]
+script = "cat $INPUT_FILE > $OUTPUT_DIR/pa"
+[[step]]
+name = "fa"
+inputs = ["pa"]
+script = "cat $INPUT_FILE > $OUTPUT_DIR/fa"
+[[step]]
+name = "tb"
+inputs = ["b"]
+script = "cat $INPUT_FILE > $OUTPUT_DIR/tb"
+'''
+
+
+def test_step_filter_runs_only_those_steps(grit):
+    grit.write(PIPE)
+    grit.run("-step", "seed", "-step", "tb")
+    assert grit.has("tb") and not grit.has("pa")
+    grit.run()  # the rest catches up later
+    assert grit.has("fa")
+
+
+def test_start_runs_step_and_downstream_not_seed_or_siblings(grit):
+    grit.write(PIPE)
+    grit.run("-step", "seed")
+    grit.write(PIPE.replace("echo a >", "echo A >"))  # a new seed version that -start must not run
+    grit.run("-start", "pa")
+    assert grit.contents("fa") == [b"a\n"]
+    assert not grit.has("tb")
+    assert grit.contents("a") == [b"a\n"]
+
+
+def test_unknown_step_is_a_usage_error(grit):
+    grit.write(PIPE)
+    proc = grit.run("-step", "tbb", check=2)
+    assert proc.stderr.strip().splitlines() == [
+        'grit: error: unknown step "tbb" in ' + str(grit.manifest) + ' (did you mean "tb"?)']
+    assert grit.run("-start", "nope", check=2).stderr.count("\n") == 1
+
+
+def test_glob_inputs_subdirectories_and_split_fanout(grit):
+    grit.write('''
+        [[step]]
+        name = "seed"
+        script = """
+        seq 1 250 > $OUTPUT_DIR/numbers
+        mkdir -p $OUTPUT_DIR/logs/deep
+        echo one > $OUTPUT_DIR/logs/a.txt
+        echo two > $OUTPUT_DIR/logs/deep/b.txt
+        echo skip > $OUTPUT_DIR/logs/c.csv
+        """
+        [[step]]
+        name = "split"
+        inputs = ["numbers"]
+        script = 'split -l 100 "$INPUT_FILE" $OUTPUT_DIR/part-'
+        [[step]]
+        name = "count"
+        inputs = ["part-*"]
+        script = 'wc -l < "$INPUT_FILE" | tr -d " " > $OUTPUT_DIR/count-$GRIT_INPUT_NAME'
+        [[step]]
+        name = "logs"
+        inputs = ["logs/*.txt"]
+        script = 'cp "$INPUT_FILE" "$OUTPUT_DIR/seen"'
+    ''')
+    grit.run()
+    assert [n for _, n, _ in grit.export("part-ab")] == ["part-ab"]
+    assert grit.contents("count-part-aa") == [b"100\n"]
+    assert grit.contents("count-part-ac") == [b"50\n"]
+    assert grit.contents("logs/deep/b.txt") == [b"two\n"]
+    # fnmatch rules: * crosses "/", so logs/deep/b.txt matches logs/*.txt
+    assert sorted(grit.contents("seen")) == [b"one\n", b"two\n"]
+
+
+def test_task_environment(grit):
+    grit.write('''
+        [[step]]
+        name = "seed"
+        script = """
+        echo "INPUT_FILE=${INPUT_FILE-unset}." > $OUTPUT_DIR/env
+        echo "$GRIT_STEP $GRIT_TASK_ID [$GRIT_INPUT_NAME] [$GRIT_INPUT_HASH] $MY_VAR" >> $OUTPUT_DIR/env
+        cat > $OUTPUT_DIR/stdin
+        """
+        [[step]]
+        name = "look"
+        inputs = ["env"]
+        script = """
+        stat -c %a "$INPUT_FILE" > $OUTPUT_DIR/mode
+        echo "$GRIT_STEP [$GRIT_INPUT_NAME] $GRIT_INPUT_HASH" > $OUTPUT_DIR/info
+        [ "$(cat $INPUT_FILE | head -c 11)" = "INPUT_FILE=" ] && echo ok > $OUTPUT_DIR/readable
+        """
+    ''')
+    grit.run(env={"MY_VAR": "inherited"})
+    env = grit.contents("env")[0].decode().splitlines()
+    assert env[0] == "INPUT_FILE=."                      # set and empty for a seed task
+    assert env[1].split()[0] == "seed" and env[1].endswith("[] [] inherited")
+    assert grit.contents("stdin") == [b""]                 # stdin is /dev/null
+    assert grit.contents("mode") == [b"600\n"]
+    digest = grit.export("env")[0][0]
+    assert grit.contents("info") == [f"look [env] {digest}\n".encode()]
+    assert grit.contents("readable") == [b"ok\n"]
+
+
+def overlap_manifest(lock_dir, cap):
+    return f'''
+        [[step]]
+        name = "seed"
+        script = "for i in 1 2 3 4 5 6; do echo $i > $OUTPUT_DIR/n-$i; done"
+        [[step]]
+        name = "slow"
+        inputs = ["n-*"]
+        parallel = {cap}
+        script = """
+        if mkdir {lock_dir} 2>/dev/null; then sleep 0.3; rmdir {lock_dir}
+        else echo overlap > $OUTPUT_DIR/overlap-$GRIT_TASK_ID; sleep 0.3; fi
+        """
+    '''
+
+
+def test_step_parallel_cap_is_respected(grit, tmp_path):
+    grit.write(overlap_manifest(tmp_path / "lock", 1))
+    grit.run("-parallel", "4")
+    assert grit.sql("SELECT count(*) FROM resource WHERE name LIKE 'overlap-%'") == [(0,)]
+
+
+def test_tasks_run_in_parallel_without_cap(grit, tmp_path):
+    grit.write(overlap_manifest(tmp_path / "lock", 0))
+    started = time.monotonic()
+    grit.run("-parallel", "3")
+    assert grit.sql("SELECT count(*) FROM resource WHERE name LIKE 'overlap-%'")[0][0] >= 1
+    assert time.monotonic() - started < 6 * 0.3 + 1.5  # well below sequential time
+
+
+def test_downstream_starts_before_upstream_step_finishes(grit, tmp_path):
+    stamps = tmp_path / "stamps"
+    stamps.mkdir()
+    grit.write(f'''
+        [[step]]
+        name = "seed"
+        script = "echo fast > $OUTPUT_DIR/job-1; echo slow > $OUTPUT_DIR/job-2"
+        [[step]]
+        name = "first"
+        inputs = ["job-*"]
+        script = """
+        if [ "$(cat $INPUT_FILE)" = slow ]; then sleep 1.5; fi
+        date +%s.%N > {stamps}/first-$(cat $INPUT_FILE)
+        cp $INPUT_FILE $OUTPUT_DIR/mid
+        """
+        [[step]]
+        name = "second"
+        inputs = ["mid"]
+        script = "date +%s.%N > {stamps}/second-$(cat $INPUT_FILE)"
+    ''')
+    grit.run("-parallel", "2")
+    second_fast = float((stamps / "second-fast").read_text())
+    first_slow = float((stamps / "first-slow").read_text())
+    assert second_fast < first_slow - 0.5
+
+
+def test_cycle_runs_until_outputs_stop_changing(grit):
+    grit.write('''
+        [[step]]
+        name = "seed"
+        script = "echo 0 > $OUTPUT_DIR/n"
+        [[step]]
+        name = "inc"
+        inputs = ["n"]
+        script = """
+        n=$(cat $INPUT_FILE); [ $n -lt 5 ] && n=$((n+1)); echo $n > $OUTPUT_DIR/n
+        """
+    ''')
+    grit.run(timeout=60)
+    assert grit.contents("n") == [f"{i}\n".encode() for i in range(6)]
+    assert count_tasks(grit, "inc") == 6  # the sixth reproduces "5": cut off
+
+
+def test_export_lists_oldest_first_with_tabs(grit):
+    grit.write(SEED_ITEMS.format(items="1"))
+    grit.run()
+    grit.write(SEED_ITEMS.format(items="1").replace("item $i", "item $i v2"))
+    grit.run()
+    rows = grit.export("item-1")
+    assert [grit.content(h) for h, _, _ in rows] == [b"item 1\n", b"item 1 v2\n"]
+    assert rows[0][2] <= rows[1][2]
+    assert rows[0][0] == hashlib.sha256(b"item 1\n").hexdigest()
+
+
+def test_verbose_shows_script_output_and_quiet_shows_only_errors(grit):
+    grit.write('''
+        [[step]]
+        name = "seed"
+        script = "echo hello-stdout; echo hello-stderr >&2; echo x > $OUTPUT_DIR/x"
+    ''')
+    verbose = grit.run("-verbose")
+    assert "hello-stdout" in verbose.stderr and "hello-stderr" in verbose.stderr
+    assert "x (2 B)" in verbose.stderr
+    grit.write('''
+        [[step]]
+        name = "seed"
+        script = "echo quiet-fail >&2; exit 1"
+    ''')
+    quiet = grit.run("-quiet", "-verbose", check=1)
+    assert quiet.stderr.startswith("grit: error: task") and "quiet-fail" in quiet.stderr
+    assert "registered" not in quiet.stderr
+
+
+def test_no_color_when_not_a_terminal(grit):
+    grit.write(SEED_ITEMS.format(items="1"))
+    assert "\033[" not in grit.run().stderr
