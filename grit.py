@@ -1215,8 +1215,6 @@ def warn_if_disk_full(path: str, console: Console) -> None:
 def choose_active(manifest: Manifest, versions: list[StepVersion],
                   opts: RunOptions) -> list[StepVersion]:
     by_name = {v.name: v for v in versions}
-    if opts.start and opts.steps:
-        raise GritError("use -start or -step, not both")
     if opts.start:
         return [by_name[manifest.step(opts.start).name]]
     if opts.steps:
@@ -1227,11 +1225,10 @@ def choose_active(manifest: Manifest, versions: list[StepVersion],
 def cmd_run(opts: RunOptions, console: Console) -> int:
     started = time.monotonic()
     manifest = load_manifest(opts.manifest)
-    if opts.start:
-        manifest.step(opts.start)
-    for name in opts.steps:
+    if opts.start and opts.steps:
+        raise GritError("use -start or -step, not both")
+    for name in [opts.start] if opts.start else opts.steps:
         manifest.step(name)
-    console.info(f"manifest {opts.manifest}: {len(manifest.steps)} step(s)")
     if opts.output_mode == "fuse":
         raise GritError("-output-mode fuse is not available in this build; use dir or auto")
     db = Database(opts.db)
@@ -1240,6 +1237,7 @@ def cmd_run(opts: RunOptions, console: Console) -> int:
     warn_if_disk_full(db.path, console)
     meta = Metadata(db.metadata_path)
     store = ObjectStore(db.objects_path)
+    console.info(f"manifest {opts.manifest}: {len(manifest.steps)} step(s)")
     try:
         versions = [meta.register(s) for s in manifest.steps]
         new = [f"{v.name} v{v.version}" for v in versions if v.is_new]

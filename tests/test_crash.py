@@ -1,0 +1,119 @@
+"""The run lock, kill -9 then resume, and Ctrl-C / SIGTERM."""
+import os
+import signal
+import time
+
+import pytest
+
+SLOW = '''
+[[step]]
+name = "seed"
+script = "for i in $(seq 1 {n}); do echo $i > $OUTPUT_DIR/n-$i; done"
+[[step]]
+name = "work"
+inputs = ["n-*"]
+script = """
+sleep {delay}
+echo "w $(cat $INPUT_FILE)" > $OUTPUT_DIR/w-$(cat $INPUT_FILE)
+echo "$$" > {pids}/$GRIT_TASK_ID
+"""
+[[step]]
+name = "more"
+inputs = ["w-*"]
+script = "rev $INPUT_FILE > $OUTPUT_DIR/r"
+'''
+
+
+def wait_for(predicate, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def test_second_run_fails_at_once_and_export_still_works(grit, tmp_path):
+    (tmp_path / "pids").mkdir()
+    grit.write(SLOW.format(n=4, delay=1, pids=tmp_path / "pids"))
+    first = grit.popen("-parallel", "1")
+    try:
+        assert wait_for(lambda: grit.has("n-1"))
+        started = time.monotonic()
+        second = grit.run(check=2)
+        assert time.monotonic() - started < 5
+        assert "is in use by another grit run (pid" in second.stderr
+        assert grit.export("n-1")[0][1] == "n-1"  # read-only access while it runs
+    finally:
+        first.communicate(timeout=60)
+    assert first.returncode == 0
+
+
+def test_two_runs_started_together_exactly_one_proceeds(grit, tmp_path):
+    (tmp_path / "pids").mkdir()
+    grit.write(SLOW.format(n=2, delay=0.5, pids=tmp_path / "pids"))
+    procs = [grit.popen() for _ in range(2)]
+    codes = sorted(p.wait(timeout=60) for p in procs)
+    assert codes == [0, 2]
+
+
+def clean_resources(grit, tmp_path, manifest):
+    other = tmp_path / "clean"
+    other.mkdir()
+    (other / "pids").mkdir()
+    from conftest import Grit
+    g = Grit(other)
+    g.write(manifest.replace(str(tmp_path / "pids"), str(other / "pids")))
+    g.run()
+    return g.resources()
+
+
+@pytest.mark.parametrize("kill_after", [0.3, 0.9, 1.6])
+def test_kill_9_then_resume_gives_a_clean_runs_resources(grit, tmp_path, kill_after):
+    (tmp_path / "pids").mkdir()
+    manifest = SLOW.format(n=12, delay=0.2, pids=tmp_path / "pids")
+    grit.write(manifest)
+    proc = grit.popen("-parallel", "2")
+    time.sleep(kill_after)
+    proc.kill()
+    proc.wait()
+    grit.run()
+    assert grit.resources() == clean_resources(grit, tmp_path, manifest)
+    # every task of each step done exactly once
+    assert grit.sql("SELECT s.name, count(*) FROM task t JOIN step s ON s.id = t.step_id "
+                    "WHERE t.status = 'done' GROUP BY s.name ORDER BY s.name") == [
+        ("more", 12), ("seed", 1), ("work", 12)]
+    for _, digest in grit.resources():  # every object readable
+        grit.content(digest)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_stops_scripts_exits_130_and_next_run_resumes(grit, tmp_path, sig):
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    grit.write(SLOW.format(n=6, delay=30, pids=pids).replace(
+        "sleep {delay}".format(delay=30), "echo $$ > {}/$GRIT_TASK_ID; sleep 30".format(pids)))
+    proc = grit.popen("-parallel", "3")
+    assert wait_for(lambda: len(os.listdir(pids)) == 3)
+    script_pids = [int((pids / f).read_text()) for f in os.listdir(pids)]
+    started = time.monotonic()
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=15)
+    assert proc.returncode == 130, err
+    assert time.monotonic() - started < 5
+    assert "interrupted" in err and "Traceback" not in err
+    assert not any(alive(p) for p in script_pids)
+    assert grit.sql("SELECT count(*) FROM task WHERE status = 'pending'") == [(6,)]
+    assert grit.sql("SELECT count(*) FROM resource WHERE name LIKE 'w-%'") == [(0,)]
+    # resume with a fast script: the same tasks finish (a new version would re-run all)
+    grit.write(SLOW.format(n=6, delay=0, pids=pids))
+    proc = grit.run()
+    assert grit.sql("SELECT count(*) FROM resource WHERE name LIKE 'w-%'") == [(6,)]

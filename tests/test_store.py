@@ -1,0 +1,80 @@
+"""Unit tests of the pure parts: names, and the object store's four verbs."""
+import hashlib
+import os
+
+import pytest
+
+import grit
+from grit import ObjectStore, matches_inputs, resource_name_problem
+
+
+@pytest.mark.parametrize("name", ["a", "a/b", "part-aa", "x.y_z-1", "é", "a b"])
+def test_valid_names(name):
+    assert resource_name_problem(name) is None
+
+
+@pytest.mark.parametrize("name,problem", [
+    ("", "is empty"), ("/etc/passwd", "is absolute"), ("a//b", "empty path segment"),
+    ("a/../b", '".." segment'), ("./a", '"." segment'), ("a\nb", "control character"),
+    ("a\x00b", "control character"), ("x*", "pattern characters"), ("x?", "pattern"),
+    ("[x", "pattern"), ("a" * 256, "longer than 255 bytes"), ("a/", "empty path segment"),
+    ("bad\udcff", "not valid UTF-8"),
+])
+def test_invalid_names(name, problem):
+    assert problem in resource_name_problem(name)
+
+
+def test_input_matching():
+    assert matches_inputs("part-aa", ["part-*"])
+    assert matches_inputs("logs/x.txt", ["logs/*.txt"])
+    assert not matches_inputs("Part-aa", ["part-*"])
+    assert matches_inputs("a[1]", ["a[[]1]"])
+    assert not matches_inputs("dataset-v10", ["dataset-v1"])
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = ObjectStore(str(tmp_path / "objects"))
+    yield s
+    s.close()
+
+
+def test_put_open_has_delete_roundtrip(store, tmp_path):
+    data = os.urandom(3 * grit.CHUNK_SIZE + 17)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    digest, size = store.put_file(str(path))
+    assert digest == hashlib.sha256(data).hexdigest() and size == len(data)
+    assert store.has(digest) and store.size(digest) == len(data)
+    assert b"".join(store.open(digest)) == data
+    store.delete(digest)
+    assert not store.has(digest)
+    with pytest.raises(KeyError):
+        store.open(digest)
+
+
+def test_identical_content_is_stored_once(store, tmp_path):
+    (tmp_path / "a").write_bytes(b"same" * 100000)
+    (tmp_path / "b").write_bytes(b"same" * 100000)
+    first = store.put_file(str(tmp_path / "a"))
+    used = store.env.info()["last_pgno"]
+    assert store.put_file(str(tmp_path / "b")) == first
+    assert store.env.info()["last_pgno"] == used
+
+
+def test_map_grows_when_full(tmp_path, monkeypatch):
+    monkeypatch.setattr(grit, "INITIAL_MAP_SIZE", 1 << 20)
+    monkeypatch.setattr(grit, "TXN_BYTES", 1 << 19)
+    store = ObjectStore(str(tmp_path / "objects"))
+    data = os.urandom(5 << 20)
+    (tmp_path / "big").write_bytes(data)
+    digest, _ = store.put_file(str(tmp_path / "big"))
+    assert store.env.info()["map_size"] > 5 << 20
+    assert hashlib.sha256(b"".join(store.open(digest))).hexdigest() == digest
+    store.close()
+
+
+def test_empty_object(store, tmp_path):
+    (tmp_path / "e").write_bytes(b"")
+    digest, size = store.put_file(str(tmp_path / "e"))
+    assert size == 0 and b"".join(store.open(digest)) == b""
