@@ -319,18 +319,6 @@ INITIAL_MAP_SIZE = 256 * 1024 * 1024
 HEADER = struct.Struct(">QI")  # object header: size in bytes, number of chunks
 
 
-def sha256_file(path: str) -> tuple[str, int]:
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(CHUNK_SIZE)
-            if not block:
-                return h.hexdigest(), size
-            h.update(block)
-            size += len(block)
-
-
 class ObjectStore:
     """Content-addressed objects: put, open, has, delete. Knows nothing of names.
 
@@ -391,22 +379,37 @@ class ObjectStore:
             header = txn.get(bytes.fromhex(digest), db=self._objects)
         return None if header is None else HEADER.unpack(header)[0]
 
-    def put_file(self, path: str, digest: str | None = None) -> tuple[str, int]:
-        """Store the file's bytes; returns (hash, size). Pass `digest` if already known."""
-        size = os.path.getsize(path)
-        if size <= CHUNK_SIZE:  # one read serves both hashing and storing
-            with open(path, "rb") as f:
-                data = f.read()
-            digest = hashlib.sha256(data).hexdigest()
+    def put(self, f: IO[bytes], digest: str | None = None) -> tuple[str, int]:
+        """Store the stream's bytes from its current position; returns (hash, size).
+
+        Pass `digest` when the caller already hashed the bytes; otherwise a
+        stream longer than one chunk must be seekable (it is read twice:
+        hash first, so content already stored is never written again).
+        """
+        start = f.tell()
+        first = f.read(CHUNK_SIZE)
+        if len(first) < CHUNK_SIZE:  # the whole object: one read serves both
+            digest = hashlib.sha256(first).hexdigest()
             if not self.has(digest):
-                self._put_chunks(digest, len(data), iter([data]))
-            return digest, len(data)
+                self._put_chunks(digest, len(first), iter([first]))
+            return digest, len(first)
         if digest is None:
-            digest, size = sha256_file(path)
+            h = hashlib.sha256(first)
+            size = len(first)
+            for block in iter(lambda: f.read(CHUNK_SIZE), b""):
+                h.update(block)
+                size += len(block)
+            digest = h.hexdigest()
+        else:
+            size = os.fstat(f.fileno()).st_size - start
         if not self.has(digest):
-            with open(path, "rb") as f:
-                self._put_chunks(digest, size, iter(lambda: f.read(CHUNK_SIZE), b""))
+            f.seek(start)
+            self._put_chunks(digest, size, iter(lambda: f.read(CHUNK_SIZE), b""))
         return digest, size
+
+    def put_file(self, path: str) -> tuple[str, int]:
+        with open(path, "rb") as f:
+            return self.put(f)
 
     def _put_chunks(self, digest: str, size: int, chunks: Iterator[bytes]) -> None:
         key = bytes.fromhex(digest)
@@ -517,7 +520,8 @@ CREATE TABLE task (
 );
 -- NULLs are distinct in UNIQUE, so seed tasks need their own rule: one per step version.
 CREATE UNIQUE INDEX task_seed ON task(step_id) WHERE input_resource_id IS NULL;
-CREATE INDEX task_unfinished ON task(step_id) WHERE status != 'done';
+-- Pending and failed tasks of a step, in id order, without reading its done ones.
+CREATE INDEX task_status ON task(step_id, status);
 """
 
 
@@ -758,12 +762,20 @@ class DirCapture:
     def __init__(self, store: ObjectStore) -> None:
         self.store = store
 
-    def prepare(self, workdir: str) -> str:
-        out = os.path.join(workdir, "out")
+    def prepare(self, slot: str, task_id: int) -> str:
+        """An empty output directory for the task; reused by the worker's next task."""
+        out = os.path.join(slot, "out")
+        if _is_real_dir(out):
+            return out
+        if os.path.lexists(out):
+            os.unlink(out)  # a script replaced it (with a symlink, say): never follow it
         os.mkdir(out, 0o700)
         return out
 
     def collect(self, out: str) -> list[Output]:
+        """Store every file as an object and empty the directory."""
+        if not _is_real_dir(out):
+            raise OutputError("$OUTPUT_DIR was replaced by something other than a directory")
         found: list[tuple[str, str]] = []
         for root, dirs, files in os.walk(out):
             for entry in sorted(dirs + files):
@@ -784,7 +796,25 @@ class DirCapture:
         for name, path in found:
             digest, size = self.store.put_file(path)
             outputs.append(Output(name, digest, size))
+        self.discard(out)
         return outputs
+
+    def discard(self, out: str) -> None:
+        """Empty the directory, whatever the script left in it."""
+        if not _is_real_dir(out):
+            return  # prepare() replaces it; never follow what a script put there
+        for entry in os.scandir(out):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+
+
+def _is_real_dir(path: str) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
 
 
 # =============================================================================
@@ -809,77 +839,97 @@ class LocalExecutor:
         self.capture = capture
         self.workroot = workroot
         self.console = console
+        self.shell = shutil.which("sh") or "/bin/sh"
         self._running: dict[int, int] = {}  # task id -> process group id
         self._lock = threading.Lock()
         self._stopping = False
+        self._local = threading.local()
+        self._slots = 0
+
+    def _slot(self) -> str:
+        """This worker thread's scratch directory. Its files are rewritten in
+        place by each task rather than created and deleted: file creation
+        after many deletions is slow on some filesystems (ext4 without a
+        journal scans recently freed inodes)."""
+        slot = getattr(self._local, "slot", None)
+        if slot is None:
+            with self._lock:
+                self._slots += 1
+                slot = os.path.join(self.workroot, f"worker-{self._slots}")
+            os.mkdir(slot, 0o700)
+            self._local.slot = slot
+        return slot
 
     def run(self, spec: TaskSpec) -> TaskResult:
-        workdir = os.path.join(self.workroot, str(spec.task_id))
         try:
-            shutil.rmtree(workdir, ignore_errors=True)  # left by an interrupted run
-            os.mkdir(workdir, 0o700)
-            return self._run_in(spec, workdir)
+            return self._run_in(spec, self._slot())
         except Exception as e:  # disk full, damaged object, …: this task fails, the run goes on
             return TaskResult(spec.task_id, error=f"grit could not run the task: {e}",
                               started_at=utc_now())
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
 
-    def _run_in(self, spec: TaskSpec, workdir: str) -> TaskResult:
+    def _run_in(self, spec: TaskSpec, slot: str) -> TaskResult:
         result = TaskResult(spec.task_id, started_at=utc_now())
         started = time.monotonic()
-        input_file = self._write_input(spec, workdir) if spec.input_hash else ""
-        out = self.capture.prepare(workdir)
+        input_file = self._write_input(spec, slot) if spec.input_hash else ""
+        out = self.capture.prepare(slot, spec.task_id)
         env = dict(os.environ, INPUT_FILE=input_file, OUTPUT_DIR=out, GRIT_STEP=spec.step,
                    GRIT_TASK_ID=str(spec.task_id), GRIT_INPUT_NAME=spec.input_name,
                    GRIT_INPUT_HASH=spec.input_hash)
-        log_out, log_err = os.path.join(workdir, "stdout"), os.path.join(workdir, "stderr")
-        status = self._spawn_and_wait(spec, env, log_out, log_err)
-        result.duration = time.monotonic() - started
-        if status is None:
-            result.interrupted = True
-            return result
-        result.exit_code = status
-        if status == 0:
+        with os.fdopen(open_private(os.path.join(slot, "stdout")), "r+b") as log_out, \
+                os.fdopen(open_private(os.path.join(slot, "stderr")), "r+b") as log_err:
+            status = self._spawn_and_wait(spec, env, log_out.fileno(), log_err.fileno())
+            result.duration = time.monotonic() - started
+            if status is None:
+                result.interrupted = True
+                self.capture.discard(out)
+                return result
+            result.exit_code = status
             try:
-                result.outputs = self.capture.collect(out)
+                if status == 0:
+                    result.outputs = self.capture.collect(out)
+                else:
+                    result.error = describe_exit(status) + stderr_tail(log_err)
             except OutputError as e:
                 result.error = str(e)
             except OSError as e:
                 result.error = f"cannot collect outputs: {e}"
-        else:
-            result.error = describe_exit(status) + stderr_tail(log_err)
-        result.stdout_hash = self._keep_log(log_out)
-        result.stderr_hash = self._keep_log(log_err)
-        if self.console.level >= 2:
-            self._show_logs(spec, log_out, log_err)
+            finally:
+                if result.error:
+                    self.capture.discard(out)
+            result.stdout_hash = self._keep_log(log_out)
+            result.stderr_hash = self._keep_log(log_err)
+            if self.console.level >= 2:
+                self._show_logs(spec, log_out, log_err)
         return result
 
-    def _write_input(self, spec: TaskSpec, workdir: str) -> str:
-        path = os.path.join(workdir, "input")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
+    def _write_input(self, spec: TaskSpec, slot: str) -> str:
+        path = os.path.join(slot, "input")
+        with os.fdopen(open_private(path), "wb") as f:
             for chunk in self.store.open(spec.input_hash):
                 f.write(chunk)
         return path
 
-    def _spawn_and_wait(self, spec: TaskSpec, env: dict, log_out: str,
-                        log_err: str) -> int | None:
+    def _spawn_and_wait(self, spec: TaskSpec, env: dict, fd_out: int,
+                        fd_err: int) -> int | None:
         """Exit status (negative: killed by that signal), or None if grit stopped it."""
-        import subprocess
-
-        with open(log_out, "wb") as fo, open(log_err, "wb") as fe, self._lock:
+        files = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                 (os.POSIX_SPAWN_DUP2, fd_out, 1), (os.POSIX_SPAWN_DUP2, fd_err, 2)]
+        with self._lock:
             if self._stopping:
                 return None
-            proc = subprocess.Popen(["sh", "-c", spec.script], stdin=subprocess.DEVNULL,
-                                    stdout=fo, stderr=fe, env=env, start_new_session=True)
-            self._running[spec.task_id] = proc.pid
+            # posix_spawn (vfork) costs a fraction of subprocess.Popen. setsid
+            # gives the script its own process group; SIGPIPE and SIGXFSZ, which
+            # Python ignores, are restored to default as a shell has them.
+            pid = os.posix_spawn(self.shell, ["sh", "-c", spec.script], env,
+                                 file_actions=files, setsid=True,
+                                 setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
+            self._running[spec.task_id] = pid
         try:
             # Wait without reaping, so the process group id cannot be reused
             # before we kill what the script left running in it.
-            os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
-            _kill_group(proc.pid, signal.SIGKILL)
-            status = proc.wait()
+            os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+            _kill_group(pid, signal.SIGKILL)
+            status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
         finally:
             with self._lock:
                 self._running.pop(spec.task_id, None)
@@ -895,17 +945,43 @@ class LocalExecutor:
         for pgid in groups:
             _kill_group(pgid, sig)
 
-    def _keep_log(self, path: str) -> str | None:
-        if os.path.getsize(path) == 0:
+    def _keep_log(self, log: IO[bytes]) -> str | None:
+        if os.fstat(log.fileno()).st_size == 0:
             return None
-        return self.store.put_file(path)[0]
+        log.seek(0)
+        return self.store.put(log)[0]
 
-    def _show_logs(self, spec: TaskSpec, log_out: str, log_err: str) -> None:
-        for label, path in (("stdout", log_out), ("stderr", log_err)):
-            with open(path, "rb") as f:
-                text = f.read(64 * 1024).decode("utf-8", "replace")
+    def _show_logs(self, spec: TaskSpec, log_out: IO[bytes], log_err: IO[bytes]) -> None:
+        for label, log in (("stdout", log_out), ("stderr", log_err)):
+            log.seek(0)
+            text = log.read(64 * 1024).decode("utf-8", "replace")
             for line in text.splitlines():
                 self.console.detail(f"  [{spec.step} #{spec.task_id} {label}] {line}")
+
+
+def open_private(path: str) -> int:
+    """Open `path` empty for reading and writing, as a 0600 regular file of ours.
+
+    Scratch files are reused from task to task; if a script replaced one with
+    a symlink or something else, it is removed rather than followed.
+    """
+    flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError:  # ELOOP (a symlink), EISDIR, ...
+        fd = -1
+    if fd >= 0:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+            if stat.S_IMODE(st.st_mode) != 0o600:
+                os.fchmod(fd, 0o600)
+            return fd
+        os.close(fd)
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+    return os.open(path, flags | os.O_EXCL, 0o600)
 
 
 def _kill_group(pgid: int, sig: int) -> None:
@@ -924,13 +1000,9 @@ def describe_exit(status: int) -> str:
     return f"exit status {status}"
 
 
-def stderr_tail(path: str) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(0, os.path.getsize(path) - STDERR_TAIL_BYTES))
-            tail = f.read().decode("utf-8", "replace").strip()
-    except OSError:
-        return ""
+def stderr_tail(log: IO[bytes]) -> str:
+    log.seek(max(0, os.fstat(log.fileno()).st_size - STDERR_TAIL_BYTES))
+    tail = log.read().decode("utf-8", "replace").strip()
     return f": {tail}" if tail else ""
 
 
@@ -943,6 +1015,9 @@ def stderr_tail(path: str) -> str:
 QUEUE_BATCH = 1000
 SCAN_BATCH = 10000
 PROGRESS_INTERVAL = 0.2  # seconds between live progress updates
+# Longest a finished task waits for its commit while other work keeps every
+# worker busy; batching amortises the transaction and the LMDB sync.
+COMMIT_INTERVAL = 0.05
 
 
 @dataclass
@@ -1033,17 +1108,30 @@ class Scheduler:
         with self.meta.transaction():
             self._scan_all()
         running: dict[concurrent.futures.Future, StepState] = {}
+        finished: list[tuple[TaskResult, StepState]] = []
+        last_commit = time.monotonic()
         with concurrent.futures.ThreadPoolExecutor(self.parallel, "grit-task") as pool:
             while True:
                 if not self._stop.is_set():
                     self._dispatch(pool, running)
+                # Commit when workers would otherwise idle waiting for the new
+                # resources, or after COMMIT_INTERVAL: many tasks per transaction
+                # (and per LMDB sync) when throughput is high, no wait when not.
+                idle = len(running) < self.parallel
+                if finished and (idle or time.monotonic() - last_commit >= COMMIT_INTERVAL):
+                    self._commit(finished)
+                    finished = []
+                    last_commit = time.monotonic()
+                    continue
                 if not running:
                     break
-                finished, _ = concurrent.futures.wait(
+                done, _ = concurrent.futures.wait(
                     running, timeout=PROGRESS_INTERVAL,
                     return_when=concurrent.futures.FIRST_COMPLETED)
-                if finished:
-                    self._commit([(f.result(), running.pop(f)) for f in finished])
+                for future in done:
+                    state = running.pop(future)
+                    state.running -= 1
+                    finished.append((future.result(), state))
                 self._show_progress()
         self.console.end_progress()
         self.summary.interrupted = self._stop.is_set()
@@ -1080,6 +1168,7 @@ class Scheduler:
         return bool(batch)
 
     def _commit(self, finished: list[tuple[TaskResult, StepState]]) -> None:
+        """Record finished tasks in one transaction; interrupted ones stay pending."""
         results = [(r, s) for r, s in finished if not r.interrupted]
         if not results:
             return
@@ -1089,7 +1178,6 @@ class Scheduler:
                 created = self.meta.record(result)
                 self.summary.resources += created
                 self.summary.tasks += 1
-                state.running -= 1
                 self._report(result, state, created)
                 if self.start and result.ok:
                     self.produced.setdefault(state.step.name, set()).update(
@@ -1097,9 +1185,6 @@ class Scheduler:
             if self.start:
                 self._activate_downstream()
             self._scan_all()
-        for result, state in finished:
-            if result.interrupted:
-                state.running -= 1
 
     def _report(self, result: TaskResult, state: StepState, created: int) -> None:
         if result.ok:

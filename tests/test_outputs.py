@@ -33,3 +33,50 @@ def test_hostile_output_fails_only_that_task(grit, case):
     assert "failed: output" in proc.stderr and message in proc.stderr
     assert grit.has("good") and not grit.has("fine")
     assert "Traceback" not in proc.stderr
+
+
+def test_scripts_cannot_make_grit_follow_symlinks_in_scratch(grit, tmp_path):
+    """A script replaces its INPUT_FILE, logs and OUTPUT_DIR with symlinks to a
+    victim; the next task on that worker must not truncate or empty the victim."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep").write_text("precious")
+    grit.write(f'''
+        [[step]]
+        name = "seed"
+        script = "for i in 1 2 3 4; do echo $i > $OUTPUT_DIR/n-$i; done"
+        [[step]]
+        name = "evil"
+        inputs = ["n-*"]
+        script = \'\'\'
+        slot=$(dirname "$OUTPUT_DIR")
+        ln -sf {victim}/keep "$INPUT_FILE"
+        ln -sf {victim}/keep "$slot/stdout"
+        ln -sf {victim}/keep "$slot/stderr"
+        echo ok > $OUTPUT_DIR/ok
+        \'\'\'
+        [[step]]
+        name = "evil2"
+        inputs = ["ok"]
+        script = \'\'\'
+        slot=$(dirname "$OUTPUT_DIR")
+        cd "$slot" && rm -rf out && ln -s {victim} out
+        \'\'\'
+    ''')
+    proc = grit.run("-parallel", "1", check=1)
+    assert "evil2) failed: $OUTPUT_DIR was replaced" in proc.stderr
+    grit.run("-parallel", "1", check=1)  # the retry uses the same worker slot
+    assert (victim / "keep").read_text() == "precious"
+    assert grit.sql("SELECT count(*) FROM resource WHERE name = 'keep'") == [(0,)]
+
+
+def test_sigpipe_is_default_in_scripts(grit):
+    grit.write('''
+        [[step]]
+        name = "seed"
+        script = "grep SigIgn /proc/self/status > $OUTPUT_DIR/ign; yes | head -n 2 > $OUTPUT_DIR/yes"
+    ''')
+    grit.run(timeout=30)
+    ignored = int(grit.contents("ign")[0].split()[1], 16)
+    assert not ignored & (1 << (13 - 1))  # SIGPIPE is signal 13
+    assert grit.contents("yes") == [b"y\ny\n"]
