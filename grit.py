@@ -16,9 +16,11 @@ import argparse
 import collections
 import concurrent.futures
 import difflib
+import errno
 import fcntl
 import fnmatch
 import hashlib
+import io
 import json
 import os
 import re
@@ -60,10 +62,6 @@ class NotFoundError(GritError):
     """A name or hash the user asked for does not exist."""
 
     exit_code = EXIT_TASK_FAILED
-
-
-class Interrupted(Exception):
-    """SIGINT or SIGTERM arrived."""
 
 
 def did_you_mean(word: str, choices: Sequence[str]) -> str:
@@ -799,15 +797,16 @@ class DirCapture:
         self.discard(out)
         return outputs
 
-    def discard(self, out: str) -> None:
+    def discard(self, out: str) -> str | None:
         """Empty the directory, whatever the script left in it."""
         if not _is_real_dir(out):
-            return  # prepare() replaces it; never follow what a script put there
+            return None  # prepare() replaces it; never follow what a script put there
         for entry in os.scandir(out):
             if entry.is_dir(follow_symlinks=False):
                 shutil.rmtree(entry.path)
             else:
                 os.unlink(entry.path)
+        return None
 
 
 def _is_real_dir(path: str) -> bool:
@@ -815,6 +814,673 @@ def _is_real_dir(path: str) -> bool:
         return stat.S_ISDIR(os.lstat(path).st_mode)
     except FileNotFoundError:
         return False
+
+
+# =============================================================================
+# Output capture: FUSE
+# =============================================================================
+#
+# One write-only FUSE filesystem per run, served by a child process forked
+# before grit opens its databases or starts threads: the FUSE handlers then
+# never wait for the GIL behind busy scheduler threads, and libfuse's signal
+# handlers stay out of grit's own process. Each task's $OUTPUT_DIR is an
+# unguessable subdirectory of the mount (the root cannot be listed). The child
+# keeps each name's pending content (in memory while small, else in a spool
+# file), hashes it as it streams, and at the end of the task hands the parent
+# the list of emitted resources; the parent stores them in LMDB.
+
+# A name's content stays in memory up to this size, then moves to a spool file
+# on disk, so memory does not grow with a file's size.
+SPOOL_MEMORY_LIMIT = CHUNK_SIZE
+# All pending contents together keep at most this much in memory; past it,
+# every growing content spills to disk at once (10,000 small files in a task).
+SPOOL_MEMORY_BUDGET = 64 * 1024 * 1024
+# RELEASE reaches the filesystem asynchronously after a script closes a file;
+# the end of a task waits this long for them before failing the task.
+RELEASE_GRACE_SECONDS = 2.0
+# How long a run waits for the trial mount to answer, and for the server to exit.
+MOUNT_TIMEOUT_SECONDS = 10.0
+
+
+class FuseUnavailable(Exception):
+    """FUSE cannot be used here; the message says why."""
+
+
+class _Content:
+    """The pending content of one name: bytes in memory, or a spool file.
+
+    SHA-256 is computed as bytes arrive in order; a write before the hashed
+    prefix (or a truncation into it) makes the end of the task hash again.
+    """
+
+    def __init__(self, fs: "OutputFS") -> None:
+        self.fs = fs
+        self.buf = bytearray()
+        self.spool: int | None = None  # fd of the spool file
+        self.spool_path = ""
+        self.size = 0
+        self.hasher: "hashlib._Hash | None" = hashlib.sha256()
+        self.hashed = 0
+        self.closed = False    # a close came after the last change
+        self.handles = 0
+        self.frozen = False    # emitted: no more changes
+        self.detached = False  # unlinked or replaced while open
+
+    def write(self, data: bytes, offset: int) -> None:
+        end = offset + len(data)
+        if self.spool is None and (end > SPOOL_MEMORY_LIMIT or self.fs.over_budget()):
+            self._spill()
+        if self.spool is not None:
+            os.pwrite(self.spool, data, offset)
+        else:
+            grow = max(0, end - len(self.buf))
+            if offset > len(self.buf):
+                self.buf.extend(bytes(offset - len(self.buf)))
+            self.buf[offset:end] = data
+            self.fs.memory += grow
+        if self.hasher is not None:
+            if offset == self.hashed:
+                self.hasher.update(data)
+                self.hashed = end
+            elif offset < self.hashed:
+                self.hasher = None
+        self.size = max(self.size, end)
+        self.closed = False
+
+    def truncate(self, length: int) -> None:
+        if length < self.hashed:
+            self.hasher, self.hashed = (hashlib.sha256(), 0) if length == 0 else (None, 0)
+        if self.spool is not None:
+            os.ftruncate(self.spool, length)
+        elif length <= len(self.buf):
+            self.fs.memory -= len(self.buf) - length
+            del self.buf[length:]
+        else:
+            self.write(bytes(length - self.size), self.size)
+        self.size = length
+        self.closed = False
+
+    def _spill(self) -> None:
+        fd, self.spool_path = self.fs.new_spool()
+        os.write(fd, self.buf)
+        self.fs.memory -= len(self.buf)
+        self.buf = bytearray()
+        self.spool = fd
+
+    def digest(self) -> str:
+        """Finish the hash: read whatever was not hashed in order."""
+        if self.hasher is None:
+            self.hasher, self.hashed = hashlib.sha256(), 0
+        while self.hashed < self.size:
+            n = min(CHUNK_SIZE, self.size - self.hashed)
+            if self.spool is not None:
+                block = os.pread(self.spool, n, self.hashed)
+            else:
+                block = bytes(self.buf[self.hashed:self.hashed + n])
+            self.hasher.update(block)
+            self.hashed += len(block)
+        return self.hasher.hexdigest()
+
+    def emission(self, name: str) -> dict:
+        """Freeze this content as an emitted resource description."""
+        self.frozen = True
+        out = {"name": name, "hash": self.digest(), "size": self.size}
+        if self.spool is not None:
+            os.close(self.spool)
+            self.spool = None
+            out["spool"] = self.spool_path
+        else:
+            out["data"] = bytes(self.buf).hex()
+            self.fs.memory -= len(self.buf)
+            self.buf = bytearray()
+        return out
+
+    def discard(self) -> None:
+        if self.spool is not None:
+            os.close(self.spool)
+            os.unlink(self.spool_path)
+            self.spool = None
+        self.fs.memory -= len(self.buf)
+        self.buf = bytearray()
+
+
+@dataclass
+class _TaskDir:
+    """What one task has written so far."""
+
+    names: dict = field(default_factory=dict)     # name -> _Content
+    dirs: set = field(default_factory=set)
+    emitted: list = field(default_factory=list)   # emission dicts, in order
+    errors: list = field(default_factory=list)
+    open_handles: int = 0
+
+
+@dataclass
+class _Handle:
+    task: _TaskDir
+    content: _Content
+
+
+def _fuse_error(code: int) -> OSError:
+    return OSError(code, os.strerror(code))
+
+
+class OutputFS:
+    """The FUSE operations (called by fusepy in the server process).
+
+    Only the operations defined here are offered to the kernel. getxattr is
+    left out on purpose: the kernel then stops asking for security.capability
+    before every write, which halves the cost of small writes.
+    """
+
+    use_ns = True
+
+    def __init__(self, spool_dir: str) -> None:
+        self.spool_dir = spool_dir
+        self.tasks: dict[str, _TaskDir] = {}
+        self.handles: dict[int, _Handle] = {}
+        self.memory = 0
+        self.mutex = threading.Condition()  # FUSE thread vs. control threads
+        self.ready = threading.Event()
+        self._next_fh = 1
+        self._spools = 0
+        self._uid, self._gid = os.getuid(), os.getgid()
+        self._now = time.time_ns()
+
+    def __call__(self, op: str, *args: object) -> object:
+        with self.mutex:
+            return getattr(self, op)(*args)
+
+    # -- helpers (names that are not FUSE operations) ---------------------------
+
+    def over_budget(self) -> bool:
+        return self.memory > SPOOL_MEMORY_BUDGET
+
+    def new_spool(self) -> tuple[int, str]:
+        self._spools += 1
+        path = os.path.join(self.spool_dir, f"{self._spools}")
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), path
+
+    def _split(self, path: str) -> tuple[_TaskDir | None, str]:
+        """(task, name) of a path: paths arrive decoded as latin-1, so every
+        byte string does; the name is decoded as UTF-8 here."""
+        raw = path.encode("latin-1").lstrip(b"/")
+        if not raw:
+            return None, ""
+        token, _, rest = raw.partition(b"/")
+        task = self.tasks.get(token.decode("latin-1"))
+        if task is None:
+            raise _fuse_error(errno.ENOENT)
+        return task, rest.decode("utf-8", "surrogateescape")
+
+    def _file(self, path: str, fh: int | None = None) -> tuple[_TaskDir, str, _Content]:
+        task, name = self._split(path)
+        if task is None or not name:
+            raise _fuse_error(errno.EISDIR)
+        content = task.names.get(name)
+        if content is None:
+            raise _fuse_error(errno.EISDIR if name in task.dirs else errno.ENOENT)
+        return task, name, content
+
+    def _check_new(self, task: _TaskDir | None, name: str, what: str = "output") -> None:
+        if task is None or not name:
+            raise _fuse_error(errno.EACCES)
+        problem = resource_name_problem(name)
+        if problem:
+            shown = name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            task.errors.append(f"{what} name {shown!r} {problem}")
+            raise _fuse_error(errno.EINVAL)
+        parent = name.rpartition("/")[0]
+        if parent and parent not in task.dirs:
+            raise _fuse_error(errno.ENOENT)
+
+    def _emit_if_closed(self, task: _TaskDir, name: str) -> _Content:
+        """A name created again or truncated to zero after it was closed: its
+        pending content becomes a resource, and the name starts empty."""
+        old = task.names[name]
+        if old.closed and old.size > 0:
+            task.emitted.append(old.emission(name))
+            if old.handles:
+                old.detached = True
+            fresh = task.names[name] = _Content(self)
+            return fresh
+        old.truncate(0)
+        return old
+
+    def _name_of(self, handle: _Handle) -> str | None:
+        for name, content in handle.task.names.items():
+            if content is handle.content:
+                return name
+        return None  # unlinked
+
+    def _open_handle(self, task: _TaskDir, content: _Content) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self.handles[fh] = _Handle(task, content)
+        content.handles += 1
+        task.open_handles += 1
+        return fh
+
+    def _attrs(self, mode: int, size: int = 0) -> dict:
+        t = self._now
+        return {"st_mode": mode, "st_nlink": 1 if stat.S_ISREG(mode) else 2, "st_size": size,
+                "st_uid": self._uid, "st_gid": self._gid,
+                "st_atime": t, "st_mtime": t, "st_ctime": t}
+
+    # -- control (called by the control threads) -------------------------------
+
+    def begin(self, token: str) -> None:
+        with self.mutex:
+            self.tasks[token] = _TaskDir()
+
+    def end(self, token: str, keep: bool) -> dict:
+        """Wait for the task's files to be released; then its emissions, or an error."""
+        with self.mutex:
+            task = self.tasks[token]
+            deadline = time.monotonic() + RELEASE_GRACE_SECONDS
+            while task.open_handles and time.monotonic() < deadline:
+                self.mutex.wait(deadline - time.monotonic())
+            if task.open_handles:
+                still = sorted({n for n, c in task.names.items() if c.handles})
+                task.errors.append(f"{task.open_handles} file(s) still open "
+                                   f"{RELEASE_GRACE_SECONDS:.0f} s after the script exited "
+                                   f"(a background process?): {', '.join(still)[:200]}")
+            del self.tasks[token]
+            for name in sorted(task.names):
+                task.emitted.append(task.names[name].emission(name))
+            if task.errors or not keep:
+                for out in task.emitted:
+                    if "spool" in out:
+                        os.unlink(out["spool"])
+                return {"error": task.errors[0] if task.errors else None, "outputs": []}
+            return {"error": None, "outputs": task.emitted}
+
+    # -- FUSE operations ---------------------------------------------------------
+
+    def init(self, path: str) -> None:
+        self.ready.set()
+
+    def getattr(self, path: str, fh: int | None = None) -> dict:
+        if fh is not None and fh in self.handles:
+            return self._attrs(stat.S_IFREG | 0o600, self.handles[fh].content.size)
+        task, name = self._split(path)
+        if task is None or not name or name in task.dirs:
+            return self._attrs(stat.S_IFDIR | 0o700)
+        content = task.names.get(name)
+        if content is None:
+            raise _fuse_error(errno.ENOENT)
+        return self._attrs(stat.S_IFREG | 0o600, content.size)
+
+    def access(self, path: str, amode: int) -> None:
+        self.getattr(path)
+        if amode & os.R_OK:
+            raise _fuse_error(errno.EACCES)
+
+    def opendir(self, path: str) -> int:
+        raise _fuse_error(errno.EACCES)  # write-only: nothing can be listed
+
+    def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
+        raise _fuse_error(errno.EACCES)
+
+    def mkdir(self, path: str, mode: int) -> None:
+        task, name = self._split(path)
+        self._check_new(task, name, "directory")
+        assert task is not None
+        if name in task.names or name in task.dirs:
+            raise _fuse_error(errno.EEXIST)
+        task.dirs.add(name)
+
+    def rmdir(self, path: str) -> None:
+        task, name = self._split(path)
+        if task is None or name not in task.dirs:
+            raise _fuse_error(errno.EACCES if task is None or not name else errno.ENOENT)
+        prefix = name + "/"
+        if any(n.startswith(prefix) for n in task.names) or any(
+                d.startswith(prefix) for d in task.dirs):
+            raise _fuse_error(errno.ENOTEMPTY)
+        task.dirs.discard(name)
+
+    def create(self, path: str, mode: int) -> int:
+        task, name = self._split(path)
+        self._check_new(task, name)
+        assert task is not None
+        if name in task.dirs:
+            raise _fuse_error(errno.EISDIR)
+        if name in task.names:
+            content = self._emit_if_closed(task, name)
+        else:
+            content = task.names[name] = _Content(self)
+        return self._open_handle(task, content)
+
+    def open(self, path: str, flags: int) -> int:
+        if flags & os.O_ACCMODE == os.O_RDONLY:
+            raise _fuse_error(errno.EACCES)  # write-only: nothing can be read back
+        task, name, content = self._file(path)
+        if flags & os.O_TRUNC:
+            content = self._emit_if_closed(task, name)
+        return self._open_handle(task, content)
+
+    def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
+        content = self.handles[fh].content
+        if content.frozen:
+            raise _fuse_error(errno.EIO)
+        content.write(data, offset)
+        return len(data)
+
+    def truncate(self, path: str, length: int, fh: int | None = None) -> None:
+        handle = self.handles.get(fh) if fh is not None else None
+        if handle is not None and handle.content.frozen:
+            raise _fuse_error(errno.EIO)
+        task, name, content = self._file(path) if handle is None else (
+            handle.task, self._name_of(handle), handle.content)
+        if length == 0 and name is not None and task.names.get(name) is content:
+            fresh = self._emit_if_closed(task, name)
+            if handle is not None and fresh is not content:  # the handle follows the name
+                content.handles -= 1
+                fresh.handles += 1
+                handle.content = fresh
+        else:
+            content.truncate(length)
+
+    def flush(self, path: str, fh: int) -> None:
+        self.handles[fh].content.closed = True
+
+    def release(self, path: str, fh: int) -> None:
+        handle = self.handles.pop(fh)
+        content = handle.content
+        content.closed = True
+        content.handles -= 1
+        if content.detached and not content.handles and not content.frozen:
+            content.discard()
+        handle.task.open_handles -= 1
+        if not handle.task.open_handles:
+            self.mutex.notify_all()
+
+    def fsync(self, path: str, datasync: int, fh: int) -> None:
+        pass
+
+    def unlink(self, path: str) -> None:
+        task, name, content = self._file(path)
+        del task.names[name]
+        if content.handles:
+            content.detached = True
+        else:
+            content.discard()
+
+    def rename(self, old: str, new: str) -> None:
+        task, name = self._split(old)
+        new_task, new_name = self._split(new)
+        if task is None or not name:
+            raise _fuse_error(errno.EACCES)
+        if new_task is not task:
+            raise _fuse_error(errno.EXDEV)
+        self._check_new(task, new_name)
+        if name in task.dirs:
+            self._rename_dir(task, name, new_name)
+            return
+        content = task.names.get(name)
+        if content is None:
+            raise _fuse_error(errno.ENOENT)
+        if new_name in task.dirs:
+            raise _fuse_error(errno.EISDIR)
+        if new_name in task.names and new_name != name:
+            # Replacing a name is creating it again: emit what it held.
+            target = self._emit_if_closed(task, new_name)
+            target.detached = True
+            if not target.handles:
+                target.discard()
+        task.names[new_name] = task.names.pop(name)
+
+    def _rename_dir(self, task: _TaskDir, name: str, new_name: str) -> None:
+        if new_name in task.names:
+            raise _fuse_error(errno.ENOTDIR)
+        old_prefix, new_prefix = name + "/", new_name + "/"
+        if new_prefix.startswith(old_prefix):
+            raise _fuse_error(errno.EINVAL)
+        if any(n.startswith(new_prefix) for n in list(task.names) + list(task.dirs)):
+            raise _fuse_error(errno.ENOTEMPTY)
+        for table in (task.names,):
+            for key in [k for k in table if k.startswith(old_prefix)]:
+                table[new_prefix + key[len(old_prefix):]] = table.pop(key)
+        task.dirs = {new_prefix + d[len(old_prefix):] if d.startswith(old_prefix) else d
+                     for d in task.dirs if d != name} | {new_name}
+
+    def chmod(self, path: str, mode: int) -> None:
+        self.getattr(path)
+
+    def chown(self, path: str, uid: int, gid: int) -> None:
+        self.getattr(path)
+
+    def utimens(self, path: str, times: object = None) -> None:
+        self.getattr(path)
+
+    def statfs(self, path: str) -> dict:
+        sv = os.statvfs(self.spool_dir)
+        return {key: getattr(sv, key) for key in (
+            "f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree",
+            "f_favail", "f_namemax")}
+
+    def symlink(self, link: str, target: str) -> None:
+        self._refuse(link, "is a symbolic link, not a file")
+
+    def link(self, link: str, target: str) -> None:
+        self._refuse(link, "is a hard link, not a new file")
+
+    def mknod(self, path: str, mode: int, dev: int) -> None:
+        self._refuse(path, "is not a regular file")
+
+    def _refuse(self, path: str, why: str) -> None:
+        task, name = self._split(path)
+        if task is not None:
+            task.errors.append(f"output {name!r} {why}")
+        raise _fuse_error(errno.EPERM)
+
+
+def _fuse_server(mount: str, spool_dir: str, control: "socket.socket",
+                 workers: list) -> None:
+    """Body of the FUSE server process: mount, serve, unmount when told or
+    when grit's end of the control socket closes (grit was killed)."""
+    import logging
+
+    import fuse  # fusepy
+
+    logging.getLogger("fuse").addHandler(logging.NullHandler())
+    logging.getLogger("fuse").propagate = False
+    fs = OutputFS(spool_dir)
+    for sock in workers:
+        threading.Thread(target=_serve_worker, args=(fs, sock), daemon=True).start()
+
+    def watch() -> None:
+        if fs.ready.wait(MOUNT_TIMEOUT_SECONDS):
+            _send(control, {"ready": True})
+            while control.recv(4096):  # "shutdown", or b"" when grit died
+                break
+        _unmount(mount)
+
+    threading.Thread(target=watch, daemon=True).start()
+    # atomic_o_trunc: O_TRUNC reaches open(), where re-creating a name emits it.
+    options = {"foreground": True, "nothreads": True, "big_writes": True, "fsname": "grit",
+               "subtype": "grit", "max_write": 131072, "atomic_o_trunc": True}
+    if shutil.which("fusermount"):
+        options["auto_unmount"] = True  # fusermount unmounts even if this process is killed
+    try:
+        fuse.FUSE(fs, mount, encoding="latin-1", **options)
+    except Exception as e:
+        if not fs.ready.is_set():
+            _send(control, {"error": f"mount failed: {e}"})
+
+
+def _serve_worker(fs: OutputFS, sock: "socket.socket") -> None:
+    with sock, sock.makefile("rb") as requests:
+        for line in requests:
+            req = json.loads(line)
+            if req["op"] == "begin":
+                fs.begin(req["token"])
+                reply: dict = {}
+            else:
+                reply = fs.end(req["token"], req["keep"])
+            _send(sock, reply)
+
+
+def _send(sock: "socket.socket", message: dict) -> None:
+    sock.sendall(json.dumps(message).encode() + b"\n")
+
+
+def _unmount(mount: str) -> None:
+    """Unmount, waiting a little for busy files, then detach lazily."""
+    fusermount = shutil.which("fusermount") or shutil.which("fusermount3")
+    for attempt in range(20):
+        if fusermount:
+            done = os.spawnv(os.P_WAIT, fusermount,
+                             [fusermount, "-u", "-q"] + (["-z"] if attempt == 19 else []) + [mount])
+            if done == 0:
+                return
+        else:
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.umount2(mount.encode(), 2 if attempt == 19 else 0) == 0:  # 2 = MNT_DETACH
+                return
+        time.sleep(RELEASE_GRACE_SECONDS / 20)
+
+
+def unmount_stale(root: str) -> None:
+    """Unmount FUSE mounts left under `root` by a grit that was killed."""
+    root = os.path.realpath(root) + "/"
+    try:
+        with open("/proc/self/mountinfo") as f:
+            points = [line.split()[4] for line in f]
+    except OSError:
+        return
+    for point in points:
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), point)
+        if (point + "/").startswith(root):
+            _unmount(point)
+
+
+class FuseServer:
+    """grit's handle on the FUSE server process."""
+
+    def __init__(self, run_dir: str, workers: int) -> None:
+        try:
+            import fuse  # noqa: F401  (fusepy; loads libfuse)
+        except (ImportError, OSError) as e:
+            raise FuseUnavailable(f"libfuse2 or fusepy not found ({e})") from None
+        if not os.path.exists("/dev/fuse"):
+            raise FuseUnavailable("/dev/fuse does not exist")
+        import socket
+
+        self.mount = os.path.join(run_dir, "mnt")
+        self.spool_dir = os.path.join(run_dir, "spool")
+        os.mkdir(self.mount, 0o700)
+        os.mkdir(self.spool_dir, 0o700)
+        pairs = [socket.socketpair() for _ in range(workers + 1)]
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.pid = os.fork()
+        if self.pid == 0:  # the server process
+            os._exit(self._child(run_dir, pairs))
+        for ours, theirs in pairs:
+            theirs.close()
+        self.control = pairs[0][0]
+        self._free = [p[0] for p in pairs[1:]]
+        self._pool_lock = threading.Lock()
+        self._local = threading.local()
+        self.control.settimeout(MOUNT_TIMEOUT_SECONDS)
+        try:
+            reply = json.loads(self.control.makefile("rb").readline() or b"{}")
+        except (OSError, ValueError):
+            reply = {}
+        self.control.settimeout(None)
+        if not reply.get("ready"):
+            self.close()
+            log = os.path.join(run_dir, "fuse.log")
+            detail = open(log, errors="replace").read().strip().splitlines() if os.path.exists(log) else []
+            why = reply.get("error") or "no answer from the trial mount"
+            raise FuseUnavailable(f"{why}{': ' + detail[-1] if detail else ''}")
+
+    @staticmethod
+    def _child(run_dir: str, pairs: list) -> int:
+        try:
+            os.setsid()  # out of the terminal's process group: Ctrl-C is grit's to handle
+            keep = {p[1].fileno() for p in pairs}
+            for fd in map(int, os.listdir("/proc/self/fd")):
+                if fd > 2 and fd not in keep:
+                    try:
+                        os.close(fd)  # the run lock above all: it must die with grit
+                    except OSError:
+                        pass
+            log = os.open(os.path.join(run_dir, "fuse.log"), os.O_WRONLY | os.O_CREAT, 0o600)
+            os.dup2(log, 1)
+            os.dup2(log, 2)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            _fuse_server(os.path.join(run_dir, "mnt"), os.path.join(run_dir, "spool"),
+                         pairs[0][1], [p[1] for p in pairs[1:]])
+            return 0
+        except BaseException:
+            return 1
+
+    def request(self, message: dict) -> dict:
+        """Send a request on this worker thread's own connection."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            with self._pool_lock:
+                sock = self._free.pop()
+            conn = self._local.conn = (sock, sock.makefile("rb"))
+        _send(conn[0], message)
+        line = conn[1].readline()
+        if not line:
+            raise OSError("the FUSE server process has stopped")
+        return json.loads(line)
+
+    def close(self) -> None:
+        """Unmount and wait for the server to exit (killing it if it hangs)."""
+        try:
+            self.control.sendall(b"shutdown\n")
+        except OSError:
+            pass
+        deadline = time.monotonic() + MOUNT_TIMEOUT_SECONDS
+        while time.monotonic() < deadline:
+            if os.waitpid(self.pid, os.WNOHANG)[0]:
+                return
+            time.sleep(0.01)
+        _kill_group(self.pid, signal.SIGKILL)
+        os.waitpid(self.pid, 0)
+        _unmount(self.mount)
+
+
+class FuseCapture:
+    """$OUTPUT_DIR as a task's directory in the run's FUSE mount."""
+
+    mode = "fuse"
+
+    def __init__(self, server: FuseServer, store: ObjectStore) -> None:
+        self.server = server
+        self.store = store
+
+    def prepare(self, slot: str, task_id: int) -> str:
+        token = f"{task_id}-{os.urandom(8).hex()}"  # unguessable: tasks cannot reach each other
+        self.server.request({"op": "begin", "token": token})
+        return os.path.join(self.server.mount, token)
+
+    def collect(self, out: str) -> list[Output]:
+        reply = self.server.request({"op": "end", "token": os.path.basename(out), "keep": True})
+        if reply["error"]:
+            raise OutputError(reply["error"])
+        outputs = []
+        for item in reply["outputs"]:
+            if "spool" in item:
+                with open(item["spool"], "rb") as f:
+                    self.store.put(f, item["hash"])
+                os.unlink(item["spool"])
+            else:
+                self.store.put(io.BytesIO(bytes.fromhex(item["data"])))
+            outputs.append(Output(item["name"], item["hash"], item["size"]))
+        return outputs
+
+    def discard(self, out: str) -> str | None:
+        """Drop the task's outputs; returns the first output it was refused, if any."""
+        reply = self.server.request({"op": "end", "token": os.path.basename(out), "keep": False})
+        return reply["error"]
 
 
 # =============================================================================
@@ -833,7 +1499,7 @@ class LocalExecutor:
     for a cluster scheduler can replace this one.
     """
 
-    def __init__(self, store: ObjectStore, capture: DirCapture, workroot: str,
+    def __init__(self, store: ObjectStore, capture: DirCapture | FuseCapture, workroot: str,
                  console: Console) -> None:
         self.store = store
         self.capture = capture
@@ -889,13 +1555,16 @@ class LocalExecutor:
                     result.outputs = self.capture.collect(out)
                 else:
                     result.error = describe_exit(status) + stderr_tail(log_err)
+                    # An output refused while the script ran explains its failure best.
+                    problem = self.capture.discard(out)
+                    if problem:
+                        result.error = f"{problem} ({result.error})"
             except OutputError as e:
                 result.error = str(e)
+                self.capture.discard(out)
             except OSError as e:
                 result.error = f"cannot collect outputs: {e}"
-            finally:
-                if result.error:
-                    self.capture.discard(out)
+                self.capture.discard(out)
             result.stdout_hash = self._keep_log(log_out)
             result.stderr_hash = self._keep_log(log_err)
             if self.console.level >= 2:
@@ -1257,6 +1926,13 @@ class Database:
         except OSError as e:
             raise GritError(f"cannot create database directory {self.path}: {e.strerror}") from None
 
+    def clear_tmp(self, recreate: bool = True) -> None:
+        """Remove scratch space, and any FUSE mount a killed run left in it."""
+        unmount_stale(self.tmp_path)
+        shutil.rmtree(self.tmp_path, ignore_errors=True)
+        if recreate:
+            os.mkdir(self.tmp_path, 0o700)
+
     def require(self) -> None:
         if not os.path.isfile(self.metadata_path):
             raise GritError(f"no grit database at {self.path}")
@@ -1297,6 +1973,20 @@ def warn_if_disk_full(path: str, console: Console) -> None:
                      f"({usage.free // 2**20} MiB free)")
 
 
+def start_fuse(mode: str, run_dir: str, workers: int, console: Console) -> FuseServer | None:
+    """The FUSE server for `-output-mode` auto or fuse, or None for plain directories."""
+    if mode == "dir":
+        return None
+    try:
+        return FuseServer(run_dir, workers)
+    except FuseUnavailable as e:
+        if mode == "fuse":
+            raise GritError(f"-output-mode fuse: FUSE cannot be used here: {e}") from None
+        console.info(f"notice: FUSE is not available ({e}); using plain output directories, "
+                     "where rewriting one name in a loop yields only its last content")
+        return None
+
+
 def choose_active(manifest: Manifest, versions: list[StepVersion],
                   opts: RunOptions) -> list[StepVersion]:
     by_name = {v.name: v for v in versions}
@@ -1314,12 +2004,13 @@ def cmd_run(opts: RunOptions, console: Console) -> int:
         raise GritError("use -start or -step, not both")
     for name in [opts.start] if opts.start else opts.steps:
         manifest.step(name)
-    if opts.output_mode == "fuse":
-        raise GritError("-output-mode fuse is not available in this build; use dir or auto")
     db = Database(opts.db)
     db.create()
     lock = db.lock()
     warn_if_disk_full(db.path, console)
+    db.clear_tmp()
+    # The FUSE server is forked before any database is opened or thread started.
+    server = start_fuse(opts.output_mode, db.tmp_path, opts.parallel, console)
     meta = Metadata(db.metadata_path)
     store = ObjectStore(db.objects_path)
     console.info(f"manifest {opts.manifest}: {len(manifest.steps)} step(s)")
@@ -1332,11 +2023,14 @@ def cmd_run(opts: RunOptions, console: Console) -> int:
             console.detail(f"step {v.name} v{v.version} (id {v.id}), inputs "
                            f"{list(v.definition.inputs) or '(seed)'}")
         active = choose_active(manifest, versions, opts)
-        shutil.rmtree(db.tmp_path, ignore_errors=True)
-        os.mkdir(db.tmp_path, 0o700)
-        capture = DirCapture(store)
-        console.detail(f"output mode: {capture.mode} (rewriting one name in a task yields "
-                       "only its final content)")
+        capture: DirCapture | FuseCapture
+        if server:
+            capture = FuseCapture(server, store)
+            console.detail(f"output mode: fuse, mounted at {server.mount}")
+        else:
+            capture = DirCapture(store)
+            console.detail("output mode: dir (rewriting one name in a task yields only its "
+                           "final content)")
         executor = LocalExecutor(store, capture, db.tmp_path, console)
         scheduler = Scheduler(meta, store, executor, versions, console, opts.parallel,
                               start=opts.start)
@@ -1348,10 +2042,12 @@ def cmd_run(opts: RunOptions, console: Console) -> int:
                 console.warn(f"step \"{step.name}\": no resource matches its inputs "
                              f"{list(step.definition.inputs)}")
     finally:
+        if server:
+            server.close()  # every script has ended by now: unmount
         store.sync()
         store.close()
         meta.close()
-        shutil.rmtree(db.tmp_path, ignore_errors=True)
+        db.clear_tmp(recreate=False)
         lock.close()
     elapsed = time.monotonic() - started
     if summary.interrupted:

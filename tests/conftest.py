@@ -77,3 +77,36 @@ class Grit:
 @pytest.fixture
 def grit(tmp_path: Path) -> Grit:
     return Grit(tmp_path)
+
+
+_fuse_problem: list = []
+
+
+def fuse_problem() -> str | None:
+    """Why FUSE cannot be used on this machine (None if it can), found once by
+    running grit with -output-mode fuse."""
+    if not _fuse_problem:
+        import tempfile
+        with tempfile.TemporaryDirectory() as d:
+            g = Grit(Path(d))
+            g.write('[[step]]\nname = "s"\nscript = "echo ok > $OUTPUT_DIR/ok"\n')
+            proc = g.run("-output-mode", "fuse", check=None)
+            _fuse_problem.append(None if proc.returncode == 0 else proc.stderr.strip())
+    return _fuse_problem[0]
+
+
+def require_fuse() -> None:
+    """Skip when FUSE is unavailable, except in CI (GRIT_REQUIRE_FUSE=1): fail there."""
+    problem = fuse_problem()
+    if problem:
+        if os.environ.get("GRIT_REQUIRE_FUSE") == "1":
+            pytest.fail(f"FUSE is required here (GRIT_REQUIRE_FUSE=1) but unusable: {problem}")
+        pytest.skip(f"FUSE unavailable on this machine: {problem}")
+
+
+@pytest.fixture(params=["fuse", "dir"])
+def output_mode(request) -> str:
+    """Run the test once with each output mode."""
+    if request.param == "fuse":
+        require_fuse()
+    return request.param

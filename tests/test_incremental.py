@@ -107,7 +107,7 @@ def test_failed_task_keeps_no_outputs_others_finish_and_retry_next_run(grit, tmp
         name = "work"
         inputs = ["n-*"]
         script = """
-        echo partial > $OUTPUT_DIR/result
+        echo partial > $OUTPUT_DIR/partial-$(cat $INPUT_FILE)
         if [ "$(cat $INPUT_FILE)" = 2 ] && [ ! -e {flag} ]; then
             echo "cannot handle two" >&2; exit 3
         fi
@@ -117,7 +117,8 @@ def test_failed_task_keeps_no_outputs_others_finish_and_retry_next_run(grit, tmp
     proc = grit.run(check=1)
     assert "failed: exit status 3: cannot handle two" in proc.stderr
     assert "1 failed" in proc.stderr
-    assert sorted(grit.contents("result")) == [b"done 1\n", b"done 3\n"]  # no "partial"
+    assert sorted(grit.contents("result")) == [b"done 1\n", b"done 3\n"]
+    assert not grit.has("partial-2")  # the failed task's outputs are not kept
     assert grit.sql("SELECT status, exit_code FROM task WHERE status != 'done'") == [("failed", 3)]
     flag.touch()
     proc = grit.run()

@@ -12,7 +12,7 @@ HOSTILE = {
 
 
 @pytest.mark.parametrize("case", sorted(HOSTILE))
-def test_hostile_output_fails_only_that_task(grit, case):
+def test_hostile_output_fails_only_that_task(grit, case, output_mode):
     script, message = HOSTILE[case]
     grit.write(f'''
         [[step]]
@@ -25,7 +25,7 @@ def test_hostile_output_fails_only_that_task(grit, case):
         {script}
         \'\'\'
     ''')
-    proc = grit.run(check=None)
+    proc = grit.run("-output-mode", output_mode, check=None)
     if message is None:  # 252 bytes: allowed
         assert proc.returncode == 0, proc.stderr
         return
@@ -36,8 +36,8 @@ def test_hostile_output_fails_only_that_task(grit, case):
 
 
 def test_scripts_cannot_make_grit_follow_symlinks_in_scratch(grit, tmp_path):
-    """A script replaces its INPUT_FILE, logs and OUTPUT_DIR with symlinks to a
-    victim; the next task on that worker must not truncate or empty the victim."""
+    """Dir mode: a script replaces its INPUT_FILE, logs and OUTPUT_DIR with symlinks
+    to a victim; the next task on that worker must not truncate or empty the victim."""
     victim = tmp_path / "victim"
     victim.mkdir()
     (victim / "keep").write_text("precious")
@@ -63,9 +63,9 @@ def test_scripts_cannot_make_grit_follow_symlinks_in_scratch(grit, tmp_path):
         cd "$slot" && rm -rf out && ln -s {victim} out
         \'\'\'
     ''')
-    proc = grit.run("-parallel", "1", check=1)
+    proc = grit.run("-parallel", "1", "-output-mode", "dir", check=1)
     assert "evil2) failed: $OUTPUT_DIR was replaced" in proc.stderr
-    grit.run("-parallel", "1", check=1)  # the retry uses the same worker slot
+    grit.run("-parallel", "1", "-output-mode", "dir", check=1)  # the retry reuses the slot
     assert (victim / "keep").read_text() == "precious"
     assert grit.sql("SELECT count(*) FROM resource WHERE name = 'keep'") == [(0,)]
 
