@@ -1076,7 +1076,9 @@ class OutputFS:
     def end(self, token: str, keep: bool) -> dict:
         """Wait for the task's files to be released; then its emissions, or an error."""
         with self.mutex:
-            task = self.tasks[token]
+            task = self.tasks.get(token)
+            if task is None:  # already ended
+                return {"error": None, "outputs": []}
             deadline = time.monotonic() + RELEASE_GRACE_SECONDS
             while task.open_handles and time.monotonic() < deadline:
                 self.mutex.wait(deadline - time.monotonic())
@@ -1313,12 +1315,15 @@ def _fuse_server(mount: str, spool_dir: str, control: "socket.socket",
 def _serve_worker(fs: OutputFS, sock: "socket.socket") -> None:
     with sock, sock.makefile("rb") as requests:
         for line in requests:
-            req = json.loads(line)
-            if req["op"] == "begin":
-                fs.begin(req["token"])
-                reply: dict = {}
-            else:
-                reply = fs.end(req["token"], req["keep"])
+            try:
+                req = json.loads(line)
+                if req["op"] == "begin":
+                    fs.begin(req["token"])
+                    reply: dict = {}
+                else:
+                    reply = fs.end(req["token"], req["keep"])
+            except Exception as e:  # answer, so the task fails and the run goes on
+                reply = {"error": f"output filesystem error: {e!r}", "outputs": []}
             _send(sock, reply)
 
 

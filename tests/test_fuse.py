@@ -1,0 +1,269 @@
+"""The write-only FUSE output filesystem: emission rules (SPEC 3), refusals,
+big outputs, interrupts, stale mounts and the fallback (SPEC 6)."""
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import GRIT, require_fuse
+
+
+@pytest.fixture(autouse=True)
+def _needs_fuse():
+    require_fuse()
+
+
+def emitted(grit, script, *extra):
+    """Run a one-step pipeline in FUSE mode; {name: [contents, oldest first]}."""
+    grit.write(f"[[step]]\nname = \"s\"\nscript = '''\n{script}\n'''\n")
+    grit.run("-output-mode", "fuse", *extra)
+    names = [r[0] for r in grit.sql("SELECT DISTINCT name FROM resource ORDER BY name")]
+    return {n: grit.contents(n) for n in names}
+
+
+# SPEC 3, "What a task emits", row by row.
+SPEC_TABLE = [
+    ('echo a > $OUTPUT_DIR/x', {"x": [b"a\n"]}),
+    ('for i in 1 2 3; do echo $i > $OUTPUT_DIR/item; done', {"item": [b"1\n", b"2\n", b"3\n"]}),
+    ('echo a > $OUTPUT_DIR/x; echo b >> $OUTPUT_DIR/x', {"x": [b"a\nb\n"]}),
+    ('touch $OUTPUT_DIR/done', {"done": [b""]}),
+    ('echo a > $OUTPUT_DIR/x; rm $OUTPUT_DIR/x', {}),
+]
+
+
+@pytest.mark.parametrize("script,expected", SPEC_TABLE)
+def test_spec_emission_table(grit, script, expected):
+    assert emitted(grit, script) == expected
+
+
+def test_split_fans_out(grit, tmp_path):
+    (tmp_path / "lines").write_text("".join(f"{i}\n" for i in range(250)))
+    out = emitted(grit, f'split -l 100 "{tmp_path}/lines" $OUTPUT_DIR/part-')
+    assert sorted(out) == ["part-aa", "part-ab", "part-ac"]
+    assert out["part-ac"][0].count(b"\n") == 50
+
+
+def test_rename_subdirectories_and_truncate(grit):
+    out = emitted(grit, '''
+for i in 1 2; do echo "v$i" > $OUTPUT_DIR/tmp; mv $OUTPUT_DIR/tmp $OUTPUT_DIR/atomic; done
+mkdir -p $OUTPUT_DIR/a/b && echo deep > $OUTPUT_DIR/a/b/c
+mkdir $OUTPUT_DIR/d1 && echo moved > $OUTPUT_DIR/d1/f && mv $OUTPUT_DIR/d1 $OUTPUT_DIR/d2
+echo 0123456789 > $OUTPUT_DIR/cut; truncate -s 4 $OUTPUT_DIR/cut
+printf b | dd of=$OUTPUT_DIR/ooo bs=1 seek=5 conv=notrunc 2>/dev/null
+printf aaaaa | dd of=$OUTPUT_DIR/ooo conv=notrunc 2>/dev/null
+''')
+    assert out == {"atomic": [b"v1\n", b"v2\n"], "a/b/c": [b"deep\n"], "d2/f": [b"moved\n"],
+                   "cut": [b"0123"], "ooo": [b"aaaaab"]}
+    digest = grit.export("ooo")[0][0]
+    assert digest == hashlib.sha256(b"aaaaab").hexdigest()  # re-hashed after out-of-order writes
+
+
+def test_concurrent_writers_on_one_file(grit):
+    """Two processes share one file description; each echo is one write()."""
+    out = emitted(grit, 'w() { i=$1; while [ $i -le $2 ]; do echo $i; i=$((i+1)); done; }\n'
+                        '(w 1 1500 & w 1501 3000 & wait) > $OUTPUT_DIR/both\n'
+                        '(w 1 500 & w 501 1000 & wait) | tee -a $OUTPUT_DIR/tee > /dev/null')
+    assert sorted(map(int, out["both"][0].split())) == list(range(1, 3001))
+    assert sorted(map(int, out["tee"][0].split())) == list(range(1, 1001))
+
+
+def test_spilled_content_is_exact(grit):
+    data = b"".join(b"%07d\n" % i for i in range(200_000))  # 1.6 MB: spills to disk
+    out = emitted(grit, 'i=0; while [ $i -lt 200000 ]; do printf "%07d\\n" $i; i=$((i+1)); done '
+                        '> $OUTPUT_DIR/big')
+    assert out["big"] == [data]
+
+
+def test_output_dir_is_write_only(grit):
+    grit.write('''
+[[step]]
+name = "s"
+script = \'\'\'
+echo secret > $OUTPUT_DIR/x
+ls $OUTPUT_DIR 2> $OUTPUT_DIR/ls-error || echo refused > $OUTPUT_DIR/ls
+cat $OUTPUT_DIR/x 2> /dev/null || echo refused > $OUTPUT_DIR/cat
+ls $(dirname $OUTPUT_DIR) 2>/dev/null || echo refused > $OUTPUT_DIR/root
+mkdir $(dirname $OUTPUT_DIR)/sibling 2>/dev/null || echo refused > $OUTPUT_DIR/mkdir-root
+grep " $(dirname $OUTPUT_DIR) " /proc/self/mountinfo > $OUTPUT_DIR/mountinfo
+\'\'\'
+''')
+    grit.run("-output-mode", "fuse")
+    for name in ("ls", "cat", "root", "mkdir-root"):
+        assert grit.contents(name) == [b"refused\n"], name
+    assert b"Permission denied" in grit.contents("ls-error")[0]
+    mountinfo = grit.contents("mountinfo")[0].decode()
+    assert "fuse.grit" in mountinfo and "allow_other" not in mountinfo
+    assert grit.contents("x") == [b"secret\n"]
+
+
+def test_fan_out_by_rewrite_feeds_parallel_downstream(grit):
+    grit.write('''
+[[step]]
+name = "seed"
+script = "for i in $(seq 1 20); do echo $i > $OUTPUT_DIR/n; done"
+[[step]]
+name = "square"
+inputs = ["n"]
+parallel = 4
+script = 'n=$(cat $INPUT_FILE); sleep 0.2; echo $((n*n)) > $OUTPUT_DIR/sq'
+''')
+    started = time.monotonic()
+    grit.run("-output-mode", "fuse", "-parallel", "4")
+    assert time.monotonic() - started < 20 * 0.2  # not one at a time
+    assert sorted(int(c) for c in grit.contents("sq")) == [i * i for i in range(1, 21)]
+
+
+def test_bad_names_are_refused_with_a_message(grit):
+    grit.write('''
+[[step]]
+name = "s"
+script = 'echo a > "$OUTPUT_DIR/star*" || true; echo ok > $OUTPUT_DIR/ok'
+''')
+    proc = grit.run("-output-mode", "fuse", check=1)
+    assert "output name 'star*' contains one of * ? [" in proc.stderr
+    assert not grit.has("ok")
+
+
+def test_script_killed_mid_write_leaves_no_resource(grit):
+    grit.write('''
+[[step]]
+name = "s"
+script = 'yes data > $OUTPUT_DIR/stream & sleep 0.5; kill -9 $$'
+''')
+    proc = grit.run("-output-mode", "fuse", check=1)
+    assert "killed by SIGKILL" in proc.stderr
+    assert grit.sql("SELECT count(*) FROM resource") == [(0,)]
+
+
+def test_background_writer_fails_the_task_not_the_run(grit):
+    grit.write('''
+[[step]]
+name = "s"
+script = 'setsid sh -c "exec 3> $OUTPUT_DIR/late; sleep 4" & sleep 0.3; echo x > $OUTPUT_DIR/x'
+[[step]]
+name = "other"
+script = 'echo fine > $OUTPUT_DIR/fine'
+''')
+    proc = grit.run("-output-mode", "fuse", check=1)
+    assert "still open 2 s after the script exited" in proc.stderr
+    assert grit.has("fine") and not grit.has("x")
+
+
+def grit_mounts(db):
+    root = os.path.realpath(db)
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f if line.split()[4].startswith(root)]
+
+
+def processes_using(path):
+    """PIDs whose command line or working directory mentions `path`."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+        except OSError:
+            continue
+        if int(pid) != os.getpid() and (str(path) in cmd or cwd.startswith(str(path))):
+            found.append(int(pid))
+    return found
+
+
+def test_ctrl_c_during_writes_leaves_no_mount_or_process(grit):
+    grit.write('''
+[[step]]
+name = "s"
+script = "for i in 1 2 3 4; do echo $i > $OUTPUT_DIR/n-$i; done"
+[[step]]
+name = "w"
+inputs = ["n-*"]
+script = 'while :; do echo data; done > $OUTPUT_DIR/stream'
+''')
+    proc = grit.popen("-output-mode", "fuse", "-parallel", "3")
+    deadline = time.monotonic() + 20
+    while not grit.has("n-4") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=15)
+    assert proc.returncode == 130, err
+    time.sleep(0.2)
+    assert grit_mounts(grit.db) == []
+    assert processes_using(grit.path) == []
+    assert grit.sql("SELECT count(*) FROM resource WHERE name = 'stream'") == [(0,)]
+
+
+def test_kill_9_then_next_run_cleans_up_and_resumes(grit):
+    grit.write('''
+[[step]]
+name = "s"
+script = "for i in 1 2 3 4; do echo $i > $OUTPUT_DIR/n-$i; done"
+[[step]]
+name = "w"
+inputs = ["n-*"]
+script = 'sleep 1; echo done > $OUTPUT_DIR/w'
+''')
+    proc = grit.popen("-output-mode", "fuse", "-parallel", "2")
+    deadline = time.monotonic() + 20
+    while not grit.has("n-4") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    grit.run("-output-mode", "fuse")
+    assert grit.sql("SELECT count(*) FROM task WHERE status = 'done'") == [(5,)]
+    assert grit_mounts(grit.db) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a stand-in stale mount needs root")
+def test_stale_mount_is_removed_by_the_next_run(grit):
+    grit.write('[[step]]\nname = "s"\nscript = "echo a > $OUTPUT_DIR/a"\n')
+    stale = grit.db / "tmp" / "mnt"
+    stale.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "none", str(stale)], check=True)
+    assert grit_mounts(grit.db)
+    grit.run("-output-mode", "fuse")
+    assert grit_mounts(grit.db) == [] and grit.has("a")
+
+
+def test_fallback_when_fuse_is_unavailable(grit):
+    grit.write('[[step]]\nname = "s"\nscript = "for i in 1 2; do echo $i > $OUTPUT_DIR/x; done"\n')
+    env = {"FUSE_LIBRARY_PATH": "/nonexistent/libfuse.so.2"}
+    proc = grit.run(env=env)
+    notice = [line for line in proc.stderr.splitlines() if "FUSE is not available" in line]
+    assert len(notice) == 1 and "only its last content" in notice[0]
+    assert grit.contents("x") == [b"2\n"]  # dir mode: only the final content
+    forced = grit.run("-output-mode", "fuse", env=env, check=2)
+    assert forced.stderr.startswith("grit: error: -output-mode fuse: FUSE cannot be used here")
+    assert len(forced.stderr.splitlines()) == 1
+
+
+def test_one_gib_output_with_bounded_memory(grit, tmp_path):
+    grit.write('''
+[[step]]
+name = "big"
+script = "yes 0123456789abcdef | head -c 1073741824 > $OUTPUT_DIR/big"
+''')
+    probe = (f"import resource, subprocess, sys; "
+             f"p = subprocess.run([sys.executable, {GRIT!r}, '-manifest', {str(grit.manifest)!r}, "
+             f"'-db', {str(grit.db)!r}, '-run', '-output-mode', 'fuse']); "
+             f"print(p.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         timeout=300)
+    code, max_rss_kib = map(int, out.stdout.split())
+    assert code == 0, out.stderr
+    assert max_rss_kib < 150 * 1024, f"peak RSS {max_rss_kib} KiB"
+    expected = hashlib.sha256()
+    line = b"0123456789abcdef\n"
+    block = line * (1 << 16)
+    left = 1 << 30
+    while left:
+        expected.update(block[:left])
+        left -= min(left, len(block))
+    [(digest, _, _)] = grit.export("big")
+    assert digest == expected.hexdigest()
+    size = grit.sql("SELECT size FROM resource WHERE name = 'big'")[0][0]
+    assert size == 1 << 30
