@@ -1345,10 +1345,11 @@ def _serve_worker(fs: OutputFS, sock: "socket.socket") -> None:
             try:
                 req = json.loads(line)
                 if req["op"] == "begin":
-                    fs.begin(req["token"])
                     reply: dict = {}
                 else:
                     reply = fs.end(req["token"], req["keep"])
+                if req.get("next"):
+                    fs.begin(req["next"])
             except Exception as e:  # answer, so the task fails and the run goes on
                 reply = {"error": f"output filesystem error: {e!r}", "outputs": []}
             _send(sock, reply)
@@ -1451,13 +1452,24 @@ class FuseServer:
         except BaseException:
             return 1
 
+    def request_begin(self) -> str:
+        """A registered task directory name for this worker thread's next task."""
+        token = getattr(self._local, "next", None)
+        if token is None:
+            self.request({"op": "begin"})
+            token = self._local.next
+        self._local.next = None
+        return token
+
     def request(self, message: dict) -> dict:
-        """Send a request on this worker thread's own connection."""
+        """Send a request on this worker thread's own connection; each request
+        also registers a fresh, unguessable directory for the worker's next task."""
         conn = getattr(self._local, "conn", None)
         if conn is None:
             with self._pool_lock:
                 sock = self._free.pop()
             conn = self._local.conn = (sock, sock.makefile("rb"))
+        self._local.next = message["next"] = os.urandom(12).hex()
         _send(conn[0], message)
         line = conn[1].readline()
         if not line:
@@ -1490,8 +1502,9 @@ class FuseCapture:
         self.store = store
 
     def prepare(self, slot: str, task_id: int) -> str:
-        token = f"{task_id}-{os.urandom(8).hex()}"  # unguessable: tasks cannot reach each other
-        self.server.request({"op": "begin", "token": token})
+        """The task's directory: the one this worker's previous request registered
+        (each "end" also registers the next), so a task costs one round trip."""
+        token = self.server.request_begin()
         return os.path.join(self.server.mount, token)
 
     def collect(self, out: str) -> list[Output]:
