@@ -213,6 +213,13 @@ script = 'sleep 1; echo done > $OUTPUT_DIR/w'
         time.sleep(0.1)
     proc.kill()
     proc.wait()
+    # the FUSE server notices grit is gone, unmounts and exits
+    deadline = time.monotonic() + 10
+    while (grit_mounts(grit.db) or processes_using(grit.db)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert grit_mounts(grit.db) == []
+    assert [p for p in processes_using(grit.db) if b"grit.py" in
+            open(f"/proc/{p}/cmdline", "rb").read()] == []
     grit.run("-output-mode", "fuse")
     assert grit.sql("SELECT count(*) FROM task WHERE status = 'done'") == [(5,)]
     assert grit_mounts(grit.db) == []

@@ -350,3 +350,40 @@ def test_verbose_shows_script_output_and_quiet_shows_only_errors(grit):
 def test_no_color_when_not_a_terminal(grit):
     grit.write(SEED_ITEMS.format(items="1"))
     assert "\033[" not in grit.run().stderr
+
+
+def test_noop_cost_does_not_grow_with_resources(grit):
+    """A rerun with nothing new reads no resources: 300,000 of them cost about
+    what 3 do. (Ratios of runs in the same test; no absolute timings.)"""
+    import sqlite3
+    import statistics
+
+    grit.write('''
+        [[step]]
+        name = "seed"
+        script = "echo a > $OUTPUT_DIR/r-1; echo b > $OUTPUT_DIR/r-2; echo c > $OUTPUT_DIR/r-3"
+        [[step]]
+        name = "pick"
+        inputs = ["wanted-*"]
+        script = "cat $INPUT_FILE > $OUTPUT_DIR/picked"
+    ''')
+    grit.run("-output-mode", "dir")
+
+    def noop_seconds():
+        runs = []
+        for _ in range(3):
+            started = time.monotonic()
+            grit.run("-output-mode", "dir", "-quiet")
+            runs.append(time.monotonic() - started)
+        return statistics.median(runs)
+
+    small = noop_seconds()
+    db = sqlite3.connect(grit.db / "metadata.sqlite")
+    digest = grit.export("r-1")[0][0]
+    db.executemany("INSERT INTO resource (name, hash, size, created_at) VALUES (?, ?, 2, '')",
+                   ((f"other-{i}", digest) for i in range(300_000)))
+    db.commit()
+    db.close()
+    grit.run("-output-mode", "dir")  # matches the new resources once, moving the cursor
+    large = noop_seconds()
+    assert large < 2 * small + 0.1, (small, large)
