@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# Builds grit.pyz: one file that runs with nothing but python3 (3.9-3.13) on
+# x86_64 and aarch64 Linux.
+#
+#   ./build_zipapp.sh [-o OUT] [--wheels DIR]
+#
+# Inside the zip: grit.py, fusepy's fuse.py and tomli (both import straight from
+# the zip), and lmdb 1.7.5 (LMDB 0.9.33) for every CPython x architecture. A zip
+# cannot import a C extension, so on first use __main__.py extracts the lmdb
+# package with the one matching .so into a per-user cache, atomically.
+#
+# The wheels come from PyPI with pip, or, offline (the Nix build), from --wheels
+# DIR holding the lmdb wheels, tomli's wheel and fusepy's sdist.
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")" && pwd)
+out=$root/grit.pyz
+wheels=""
+while [ $# -gt 0 ]; do
+    case $1 in
+        -o) out=$(realpath -m "$2"); shift 2 ;;
+        --wheels) wheels=$(realpath "$2"); shift 2 ;;
+        *) echo "usage: $0 [-o OUT] [--wheels DIR]" >&2; exit 2 ;;
+    esac
+done
+
+LMDB_VERSION=1.7.5      # pinned: bundles LMDB 0.9.33 (never the LMDB 1.0 format)
+FUSEPY_VERSION=3.0.1
+TOMLI_VERSION=2.0.1
+PYTHONS="39 310 311 312 313"
+ARCHES="x86_64 aarch64"
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+if [ -z "$wheels" ]; then
+    wheels=$work/wheels
+    for py in $PYTHONS; do
+        for arch in $ARCHES; do
+            python3 -m pip download -q --disable-pip-version-check --no-deps \
+                --only-binary=:all: --implementation cp --python-version "$py" \
+                --platform "manylinux2014_$arch" -d "$wheels" "lmdb==$LMDB_VERSION"
+        done
+    done
+    python3 -m pip download -q --disable-pip-version-check --no-deps -d "$wheels" \
+        "fusepy==$FUSEPY_VERSION" "tomli==$TOMLI_VERSION"
+fi
+
+stage=$work/stage
+mkdir -p "$stage/_lmdb/lmdb" "$stage/_lmdb/ext"
+cp "$root/grit.py" "$stage/"
+
+python3 - "$wheels" "$stage" "$LMDB_VERSION" "$FUSEPY_VERSION" "$TOMLI_VERSION" <<'PY'
+import glob, os, sys, tarfile, zipfile
+
+wheels, stage, lmdb_v, fusepy_v, tomli_v = sys.argv[1:]
+lmdb = sorted(glob.glob(os.path.join(wheels, f"lmdb-{lmdb_v}-cp3*-manylinux*.whl")))
+if len(lmdb) < 10:
+    sys.exit(f"build_zipapp: expected 10 lmdb {lmdb_v} wheels in {wheels}, found {len(lmdb)}")
+for path in lmdb:
+    with zipfile.ZipFile(path) as z:
+        for name in z.namelist():
+            base = os.path.basename(name)
+            if name.startswith("lmdb/cpython.") and name.endswith(".so"):
+                with open(os.path.join(stage, "_lmdb", "ext", base), "wb") as f:
+                    f.write(z.read(name))
+            elif name in ("lmdb/__init__.py", "lmdb/_config.py"):
+                with open(os.path.join(stage, "_lmdb", "lmdb", base), "wb") as f:
+                    f.write(z.read(name))
+with zipfile.ZipFile(glob.glob(os.path.join(wheels, f"tomli-{tomli_v}-*.whl"))[0]) as z:
+    for name in z.namelist():
+        if name.startswith("tomli/"):
+            z.extract(name, stage)
+sdist = glob.glob(os.path.join(wheels, f"fusepy-{fusepy_v}.tar.gz"))[0]
+with tarfile.open(sdist) as t:
+    member = t.getmember(f"fusepy-{fusepy_v}/fuse.py")
+    with open(os.path.join(stage, "fuse.py"), "wb") as f:
+        f.write(t.extractfile(member).read())
+PY
+
+cat > "$stage/__main__.py" <<PY
+"""grit.pyz start-up: make the lmdb C extension importable, then run grit."""
+import importlib.machinery
+import os
+import shutil
+import sys
+import tempfile
+import zipfile
+
+LMDB_VERSION = "$LMDB_VERSION"
+
+
+def lmdb_dir():
+    """A directory holding the lmdb package built for this interpreter."""
+    so = "cpython" + importlib.machinery.EXTENSION_SUFFIXES[0]
+    archive = os.path.dirname(os.path.abspath(__file__))
+    with zipfile.ZipFile(archive) as z:
+        names = z.namelist()
+        if "_lmdb/ext/" + so not in names:
+            have = sorted(n.split(".")[1] for n in names if n.startswith("_lmdb/ext/"))
+            sys.exit(f"grit.pyz: no lmdb build for this Python ({so}); it has {', '.join(have)}. "
+                     "Install lmdb==1.7.5 and fusepy with pip and run grit.py instead.")
+        cache = os.environ.get("GRIT_CACHE_DIR") or os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+            "grit")
+        target = os.path.join(cache, f"lmdb-{LMDB_VERSION}-{so[len('cpython.'):-3]}")
+        if os.path.isfile(os.path.join(target, "lmdb", so)):
+            return target
+        try:
+            os.makedirs(cache, mode=0o700, exist_ok=True)
+            tmp = tempfile.mkdtemp(prefix=".extract-", dir=cache)
+        except OSError:  # cache not writable: a private directory for this run
+            tmp = target = tempfile.mkdtemp(prefix="grit-lmdb-")
+        os.mkdir(os.path.join(tmp, "lmdb"))
+        for name in ("__init__.py", "_config.py"):
+            with open(os.path.join(tmp, "lmdb", name), "wb") as f:
+                f.write(z.read("_lmdb/lmdb/" + name))
+        with open(os.path.join(tmp, "lmdb", so), "wb") as f:
+            f.write(z.read("_lmdb/ext/" + so))
+    if tmp != target:
+        try:
+            os.rename(tmp, target)  # atomic: a concurrent first run may have won
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+sys.path.insert(0, lmdb_dir())
+import grit  # noqa: E402
+
+sys.exit(grit.main())
+PY
+
+rm -f "$out"
+python3 -m zipapp "$stage" -o "$out" -p "/usr/bin/env python3" -c
+echo "built $out ($(wc -c < "$out") bytes)"

@@ -1,0 +1,105 @@
+"""grit.pyz: built by build_zipapp.sh, run with `python3.X -I grit.pyz` under every
+CPython 3.9-3.13 on this machine, in a clean HOME, with a cold and a warm cache."""
+import glob
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import EXAMPLES, ROOT, fuse_problem
+
+MAX_PYZ_BYTES = 4 * 1024 * 1024
+
+
+def pythons():
+    """One interpreter per CPython minor version 3.9-3.13 found here."""
+    found = {}
+    for minor in range(9, 14):
+        candidates = sorted(glob.glob(f"/root/.pyenv/versions/3.{minor}.*/bin/python3"))
+        candidates += [p for p in (f"/usr/bin/python3.{minor}", f"/usr/local/bin/python3.{minor}")
+                       if os.path.exists(p)]
+        if candidates:
+            found[f"3.{minor}"] = candidates[0]
+    found.setdefault(f"{sys.version_info.major}.{sys.version_info.minor}", sys.executable)
+    return found
+
+
+@pytest.fixture(scope="module")
+def pyz(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pyz") / "grit.pyz"
+    proc = subprocess.run([str(ROOT / "build_zipapp.sh"), "-o", str(out)], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+def run_pyz(python, pyz, cwd, home, *args, env=None):
+    clean = {"PATH": os.environ["PATH"], "HOME": str(home), **(env or {})}
+    return subprocess.run([python, "-I", str(pyz), *args], cwd=cwd, env=clean,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_pyz_is_small_and_executable(pyz):
+    assert pyz.stat().st_size <= MAX_PYZ_BYTES
+    assert pyz.read_bytes().startswith(b"#!/usr/bin/env python3\n")
+    proc = subprocess.run([str(pyz), "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("grit ")
+
+
+@pytest.mark.parametrize("version", sorted(pythons()))
+def test_quickstart_cold_and_warm_cache(pyz, tmp_path, version):
+    python = pythons()[version]
+    home = tmp_path / "home"
+    home.mkdir()
+    (tmp_path / "workflow.toml").write_bytes((EXAMPLES / "quickstart.toml").read_bytes())
+    times = []
+    for run in ("cold", "warm"):
+        db = f"db-{run}"
+        started = time.monotonic()
+        proc = run_pyz(python, pyz, tmp_path, home, "-manifest", "workflow.toml", "-db", db,
+                       "-run", "-verbose")
+        times.append(time.monotonic() - started)
+        assert proc.returncode == 0, proc.stderr
+        assert "3 task(s) run, 0 failed, 4 resource(s) created" in proc.stderr
+        mode = "fuse" if fuse_problem() is None else "dir"
+        assert f"output mode: {mode}" in proc.stderr
+        listing = run_pyz(python, pyz, tmp_path, home, "-db", db, "-export", "processed")
+        digest = listing.stdout.split("\t")[0]
+        content = run_pyz(python, pyz, tmp_path, home, "-db", db, "-export-hash", digest)
+        assert content.stdout == "INPUT DATA\n"
+    extracted = list((home / ".cache" / "grit").iterdir())
+    assert len(extracted) == 1 and extracted[0].name.startswith("lmdb-1.7.5-")
+    print(f"python {version}: cold {times[0]:.3f} s, warm {times[1]:.3f} s")
+
+
+def test_concurrent_first_runs_share_one_extraction(pyz, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-I", str(pyz), "-db", f"db{i}", "-export", "x"],
+                              cwd=tmp_path, env={"PATH": os.environ["PATH"], "HOME": str(home)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(6)]
+    for p in procs:
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 2 and "no grit database at db" in err  # got as far as grit
+    assert [d.name for d in (home / ".cache" / "grit").iterdir() if not d.name.startswith(
+        "lmdb-")] == []
+
+
+def test_unwritable_cache_falls_back_to_a_private_directory(pyz, tmp_path):
+    (tmp_path / "workflow.toml").write_bytes((EXAMPLES / "quickstart.toml").read_bytes())
+    proc = run_pyz(sys.executable, pyz, tmp_path, tmp_path, "-manifest", "workflow.toml",
+                   "-db", "db", "-run", env={"XDG_CACHE_HOME": "/dev/null/cannot"})
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_database_made_by_the_pyz_opens_with_grit_py(pyz, tmp_path):
+    (tmp_path / "workflow.toml").write_bytes((EXAMPLES / "quickstart.toml").read_bytes())
+    assert run_pyz(sys.executable, pyz, tmp_path, tmp_path, "-manifest", "workflow.toml",
+                   "-db", "db", "-run").returncode == 0
+    proc = subprocess.run([sys.executable, str(ROOT / "grit.py"), "-db", "db", "-export",
+                           "sorted"], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0 and "\tsorted\t" in proc.stdout
