@@ -2,7 +2,8 @@
 # Makes a fresh machine ready to run grit and its tests, then prints the path
 # of the Python to use. Idempotent: later calls only check.
 #   - a venv in .venv with grit's dependencies and the test tools;
-#   - FUSE (fuse3 for fusermount, libfuse2 for fusepy) when root and missing.
+#   - FUSE (fuse3 for fusermount, libfuse2 for fusepy) and Nix (nix-bin, for the
+#     offline flake check) when root on Debian/Ubuntu and missing.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${GRIT_VENV:-$root/.venv}
@@ -12,6 +13,7 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=()
     command -v fusermount >/dev/null || missing+=(fuse3)
     ldconfig -p 2>/dev/null | grep -q 'libfuse\.so\.2' || missing+=(libfuse2)
+    command -v nix >/dev/null || missing+=(nix-bin)   # the offline flake check
     if [ ${#missing[@]} -gt 0 ]; then
         echo "bootstrap: installing ${missing[*]}" >&2
         export DEBIAN_FRONTEND=noninteractive
