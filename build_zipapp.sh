@@ -3,6 +3,7 @@
 # x86_64 and aarch64 Linux.
 #
 #   ./build_zipapp.sh [-o OUT] [--wheels DIR]
+#   ./build_zipapp.sh --download DIR     # only fetch the wheels into DIR
 #
 # Inside the zip: grit.py, fusepy's fuse.py and tomli (both import straight from
 # the zip), and lmdb 1.7.5 (LMDB 0.9.33) for every CPython x architecture. A zip
@@ -16,11 +17,13 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")" && pwd)
 out=$root/grit.pyz
 wheels=""
+download=""
 while [ $# -gt 0 ]; do
     case $1 in
         -o) out=$(realpath -m "$2"); shift 2 ;;
         --wheels) wheels=$(realpath "$2"); shift 2 ;;
-        *) echo "usage: $0 [-o OUT] [--wheels DIR]" >&2; exit 2 ;;
+        --download) download=$(realpath -m "$2"); shift 2 ;;
+        *) echo "usage: $0 [-o OUT] [--wheels DIR] | --download DIR" >&2; exit 2 ;;
     esac
 done
 
@@ -34,7 +37,7 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
 if [ -z "$wheels" ]; then
-    wheels=$work/wheels
+    wheels=${download:-$work/wheels}
     for py in $PYTHONS; do
         for arch in $ARCHES; do
             python3 -m pip download -q --disable-pip-version-check --no-deps \
@@ -44,6 +47,10 @@ if [ -z "$wheels" ]; then
     done
     python3 -m pip download -q --disable-pip-version-check --no-deps -d "$wheels" \
         "fusepy==$FUSEPY_VERSION" "tomli==$TOMLI_VERSION"
+    if [ -n "$download" ]; then
+        echo "downloaded to $download"
+        exit 0
+    fi
 fi
 
 stage=$work/stage

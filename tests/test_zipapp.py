@@ -29,11 +29,15 @@ def pythons():
 
 @pytest.fixture(scope="module")
 def pyz(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pyz") / "grit.pyz"
-    proc = subprocess.run([str(ROOT / "build_zipapp.sh"), "-o", str(out)], capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return out
+    """Fetch the wheels, then build offline from them, as the Nix build does."""
+    base = tmp_path_factory.mktemp("pyz")
+    for args in (["--download", str(base / "wheels")],
+                 ["--wheels", str(base / "wheels"), "-o", str(base / "grit.pyz")]):
+        proc = subprocess.run([str(ROOT / "build_zipapp.sh"), *args], capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(list((base / "wheels").iterdir())) == 12  # 10 lmdb wheels, tomli, fusepy
+    return base / "grit.pyz"
 
 
 def run_pyz(python, pyz, cwd, home, *args, env=None):
