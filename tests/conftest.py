@@ -6,6 +6,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,16 @@ ROOT = Path(__file__).resolve().parent.parent
 GRIT = str(ROOT / "grit.py")
 EXAMPLES = ROOT / "examples"
 sys.path.insert(0, str(ROOT))
+
+
+def wait_for(predicate, timeout: float = 20.0) -> bool:
+    """Poll until predicate() is true; False if it never was within timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
 
 
 class Grit:

@@ -5,6 +5,8 @@ import time
 
 import pytest
 
+from conftest import wait_for
+
 SLOW = '''
 [[step]]
 name = "seed"
@@ -22,15 +24,6 @@ name = "more"
 inputs = ["w-*"]
 script = "rev $INPUT_FILE > $OUTPUT_DIR/r"
 '''
-
-
-def wait_for(predicate, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def alive(pid):

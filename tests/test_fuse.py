@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import GRIT, require_fuse
+from conftest import GRIT, require_fuse, wait_for
 
 
 @pytest.fixture(autouse=True)
@@ -184,9 +184,7 @@ inputs = ["n-*"]
 script = 'while :; do echo data; done > $OUTPUT_DIR/stream'
 ''')
     proc = grit.popen("-output-mode", "fuse", "-parallel", "3")
-    deadline = time.monotonic() + 20
-    while not grit.has("n-4") and time.monotonic() < deadline:
-        time.sleep(0.1)
+    assert wait_for(lambda: grit.has("n-4"))
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=15)
@@ -208,15 +206,11 @@ inputs = ["n-*"]
 script = 'sleep 1; echo done > $OUTPUT_DIR/w'
 ''')
     proc = grit.popen("-output-mode", "fuse", "-parallel", "2")
-    deadline = time.monotonic() + 20
-    while not grit.has("n-4") and time.monotonic() < deadline:
-        time.sleep(0.1)
+    assert wait_for(lambda: grit.has("n-4"))
     proc.kill()
     proc.wait()
     # the FUSE server notices grit is gone, unmounts and exits
-    deadline = time.monotonic() + 10
-    while (grit_mounts(grit.db) or processes_using(grit.db)) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_for(lambda: not grit_mounts(grit.db) and not processes_using(grit.db), timeout=10)
     assert grit_mounts(grit.db) == []
     assert [p for p in processes_using(grit.db) if b"grit.py" in
             open(f"/proc/{p}/cmdline", "rb").read()] == []
