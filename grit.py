@@ -76,7 +76,7 @@ class Console:
     Messages go to stderr so that stdout stays clean for -export output.
     """
 
-    COLORS = {"red": "31", "green": "32", "yellow": "33", "cyan": "36", "dim": "2"}
+    COLORS = {"red": "31", "green": "32", "yellow": "33", "dim": "2"}
 
     def __init__(self, level: int = 1, stream: IO[str] | None = None) -> None:
         self.level = level  # 0 quiet, 1 normal, 2 verbose
@@ -147,8 +147,8 @@ def _name_problem(name: str, allow_glob: bool) -> str | None:
     if name.startswith("/"):
         return "is absolute"
     try:
-        encoded = name.encode("utf-8")
-    except UnicodeEncodeError:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes arrive as surrogate escapes
         return "is not valid UTF-8"
     if any(ord(c) < 32 or ord(c) == 127 for c in name):
         return "contains a control character"
@@ -161,7 +161,6 @@ def _name_problem(name: str, allow_glob: bool) -> str | None:
             return f'has a "{segment}" segment'
         if len(segment.encode("utf-8")) > MAX_SEGMENT_BYTES:
             return f"has a segment longer than {MAX_SEGMENT_BYTES} bytes"
-    del encoded
     return None
 
 
@@ -373,11 +372,6 @@ class ObjectStore:
     def has(self, digest: str) -> bool:
         with self._guard, self.env.begin() as txn:
             return txn.get(bytes.fromhex(digest), db=self._objects) is not None
-
-    def size(self, digest: str) -> int | None:
-        with self._guard, self.env.begin() as txn:
-            header = txn.get(bytes.fromhex(digest), db=self._objects)
-        return None if header is None else HEADER.unpack(header)[0]
 
     def put(self, f: IO[bytes], digest: str | None = None) -> tuple[str, int]:
         """Store the stream's bytes from its current position; returns (hash, size).
@@ -1036,7 +1030,7 @@ class OutputFS:
             raise _fuse_error(errno.ENOENT)
         return task, rest.decode("utf-8", "surrogateescape")
 
-    def _file(self, path: str, fh: int | None = None) -> tuple[_TaskDir, str, _Content]:
+    def _file(self, path: str) -> tuple[_TaskDir, str, _Content]:
         task, name = self._split(path)
         if task is None or not name:
             raise _fuse_error(errno.EISDIR)
@@ -1264,9 +1258,8 @@ class OutputFS:
             raise _fuse_error(errno.EINVAL)
         if any(n.startswith(new_prefix) for n in list(task.names) + list(task.dirs)):
             raise _fuse_error(errno.ENOTEMPTY)
-        for table in (task.names,):
-            for key in [k for k in table if k.startswith(old_prefix)]:
-                table[new_prefix + key[len(old_prefix):]] = table.pop(key)
+        for key in [k for k in task.names if k.startswith(old_prefix)]:
+            task.names[new_prefix + key[len(old_prefix):]] = task.names.pop(key)
         task.dirs = {new_prefix + d[len(old_prefix):] if d.startswith(old_prefix) else d
                      for d in task.dirs if d != name} | {new_name}
 
@@ -1318,8 +1311,7 @@ def _fuse_server(mount: str, spool_dir: str, control: "socket.socket",
     def watch() -> None:
         if fs.ready.wait(MOUNT_TIMEOUT_SECONDS):
             _send(control, {"ready": True})
-            while control.recv(4096):  # "shutdown", or b"" when grit died
-                break
+            control.recv(4096)  # returns on "shutdown", or with b"" when grit died
         _unmount(mount)
 
     threading.Thread(target=watch, daemon=True).start()
@@ -1390,6 +1382,16 @@ def unmount_stale(root: str) -> None:
             _unmount(point)
 
 
+def _last_line(path: str) -> str:
+    """The last line of a log, for an error message ("" if none)."""
+    try:
+        with open(path, errors="replace") as f:
+            lines = f.read().strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
+
+
 class FuseServer:
     """grit's handle on the FUSE server process."""
 
@@ -1426,10 +1428,9 @@ class FuseServer:
         self.control.settimeout(None)
         if not reply.get("ready"):
             self.close()
-            log = os.path.join(run_dir, "fuse.log")
-            detail = open(log, errors="replace").read().strip().splitlines() if os.path.exists(log) else []
+            detail = _last_line(os.path.join(run_dir, "fuse.log"))
             why = reply.get("error") or "no answer from the trial mount"
-            raise FuseUnavailable(f"{why}{': ' + detail[-1] if detail else ''}")
+            raise FuseUnavailable(f"{why}{': ' + detail if detail else ''}")
 
     @staticmethod
     def _child(run_dir: str, pairs: list) -> int:
@@ -1776,6 +1777,7 @@ class Scheduler:
         self.console = console
         self.parallel = parallel
         self.all_steps = steps
+        self.position = {s.id: i for i, s in enumerate(steps)}  # manifest order
         self.start = start
         self.states: dict[int, StepState] = {}
         self.summary = RunSummary()
@@ -1855,7 +1857,7 @@ class Scheduler:
                   running: dict[concurrent.futures.Future, StepState]) -> None:
         # Downstream steps first: results reach the end of the pipeline sooner
         # and the queue of intermediate resources stays short.
-        order = sorted(self.states.values(), key=lambda s: -self._position(s))
+        order = sorted(self.states.values(), key=lambda s: -self.position[s.step.id])
         for state in order:
             while len(running) < self.parallel and state.running < state.cap:
                 if not state.queue and not self._refill(state):
@@ -1866,9 +1868,6 @@ class Scheduler:
                                     + (f" on {spec.input_name} {spec.input_hash[:12]}"
                                        if spec.input_hash else " (seed)"))
                 running[pool.submit(self.executor.run, spec)] = state
-
-    def _position(self, state: StepState) -> int:
-        return next(i for i, s in enumerate(self.all_steps) if s.id == state.step.id)
 
     def _refill(self, state: StepState) -> bool:
         if state.exhausted:
@@ -1929,7 +1928,7 @@ class Scheduler:
             return
         self._last_progress = now
         parts = []
-        for state in sorted(self.states.values(), key=self._position):
+        for state in sorted(self.states.values(), key=lambda s: self.position[s.step.id]):
             part = f"{state.step.name} {state.done} done"
             if state.running:
                 part += f", {state.running} running"
