@@ -65,6 +65,12 @@ class NotFoundError(GritError):
     exit_code = EXIT_TASK_FAILED
 
 
+def quote(text: str) -> str:
+    """User input in a message: in quotes, with newlines and control characters
+    escaped so that every error stays one line."""
+    return json.dumps(text, ensure_ascii=False)
+
+
 def did_you_mean(word: str, choices: Sequence[str]) -> str:
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f' (did you mean "{close[0]}"?)' if close else ""
@@ -211,7 +217,7 @@ class Manifest:
         for s in self.steps:
             if s.name == name:
                 return s
-        raise GritError(f"unknown step \"{name}\" in {self.path}"
+        raise GritError(f"unknown step {quote(name)} in {self.path}"
                         f"{did_you_mean(name, [s.name for s in self.steps])}")
 
 
@@ -235,7 +241,8 @@ def load_manifest(path: str) -> Manifest:
 def parse_manifest(data: dict, path: str) -> Manifest:
     for key in data:
         if key != "step":
-            raise GritError(f"{path}: unknown top-level key \"{key}\"{did_you_mean(key, ['step'])}")
+            raise GritError(f"{path}: unknown top-level key {quote(key)}"
+                            f"{did_you_mean(key, ['step'])}")
     tables = data.get("step")
     if tables is None:
         raise GritError(f"{path}: no steps: add at least one [[step]] table")
@@ -257,14 +264,14 @@ def parse_manifest(data: dict, path: str) -> Manifest:
 def _parse_step(table: dict, where: str) -> StepDef:
     for key in table:
         if key not in STEP_KEYS:
-            raise GritError(f"{where}: unknown key \"{key}\"{did_you_mean(key, STEP_KEYS)}")
+            raise GritError(f"{where}: unknown key {quote(key)}{did_you_mean(key, STEP_KEYS)}")
     name = table.get("name")
     if name is None:
         raise GritError(f"{where}: missing key \"name\"")
     if not isinstance(name, str):
         raise GritError(f"{where}: \"name\" must be a string, not {_toml_type(name)}")
     if not STEP_NAME_RE.match(name):
-        raise GritError(f"{where}: invalid step name {json.dumps(name)}: "
+        raise GritError(f"{where}: invalid step name {quote(name)}: "
                         "use letters, digits, '_', '.' and '-'")
     where = f"{where} (\"{name}\")"
     script = table.get("script")
@@ -281,7 +288,7 @@ def _parse_step(table: dict, where: str) -> StepDef:
     for pattern in inputs:
         problem = input_pattern_problem(pattern)
         if problem:
-            raise GritError(f"{where}: input {json.dumps(pattern)} {problem}")
+            raise GritError(f"{where}: input {quote(pattern)} {problem}")
     parallel = table.get("parallel", 0)
     if isinstance(parallel, bool) or not isinstance(parallel, int):
         raise GritError(f"{where}: \"parallel\" must be an integer, not {_toml_type(parallel)}")
@@ -2133,7 +2140,7 @@ def cmd_export(db_path: str, name: str) -> int:
     meta, _ = open_readonly(db_path)
     rows = meta.resources_named(name)
     if not rows:
-        raise NotFoundError(f"no resource named \"{name}\" in {db_path}")
+        raise NotFoundError(f"no resource named {quote(name)} in {db_path}")
     sys.stdout.write("".join(f"{h}\t{n}\t{c}\n" for h, n, c in rows))
     return EXIT_OK
 
