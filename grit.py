@@ -322,7 +322,13 @@ CHUNK_SIZE = 256 * 1024
 TXN_BYTES = 32 * 1024 * 1024
 # First LMDB map size; the map doubles whenever it fills, so this is not a limit.
 INITIAL_MAP_SIZE = 256 * 1024 * 1024
+# Bytes read per LMDB read transaction: bounds the memory of one reader.
+READ_BATCH_BYTES = 4 * 1024 * 1024
 HEADER = struct.Struct(">QI")  # object header: size in bytes, number of chunks
+
+
+class DamagedObject(GritError):
+    """An object's stored content is incomplete."""
 
 
 class ObjectStore:
@@ -448,15 +454,29 @@ class ObjectStore:
         return self._read_chunks(key, count)
 
     def _read_chunks(self, key: bytes, count: int) -> Iterator[bytes]:
-        per_txn = max(1, TXN_BYTES // CHUNK_SIZE)
+        per_txn = max(1, READ_BATCH_BYTES // CHUNK_SIZE)
         for first in range(0, count, per_txn):
             with self._guard, self.env.begin() as txn:
                 batch = [txn.get(key + struct.pack(">I", i), db=self._chunks)
                          for i in range(first, min(count, first + per_txn))]
-            for chunk in batch:
+            for i, chunk in enumerate(batch, start=first):
                 if chunk is None:
-                    raise GritError(f"object {key.hex()} is missing a chunk: database damaged")
+                    raise DamagedObject(f"object {key.hex()} is missing chunk {i} of {count}")
                 yield chunk
+
+    def check(self, digest: str) -> str | None:
+        """What is wrong with the stored object, or None if it matches its hash."""
+        h = hashlib.sha256()
+        try:
+            for chunk in self.open(digest):
+                h.update(chunk)
+        except KeyError:
+            return "is missing from the object store"
+        except DamagedObject:
+            return "is missing a chunk (content damaged)"
+        if h.hexdigest() != digest:
+            return "does not match its hash (content damaged)"
+        return None
 
     def delete(self, digest: str) -> None:
         key = bytes.fromhex(digest)
@@ -723,6 +743,12 @@ class Metadata:
     def resources_named(self, name: str) -> list[tuple[str, str, str]]:
         return self.db.execute("SELECT hash, name, created_at FROM resource WHERE name = ? "
                                "ORDER BY id", (name,)).fetchall()
+
+    def referenced_hashes(self) -> list[str]:
+        """Every object hash the metadata refers to: resources and task logs."""
+        rows = self.db.execute("SELECT hash FROM resource UNION SELECT stdout_hash FROM task "
+                               "UNION SELECT stderr_hash FROM task")
+        return sorted(r[0] for r in rows if r[0])
 
     def hashes_with_prefix(self, prefix: str) -> list[str]:
         rows = self.db.execute("SELECT DISTINCT hash FROM resource WHERE hash >= ? AND hash < ? "
@@ -1545,6 +1571,17 @@ STDERR_TAIL_BYTES = 2000  # of a failed task's stderr, stored and shown
 TERMINATE_GRACE_SECONDS = 2.0
 
 
+# Below this much free space a task failure is reported as probably disk-full.
+DISK_FULL_BYTES = 1024 * 1024
+
+
+def disk_is_full(path: str) -> bool:
+    try:
+        return shutil.disk_usage(path).free < DISK_FULL_BYTES
+    except OSError:
+        return False
+
+
 class LocalExecutor:
     """Runs a task's script on this machine and hands back its outputs.
 
@@ -1581,10 +1618,15 @@ class LocalExecutor:
 
     def run(self, spec: TaskSpec) -> TaskResult:
         try:
-            return self._run_in(spec, self._slot())
+            result = self._run_in(spec, self._slot())
         except Exception as e:  # disk full, damaged object, …: this task fails, the run goes on
-            return TaskResult(spec.task_id, error=f"grit could not run the task: {e}",
-                              started_at=utc_now())
+            result = TaskResult(spec.task_id, error=f"grit could not run the task: {e}",
+                                started_at=utc_now())
+        if result.error and disk_is_full(self.workroot):
+            # A full disk shows up as EIO from LMDB, or as a script failing with
+            # an empty log (its stderr file is on that disk too): say so plainly.
+            result.error += f" [the disk holding {self.workroot} is full]"
+        return result
 
     def _run_in(self, spec: TaskSpec, slot: str) -> TaskResult:
         result = TaskResult(spec.task_id, started_at=utc_now())
@@ -1790,6 +1832,7 @@ class Scheduler:
         self.summary = RunSummary()
         self.produced: dict[str, set[str]] = {}  # step name -> resource names (for -start)
         self._stop = threading.Event()
+        self.fatal = ""  # why the run had to stop, if it had to
         self._last_progress = 0.0
 
     def request_stop(self) -> None:
@@ -1842,7 +1885,7 @@ class Scheduler:
                 # (and per LMDB sync) when throughput is high, no wait when not.
                 idle = len(running) < self.parallel
                 if finished and (idle or time.monotonic() - last_commit >= COMMIT_INTERVAL):
-                    self._commit(finished)
+                    self._commit_or_stop(finished)
                     finished = []
                     last_commit = time.monotonic()
                     continue
@@ -1857,8 +1900,22 @@ class Scheduler:
                     finished.append((future.result(), state))
                 self._show_progress()
         self.console.end_progress()
+        if self.fatal:
+            raise GritError(self.fatal)
         self.summary.interrupted = self._stop.is_set()
         return self.summary
+
+    def _commit_or_stop(self, finished: list[tuple[TaskResult, StepState]]) -> None:
+        """Commit; if the database cannot take it (disk full, I/O error), stop the
+        run: those tasks stay pending and run again next time."""
+        if self.fatal:
+            return
+        try:
+            self._commit(finished)
+        except (sqlite3.Error, OSError) as e:
+            self.fatal = f"cannot record finished tasks ({e}); stopped the run, the " \
+                         "unrecorded tasks run again next time"
+            self.request_stop()
 
     def _dispatch(self, pool: concurrent.futures.ThreadPoolExecutor,
                   running: dict[concurrent.futures.Future, StepState]) -> None:
@@ -1950,6 +2007,7 @@ class Scheduler:
 # =============================================================================
 
 DISK_WARN_FRACTION = 0.85  # SPEC 7: warn before a run when the disk is fuller
+
 
 
 @dataclass
@@ -2161,15 +2219,40 @@ def cmd_export_hash(db_path: str, prefix: str) -> int:
         raise NotFoundError(f"hash prefix {prefix} is ambiguous: give more digits")
     store = ObjectStore(db.objects_path, readonly=True)
     try:
+        problem = store.check(found[0])  # a first pass: never emit damaged content
+        if problem:
+            raise GritError(f"object {found[0]} {problem}: database damaged (see -verify)")
         out = sys.stdout.buffer
         for chunk in store.open(found[0]):
             out.write(chunk)
         out.flush()
-    except KeyError:
-        raise GritError(f"object {found[0]} is named in the metadata but missing from "
-                        f"the object store: database damaged") from None
     finally:
         store.close()
+    return EXIT_OK
+
+
+def cmd_verify(db_path: str, console: Console) -> int:
+    """Check the metadata's integrity and that every object it names is present
+    and matches its hash. Problems go to stderr, one per line; exit 1 if any."""
+    meta, db = open_readonly(db_path)
+    store = ObjectStore(db.objects_path, readonly=True)
+    problems = [f"metadata: {row[0]}" for row in meta.db.execute("PRAGMA integrity_check")
+                if row[0] != "ok"]
+    problems += [f"metadata: {table} row {rowid} refers to a missing {parent}"
+                 for table, rowid, parent, _ in meta.db.execute("PRAGMA foreign_key_check")]
+    hashes = meta.referenced_hashes()
+    for digest in hashes:
+        problem = store.check(digest)
+        if problem:
+            problems.append(f"object {digest} {problem}")
+    store.close()
+    for problem in problems:
+        console.error(problem)
+    summary = f"verified {len(hashes)} object(s): {len(problems)} problem(s)"
+    if problems:
+        console.error(summary)
+        return EXIT_TASK_FAILED
+    console.info(summary)
     return EXIT_OK
 
 
@@ -2198,6 +2281,8 @@ def build_parser() -> argparse.ArgumentParser:
     flag("export", metavar="NAME", help="list hash, name and created_at of each resource NAME")
     flag("export-hash", metavar="HASH", dest="export_hash",
          help="write the object's bytes to stdout (unique prefix of 8+ hex digits)")
+    flag("verify", action="store_true",
+         help="check the database: metadata integrity, every object present and matching its hash")
     flag("output-mode", metavar="MODE", dest="output_mode", default="auto",
          choices=("auto", "fuse", "dir"), help="how $OUTPUT_DIR captures files: auto, fuse, dir")
     flag("verbose", action="store_true", help="one line per task, script output, details")
@@ -2210,11 +2295,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     console = Console(0 if args.quiet else 2 if args.verbose else 1)
-    commands = [c for c in ("run", "export", "export_hash") if getattr(args, c)]
+    commands = [c for c in ("run", "export", "export_hash", "verify") if getattr(args, c)]
     try:
         if len(commands) != 1:
-            raise GritError("give exactly one of -run, -export NAME, -export-hash HASH "
-                            "(see grit --help)")
+            raise GritError("give exactly one of -run, -export NAME, -export-hash HASH, "
+                            "-verify (see grit --help)")
         if args.run:
             if not args.manifest:
                 raise GritError("-run needs -manifest PATH")
@@ -2224,11 +2309,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       args.step, args.output_mode), console)
         if args.export:
             return cmd_export(args.db, args.export)
+        if args.verify:
+            return cmd_verify(args.db, console)
         return cmd_export_hash(args.db, args.export_hash)
     except GritError as e:
         console.end_progress()
         console.error(str(e))
         return e.exit_code
+    except sqlite3.Error as e:
+        console.end_progress()
+        console.error(f"database error: {e}")
+        return EXIT_USAGE
     except BrokenPipeError:
         # stdout closed early (e.g. `| head`): not an error of grit's.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -2236,6 +2327,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.end_progress()
         return EXIT_INTERRUPTED
+    except Exception as e:  # a bug or an unforeseen condition: one line, details on request
+        console.end_progress()
+        console.error(f"internal error: {e!r}" + ("" if args.verbose else
+                                                  " (run with -verbose for the traceback)"))
+        if args.verbose:
+            import traceback
+            traceback.print_exc()
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

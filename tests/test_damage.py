@@ -1,0 +1,106 @@
+"""A full disk and a damaged database: clear messages, nothing lost, -verify."""
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import EXAMPLES, Grit
+
+
+def lmdb_flip_byte(db, needle: bytes):
+    """Flip a byte wherever `needle` occurs in the LMDB data file (copy-on-write
+    leaves stale copies of pages, so the live one is not always the first)."""
+    path = db / "objects" / "data.mdb"
+    data = bytearray(path.read_bytes())
+    at = data.find(needle)
+    assert at >= 0
+    while at >= 0:
+        data[at] ^= 0xFF
+        at = data.find(needle, at + 1)
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_object_is_refused_and_verify_reports_it(grit):
+    grit.write('[[step]]\nname = "s"\nscript = "echo precious-content > $OUTPUT_DIR/x; echo ok > $OUTPUT_DIR/y"\n')
+    grit.run()
+    assert grit("-db", "db", "-verify", check=0).stderr.startswith("verified ")
+    digest = grit.export("x")[0][0]
+    lmdb_flip_byte(grit.db, b"precious-content")
+    proc = grit("-db", "db", "-export-hash", digest, check=2)  # a damaged database
+    assert proc.stdout == ""
+    assert f"object {digest} does not match its hash (content damaged)" in proc.stderr
+    verify = grit("-db", "db", "-verify", check=1)
+    assert f"object {digest} does not match its hash" in verify.stderr
+    assert "1 problem(s)" in verify.stderr
+    assert grit.contents("y") == [b"ok\n"]  # the rest is still readable
+
+
+def test_verify_reports_a_missing_object(grit):
+    grit.write('[[step]]\nname = "s"\nscript = "echo a > $OUTPUT_DIR/x"\n')
+    grit.run()
+    digest = grit.export("x")[0][0]
+    shutil.rmtree(grit.db / "objects")
+    (grit.db / "objects").mkdir()
+    from grit import ObjectStore
+    ObjectStore(str(grit.db / "objects")).close()  # an empty store
+    verify = grit("-db", "db", "-verify", check=1)
+    assert f"object {digest} is missing from the object store" in verify.stderr
+
+
+def test_damaged_sqlite_file_is_one_clear_error(grit):
+    shutil.copy(EXAMPLES / "quickstart.toml", grit.manifest)
+    grit.run()
+    path = grit.db / "metadata.sqlite"
+    data = bytearray(path.read_bytes())
+    for i in range(100, len(data), 97):  # scribble over the file, header kept
+        data[i] ^= 0x5A
+    path.write_bytes(bytes(data))
+    for proc in (grit.run(check=None), grit("-db", "db", "-export", "processed"),
+                 grit("-db", "db", "-verify")):
+        assert proc.returncode in (1, 2), proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert proc.stderr.strip().splitlines()[-1].startswith("grit: error:")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs for the database needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "grit-test", str(mnt)], check=True)
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)])
+
+
+@pytest.mark.parametrize("mode", ["dir", "fuse"])
+def test_disk_full_fails_cleanly_and_the_next_run_completes(tmp_path, small_disk, mode):
+    if mode == "fuse":
+        from conftest import require_fuse
+        require_fuse()
+    grit = Grit(tmp_path)
+    grit.db = small_disk / "db"
+    grit.write(f'''
+        [[step]]
+        name = "seed"
+        script = "for i in $(seq 1 12); do echo $i > $OUTPUT_DIR/n-$i; done"
+        [[step]]
+        name = "big"
+        inputs = ["n-*"]
+        parallel = 2
+        script = "head -c 3000000 /dev/urandom > $OUTPUT_DIR/blob"
+    ''')
+    proc = grit.run("-output-mode", mode, check=None)
+    assert proc.returncode in (1, 2), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "is full]" in proc.stderr or "database or disk is full" in proc.stderr
+    verify = grit("-db", str(grit.db), "-verify", check=0)  # consistent afterwards
+    assert "0 problem(s)" in verify.stderr
+    # free space (the disk was too small): move the database to a bigger disk
+    bigger = tmp_path / "bigger"
+    shutil.copytree(grit.db, bigger, symlinks=True)
+    grit.db = bigger
+    grit.run("-output-mode", mode)
+    assert grit.sql("SELECT count(*) FROM resource WHERE name = 'blob'") == [(12,)]
+    assert "0 problem(s)" in grit("-db", str(grit.db), "-verify", check=0).stderr
