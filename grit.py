@@ -788,14 +788,20 @@ class DirCapture:
 
     def __init__(self, store: ObjectStore) -> None:
         self.store = store
+        self._previous: dict[str, str] = {}  # worker slot -> its last output directory
 
     def prepare(self, slot: str, task_id: int) -> str:
-        """An empty output directory for the task; reused by the worker's next task."""
-        out = os.path.join(slot, "out")
-        if _is_real_dir(out):
+        """An empty output directory for the task: the worker's previous one,
+        emptied and renamed (no new inode), so a process the last script left
+        behind that writes by path finds nothing there."""
+        out = os.path.join(slot, f"out-{task_id}")
+        previous = self._previous.get(slot)
+        self._previous[slot] = out
+        if previous and _is_real_dir(previous):
+            os.rename(previous, out)
             return out
-        if os.path.lexists(out):
-            os.unlink(out)  # a script replaced it (with a symlink, say): never follow it
+        if previous and os.path.lexists(previous):
+            os.unlink(previous)  # a script replaced it (with a symlink, say): never follow it
         os.mkdir(out, 0o700)
         return out
 

@@ -110,3 +110,30 @@ def test_signal_stops_scripts_exits_130_and_next_run_resumes(grit, tmp_path, sig
     grit.write(SLOW.format(n=6, delay=0, pids=pids))
     proc = grit.run()
     assert grit.sql("SELECT count(*) FROM resource WHERE name LIKE 'w-%'") == [(6,)]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_during_seed(grit, output_mode, sig, tmp_path):
+    marker = tmp_path / "seed-started"
+    grit.write(f'''
+[[step]]
+name = "seed"
+script = "touch {marker}; for i in $(seq 1 300); do echo $i > $OUTPUT_DIR/n-$i; sleep 0.01; done"
+[[step]]
+name = "use"
+inputs = ["n-*"]
+script = "cat $INPUT_FILE > $OUTPUT_DIR/copy"
+''')
+    proc = grit.popen("-output-mode", output_mode)
+    assert wait_for(marker.exists)
+    time.sleep(0.3)
+    started = time.monotonic()
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=15)
+    assert proc.returncode == 130 and time.monotonic() - started < 5, err
+    assert grit.sql("SELECT status FROM task") == [("pending",)]  # the seed stays pending
+    assert grit.sql("SELECT count(*) FROM resource") == [(0,)]
+    with open("/proc/self/mountinfo") as f:
+        assert str(grit.db) not in f.read()
+    grit.run("-output-mode", output_mode)  # resumes: the seed runs again, then the rest
+    assert grit.sql("SELECT count(*) FROM resource WHERE name LIKE 'n-%'") == [(300,)]

@@ -1,4 +1,6 @@
 """What a task may write to $OUTPUT_DIR: bad names and odd files fail that task alone."""
+import time
+
 import pytest
 
 HOSTILE = {
@@ -60,7 +62,7 @@ def test_scripts_cannot_make_grit_follow_symlinks_in_scratch(grit, tmp_path):
         inputs = ["ok"]
         script = \'\'\'
         slot=$(dirname "$OUTPUT_DIR")
-        cd "$slot" && rm -rf out && ln -s {victim} out
+        rm -rf "$OUTPUT_DIR" && ln -s {victim} "$OUTPUT_DIR"
         \'\'\'
     ''')
     proc = grit.run("-parallel", "1", "-output-mode", "dir", check=1)
@@ -80,3 +82,63 @@ def test_sigpipe_is_default_in_scripts(grit):
     ignored = int(grit.contents("ign")[0].split()[1], 16)
     assert not ignored & (1 << (13 - 1))  # SIGPIPE is signal 13
     assert grit.contents("yes") == [b"y\ny\n"]
+
+
+DEEP = "/".join(["d"] * 50)
+
+
+@pytest.mark.parametrize("case,script,expect", [
+    ("many_files", 'i=0; while [ $i -lt 10000 ]; do : > $OUTPUT_DIR/f-$i; i=$((i+1)); done',
+     "ok"),
+    ("deep_dirs", f'mkdir -p $OUTPUT_DIR/{DEEP} && echo deep > $OUTPUT_DIR/{DEEP}/f', "ok"),
+    ("closed_stdio", 'exec >&- 2>&-; echo x > $OUTPUT_DIR/x', "ok"),
+    ("file_then_dir", 'echo a > $OUTPUT_DIR/x; mkdir $OUTPUT_DIR/x', "File exists"),
+    ("segment_300", 'touch $OUTPUT_DIR/$(printf "%0300d" 0)',
+     "File name too long|has a segment longer than 255 bytes"),
+])
+def test_hostile_tasks(grit, output_mode, case, script, expect):
+    grit.write(f'''
+        [[step]]
+        name = "other"
+        script = "echo fine > $OUTPUT_DIR/fine"
+        [[step]]
+        name = "hostile"
+        script = \'\'\'
+        {script}
+        \'\'\'
+    ''')
+    proc = grit.run("-output-mode", output_mode, check=None, timeout=300)
+    assert "Traceback" not in proc.stderr
+    assert grit.has("fine")
+    if expect == "ok":
+        assert proc.returncode == 0, proc.stderr
+        if case == "many_files":
+            assert grit.sql("SELECT count(*) FROM resource WHERE name LIKE 'f-%'") == [(10000,)]
+        if case == "deep_dirs":
+            assert grit.contents(f"{DEEP}/f") == [b"deep\n"]
+    else:
+        assert proc.returncode == 1
+        assert "hostile) failed" in proc.stderr
+        assert any(e in proc.stderr for e in expect.split("|")), proc.stderr
+
+
+def test_daemon_writing_after_the_script_exits_is_not_collected(grit, output_mode, tmp_path):
+    grit.write(f'''
+        [[step]]
+        name = "seed"
+        script = "for i in 1 2 3 4 5 6; do echo $i > $OUTPUT_DIR/n-$i; done"
+        [[step]]
+        name = "work"
+        inputs = ["n-*"]
+        script = \'\'\'
+        if [ "$(cat $INPUT_FILE)" = 1 ]; then
+            setsid sh -c 'sleep 0.3; echo late > "$0/late"' "$OUTPUT_DIR" &
+        fi
+        sleep 0.1
+        echo "done $(cat $INPUT_FILE)" > $OUTPUT_DIR/out
+        \'\'\'
+    ''')
+    grit.run("-output-mode", output_mode, "-parallel", "1")
+    time.sleep(0.5)
+    assert not grit.has("late")
+    assert sorted(grit.contents("out")) == [f"done {i}\n".encode() for i in range(1, 7)]
