@@ -478,6 +478,16 @@ class ObjectStore:
             return "does not match its hash (content damaged)"
         return None
 
+    def hashes(self) -> set[str]:
+        """Every hash with an object or with chunks (a put cut short leaves chunks
+        without a header)."""
+        found = set()
+        with self._guard, self.env.begin() as txn:
+            for db in (self._objects, self._chunks):
+                for key in txn.cursor(db=db).iternext(keys=True, values=False):
+                    found.add(key[:32].hex())
+        return found
+
     def delete(self, digest: str) -> None:
         key = bytes.fromhex(digest)
 
@@ -2237,6 +2247,29 @@ def cmd_export_hash(db_path: str, prefix: str) -> int:
     return EXIT_OK
 
 
+def cmd_gc(db_path: str, console: Console) -> int:
+    """Remove objects no resource or task log refers to: those of tasks that
+    were killed or failed after storing their outputs. Holds the run lock."""
+    db = Database(db_path)
+    db.require()
+    lock = db.lock()
+    meta = Metadata(db.metadata_path)
+    store = ObjectStore(db.objects_path)
+    try:
+        unreferenced = store.hashes() - set(meta.referenced_hashes())
+        for digest in sorted(unreferenced):
+            console.detail(f"removing object {digest}")
+            store.delete(digest)
+        store.sync()
+    finally:
+        store.close()
+        meta.close()
+        lock.close()
+    console.info(f"removed {len(unreferenced)} unreferenced object(s); LMDB reuses their "
+                 "space for new objects")
+    return EXIT_OK
+
+
 def cmd_verify(db_path: str, console: Console) -> int:
     """Check the metadata's integrity and that every object it names is present
     and matches its hash. Problems go to stderr, one per line; exit 1 if any."""
@@ -2289,6 +2322,8 @@ def build_parser() -> argparse.ArgumentParser:
          help="write the object's bytes to stdout (unique prefix of 8+ hex digits)")
     flag("verify", action="store_true",
          help="check the database: metadata integrity, every object present and matching its hash")
+    flag("gc", action="store_true",
+         help="remove objects that nothing refers to (left by killed or failed tasks)")
     flag("output-mode", metavar="MODE", dest="output_mode", default="auto",
          choices=("auto", "fuse", "dir"), help="how $OUTPUT_DIR captures files: auto, fuse, dir")
     flag("verbose", action="store_true", help="one line per task, script output, details")
@@ -2301,11 +2336,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     console = Console(0 if args.quiet else 2 if args.verbose else 1)
-    commands = [c for c in ("run", "export", "export_hash", "verify") if getattr(args, c)]
+    commands = [c for c in ("run", "export", "export_hash", "verify", "gc") if getattr(args, c)]
     try:
         if len(commands) != 1:
             raise GritError("give exactly one of -run, -export NAME, -export-hash HASH, "
-                            "-verify (see grit --help)")
+                            "-verify, -gc (see grit --help)")
         if args.run:
             if not args.manifest:
                 raise GritError("-run needs -manifest PATH")
@@ -2317,6 +2352,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_export(args.db, args.export)
         if args.verify:
             return cmd_verify(args.db, console)
+        if args.gc:
+            return cmd_gc(args.db, console)
         return cmd_export_hash(args.db, args.export_hash)
     except GritError as e:
         console.end_progress()

@@ -104,3 +104,33 @@ def test_disk_full_fails_cleanly_and_the_next_run_completes(tmp_path, small_disk
     grit.run("-output-mode", mode)
     assert grit.sql("SELECT count(*) FROM resource WHERE name = 'blob'") == [(12,)]
     assert "0 problem(s)" in grit("-db", str(grit.db), "-verify", check=0).stderr
+
+
+def test_gc_removes_what_killed_tasks_left_and_keeps_the_rest(grit):
+    import hashlib
+    import struct
+
+
+
+    from grit import ObjectStore
+    grit.write('[[step]]\nname = "s"\nscript = "echo keep > $OUTPUT_DIR/x"\n')
+    grit.run()
+    # what a task killed after storing its output leaves: an object nothing names,
+    # and the chunks of a put cut short before its header
+    store = ObjectStore(str(grit.db / "objects"))
+    orphan = grit.path / "orphan"
+    orphan.write_bytes(b"left behind" * 1000)
+    store.put_file(str(orphan))
+    partial = hashlib.sha256(b"never finished").digest()
+    with store.env.begin(write=True) as txn:
+        txn.put(partial + struct.pack(">I", 0), b"half", db=store._chunks)
+    assert len(store.hashes()) == 3
+    store.close()
+    proc = grit("-db", "db", "-gc", check=0)
+    assert "removed 2 unreferenced object(s)" in proc.stderr
+    store = ObjectStore(str(grit.db / "objects"), readonly=True)
+    assert store.hashes() == {grit.export("x")[0][0]}
+    store.close()
+    assert grit.contents("x") == [b"keep\n"]
+    assert "0 problem(s)" in grit("-db", "db", "-verify", check=0).stderr
+

@@ -68,3 +68,13 @@ def test_kill_9_at_many_moments(tmp_path, mode):
     verify = grit("-db", str(grit.db), "-verify", check=0)  # every object readable, intact
     assert "0 problem(s)" in verify.stderr
     assert mounts_under(grit.db) == []
+    # objects stored by killed tasks are left unreferenced: -gc removes them
+    grit("-db", str(grit.db), "-gc", check=0)
+    from grit import ObjectStore
+    store = ObjectStore(str(grit.db / "objects"), readonly=True)
+    stored = store.hashes()
+    store.close()
+    referenced = {r[0] for r in grit.sql("SELECT hash FROM resource UNION SELECT stdout_hash "
+                                         "FROM task UNION SELECT stderr_hash FROM task") if r[0]}
+    assert stored == referenced
+    assert grit.resources() == clean.resources()
