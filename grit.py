@@ -191,7 +191,7 @@ def matches_inputs(name: str, inputs: Sequence[str]) -> bool:
 # Manifest
 # =============================================================================
 
-STEP_KEYS = ("name", "inputs", "parallel", "script", "start")
+STEP_KEYS = ("name", "inputs", "parallel", "script", "start", "timeout")
 
 
 @dataclass(frozen=True)
@@ -202,6 +202,7 @@ class StepDef:
     script: str
     inputs: tuple[str, ...] = ()
     parallel: int = 0  # most concurrent tasks of this step; 0 = unlimited
+    timeout: float = 0  # seconds a task may run before it is killed; 0 = no limit
 
     @property
     def is_seed(self) -> bool:
@@ -294,13 +295,19 @@ def _parse_step(table: dict, where: str) -> StepDef:
         raise GritError(f"{where}: \"parallel\" must be an integer, not {_toml_type(parallel)}")
     if parallel < 0:
         raise GritError(f"{where}: \"parallel\" must be 0 (unlimited) or more, not {parallel}")
+    timeout = table.get("timeout", 0)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (
+            0 <= timeout < float("inf")):
+        raise GritError(f"{where}: \"timeout\" must be a number of seconds (0 = no limit), "
+                        f"not {quote(str(timeout))}")
     start = table.get("start", False)
     if not isinstance(start, bool):
         raise GritError(f"{where}: \"start\" must be true or false, not {_toml_type(start)}")
     if start and inputs:
         raise GritError(f"{where}: a start step has no inputs: remove \"start\" or \"inputs\"")
     # Sorted and deduplicated: reordering inputs is not a new definition.
-    return StepDef(name=name, script=script, inputs=tuple(sorted(set(inputs))), parallel=parallel)
+    return StepDef(name=name, script=script, inputs=tuple(sorted(set(inputs))), parallel=parallel,
+                   timeout=float(timeout))
 
 
 def _toml_type(value: object) -> str:
@@ -585,6 +592,7 @@ class TaskSpec:
     script: str
     input_name: str = ""
     input_hash: str = ""
+    timeout: float = 0  # seconds; 0 = no limit
 
 
 @dataclass
@@ -726,8 +734,8 @@ class Metadata:
             "SELECT t.id, r.name, r.hash FROM task t LEFT JOIN resource r "
             "ON r.id = t.input_resource_id WHERE t.step_id = ? AND t.status = 'pending' "
             "AND t.id > ? ORDER BY t.id LIMIT ?", (step.id, after_task_id, limit)).fetchall()
-        return [TaskSpec(tid, step.name, step.definition.script, name or "", digest or "")
-                for tid, name, digest in rows]
+        return [TaskSpec(tid, step.name, step.definition.script, name or "", digest or "",
+                         step.definition.timeout) for tid, name, digest in rows]
 
     def record(self, result: TaskResult) -> int:
         """Store a finished task and its outputs; returns resources created.
@@ -1598,6 +1606,10 @@ def disk_is_full(path: str) -> bool:
         return False
 
 
+class TaskTimeout(Exception):
+    """A task ran past its step's (or the run's) timeout."""
+
+
 class LocalExecutor:
     """Runs a task's script on this machine and hands back its outputs.
 
@@ -1617,6 +1629,7 @@ class LocalExecutor:
         self._stopping = False
         self._local = threading.local()
         self._slots = 0
+        self.timeout = 0.0  # -timeout: seconds for steps without their own; 0 = no limit
 
     def _slot(self) -> str:
         """This worker thread's scratch directory. Its files are rewritten in
@@ -1635,6 +1648,8 @@ class LocalExecutor:
     def run(self, spec: TaskSpec) -> TaskResult:
         try:
             result = self._run_in(spec, self._slot())
+        except TaskTimeout as e:
+            result = TaskResult(spec.task_id, error=str(e), started_at=utc_now())
         except Exception as e:  # disk full, damaged object, …: this task fails, the run goes on
             result = TaskResult(spec.task_id, error=f"grit could not run the task: {e}",
                                 started_at=utc_now())
@@ -1704,10 +1719,22 @@ class LocalExecutor:
                                  file_actions=files, setsid=True,
                                  setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
             self._running[spec.task_id] = pid
+        timeout = spec.timeout or self.timeout
+        fired = threading.Event()
+
+        def time_out() -> None:
+            fired.set()  # before the kill, so the exit is read as a timeout
+            _kill_group(pid, signal.SIGKILL)
+
+        timer = threading.Timer(timeout, time_out) if timeout else None
+        if timer:
+            timer.start()
         try:
             # Wait without reaping, so the process group id cannot be reused
             # before we kill what the script left running in it.
             os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+            if timer:
+                timer.cancel()
             _kill_group(pid, signal.SIGKILL)
             status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
         finally:
@@ -1715,6 +1742,8 @@ class LocalExecutor:
                 self._running.pop(spec.task_id, None)
         if self._stopping and status != 0:
             return None
+        if fired.is_set() and status != 0:
+            raise TaskTimeout(f"timed out after {timeout:g} s (its process group was killed)")
         return status
 
     def terminate_all(self, sig: int = signal.SIGTERM) -> None:
@@ -2089,6 +2118,7 @@ class RunOptions:
     start: str | None = None
     steps: list[str] = field(default_factory=list)
     output_mode: str = "auto"
+    timeout: float = 0
 
 
 def warn_if_disk_full(path: str, console: Console) -> None:
@@ -2157,6 +2187,7 @@ def cmd_run(opts: RunOptions, console: Console) -> int:
             console.detail("output mode: dir (rewriting one name in a task yields only its "
                            "final content)")
         executor = LocalExecutor(store, capture, db.tmp_path, console)
+        executor.timeout = opts.timeout
         scheduler = Scheduler(meta, store, executor, versions, console, opts.parallel,
                               start=opts.start)
         with stop_on_signals(scheduler.request_stop):
@@ -2324,6 +2355,8 @@ def build_parser() -> argparse.ArgumentParser:
          help="check the database: metadata integrity, every object present and matching its hash")
     flag("gc", action="store_true",
          help="remove objects that nothing refers to (left by killed or failed tasks)")
+    flag("timeout", metavar="SECONDS", type=float, default=0,
+         help="kill a task after SECONDS unless its step sets timeout (default: no limit)")
     flag("output-mode", metavar="MODE", dest="output_mode", default="auto",
          choices=("auto", "fuse", "dir"), help="how $OUTPUT_DIR captures files: auto, fuse, dir")
     flag("verbose", action="store_true", help="one line per task, script output, details")
@@ -2346,8 +2379,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise GritError("-run needs -manifest PATH")
             if args.parallel < 1:
                 raise GritError(f"-parallel must be 1 or more, not {args.parallel}")
+            if not 0 <= args.timeout < float("inf"):
+                raise GritError(f"-timeout must be 0 (no limit) or more seconds, not {args.timeout}")
             return cmd_run(RunOptions(args.manifest, args.db, args.parallel, args.start,
-                                      args.step, args.output_mode), console)
+                                      args.step, args.output_mode, args.timeout), console)
         if args.export:
             return cmd_export(args.db, args.export)
         if args.verify:

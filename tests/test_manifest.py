@@ -27,6 +27,8 @@ BAD = {
     "start_with_inputs": (GOOD_STEP + 'start = true\ninputs = ["x"]\n', ['a start step has no inputs']),
     "start_string": (GOOD_STEP + 'start = "yes"\n', ['"start" must be true or false']),
     "not_utf8": (b'[[step]]\nname = "\xff"\n', ["invalid TOML"]),
+    "timeout_negative": (GOOD_STEP + 'timeout = -5\n', ['"timeout" must be a number of seconds']),
+    "timeout_string": (GOOD_STEP + 'timeout = "1h"\n', ['"timeout" must be a number of seconds']),
 }
 
 

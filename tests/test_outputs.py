@@ -142,3 +142,28 @@ def test_daemon_writing_after_the_script_exits_is_not_collected(grit, output_mod
     time.sleep(0.5)
     assert not grit.has("late")
     assert sorted(grit.contents("out")) == [f"done {i}\n".encode() for i in range(1, 7)]
+
+
+def test_timeout_kills_a_script_that_never_ends(grit, output_mode):
+    grit.write('''
+        [[step]]
+        name = "forever"
+        timeout = 1
+        script = "echo partial > $OUTPUT_DIR/p; sleep 1000"
+        [[step]]
+        name = "other"
+        script = "sleep 0.2; echo fine > $OUTPUT_DIR/fine"
+    ''')
+    started = time.monotonic()
+    proc = grit.run("-output-mode", output_mode, check=1, timeout=60)
+    assert time.monotonic() - started < 10
+    assert "(forever) failed: timed out after 1 s" in proc.stderr
+    assert grit.has("fine") and not grit.has("p")
+    # the global -timeout covers steps without their own
+    grit.write('''
+        [[step]]
+        name = "slow"
+        script = "sleep 1000"
+    ''')
+    proc = grit.run("-output-mode", output_mode, "-timeout", "0.5", check=1, timeout=60)
+    assert "(slow) failed: timed out after 0.5 s" in proc.stderr
