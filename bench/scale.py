@@ -1,0 +1,98 @@
+#!/usr/bin/env python3
+"""Scale benchmark (W5): reruns against a database of 10^6 resources.
+
+The database is built fast by a documented bulk path: grit runs a real
+pipeline once (seed -> upper), then this script inserts N more resources and
+their finished `upper` tasks with plain SQL in grit's schema, as if grit had
+processed them. Then it times a no-op rerun and a one-new-input rerun, and
+reports peak RSS. Ratios are against the same reruns on a 1,000-resource
+database measured in the same run.
+
+    bench/scale.py [--resources 1000000]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GRIT = os.path.join(ROOT, "grit.py")
+
+MANIFEST = '''
+[[step]]
+name = "seed"
+script = "for i in {items}; do echo item-$i > $OUTPUT_DIR/item-$i; done"
+
+[[step]]
+name = "upper"
+inputs = ["item-*"]
+script = 'tr a-z A-Z < "$INPUT_FILE" > "$OUTPUT_DIR/upper"'
+'''
+
+
+def grit(work: str, *args: str) -> float:
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, GRIT, "-manifest", "m.toml", "-db", "db", "-run",
+                           "-quiet", *args], cwd=work, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"grit failed: {proc.stderr}")
+    return time.perf_counter() - started
+
+
+def build(work: str, extra: int) -> None:
+    with open(os.path.join(work, "m.toml"), "w") as f:
+        f.write(MANIFEST.replace("{items}", "1 2 3"))
+    grit(work)
+    db = sqlite3.connect(os.path.join(work, "db", "metadata.sqlite"))
+    digest = db.execute("SELECT hash FROM resource WHERE name = 'item-1'").fetchone()[0]
+    upper = db.execute("SELECT id FROM step WHERE name = 'upper'").fetchone()[0]
+    first = db.execute("SELECT max(id) FROM resource").fetchone()[0] + 1
+    with db:
+        db.executemany("INSERT INTO resource (id, name, hash, size, created_at) "
+                       "VALUES (?, ?, ?, 7, '')",
+                       ((first + i, f"item-bulk-{i}", digest) for i in range(extra)))
+        db.executemany("INSERT INTO task (step_id, input_resource_id, status) "
+                       "VALUES (?, ?, 'done')", ((upper, first + i) for i in range(extra)))
+        db.execute("UPDATE step SET scanned_resource_id = ? WHERE id = ?",
+                   (first + extra - 1, upper))
+    db.close()
+
+
+def measure(extra: int) -> dict:
+    work = tempfile.mkdtemp(prefix="grit-scale-")
+    try:
+        build(work, extra)
+        noop = statistics.median(grit(work) for _ in range(3))
+        with open(os.path.join(work, "m.toml"), "w") as f:
+            f.write(MANIFEST.replace("{items}", "1 2 3 new"))
+        one_new = grit(work)  # the seed's new version emits item-new: 2 tasks run
+        return {"noop": noop, "one_new": one_new,
+                "rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+    finally:
+        shutil.rmtree(work)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--resources", type=int, default=1_000_000)
+    args = ap.parse_args()
+    small = measure(1000)
+    large = measure(args.resources)
+    print(f"{'resources':>10} | {'no-op s':>8} | {'one new input s':>15} | peak RSS MiB")
+    for n, r in ((1000, small), (args.resources, large)):
+        print(f"{n:>10} | {r['noop']:8.3f} | {r['one_new']:15.3f} | {r['rss_mib']:.0f}")
+    print(f"ratio {args.resources:,} / 1,000: no-op {large['noop'] / small['noop']:.2f}x, "
+          f"one new input {large['one_new'] / small['one_new']:.2f}x "
+          f"(targets: no-op <= 2 s, one new input <= 0.5 s + its tasks)")
+
+
+if __name__ == "__main__":
+    main()
