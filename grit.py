@@ -1618,7 +1618,7 @@ class LocalExecutor:
     """
 
     def __init__(self, store: ObjectStore, capture: DirCapture | FuseCapture, workroot: str,
-                 console: Console) -> None:
+                 console: Console, parallel: int) -> None:
         self.store = store
         self.capture = capture
         self.workroot = workroot
@@ -1629,6 +1629,7 @@ class LocalExecutor:
         self._stopping = False
         self._local = threading.local()
         self._slots = 0
+        self._scripts = threading.BoundedSemaphore(parallel)  # -parallel: scripts at once
         self.timeout = 0.0  # -timeout: seconds for steps without their own; 0 = no limit
 
     def _slot(self) -> str:
@@ -1709,6 +1710,10 @@ class LocalExecutor:
         """Exit status (negative: killed by that signal), or None if grit stopped it."""
         files = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                  (os.POSIX_SPAWN_DUP2, fd_out, 1), (os.POSIX_SPAWN_DUP2, fd_err, 2)]
+        with self._scripts:
+            return self._spawn_and_wait_in_slot(spec, env, files)
+
+    def _spawn_and_wait_in_slot(self, spec: TaskSpec, env: dict, files: list) -> int | None:
         with self._lock:
             if self._stopping:
                 return None
@@ -1824,6 +1829,16 @@ def stderr_tail(log: IO[bytes]) -> str:
 QUEUE_BATCH = 1000
 SCAN_BATCH = 10000
 PROGRESS_INTERVAL = 0.2  # seconds between live progress updates
+# Worker threads per -parallel slot: -parallel bounds the scripts running at once,
+# and the extra workers prepare inputs and collect outputs meanwhile, so grit's
+# own per-task work overlaps the scripts instead of leaving a slot idle.
+WORKERS_PER_SCRIPT = 2
+
+
+def workers_for(parallel: int) -> int:
+    return parallel * WORKERS_PER_SCRIPT
+
+
 # Longest a finished task waits for its commit while other work keeps every
 # worker busy; batching amortises the transaction and the LMDB sync.
 COMMIT_INTERVAL = 0.05
@@ -1869,7 +1884,7 @@ class Scheduler:
         self.store = store
         self.executor = executor
         self.console = console
-        self.parallel = parallel
+        self.workers = workers_for(parallel)
         self.all_steps = steps
         self.position = {s.id: i for i, s in enumerate(steps)}  # manifest order
         self.start = start
@@ -1921,14 +1936,14 @@ class Scheduler:
         running: dict[concurrent.futures.Future, StepState] = {}
         finished: list[tuple[TaskResult, StepState]] = []
         last_commit = time.monotonic()
-        with concurrent.futures.ThreadPoolExecutor(self.parallel, "grit-task") as pool:
+        with concurrent.futures.ThreadPoolExecutor(self.workers, "grit-task") as pool:
             while True:
                 if not self._stop.is_set():
                     self._dispatch(pool, running)
                 # Commit when workers would otherwise idle waiting for the new
                 # resources, or after COMMIT_INTERVAL: many tasks per transaction
                 # (and per LMDB sync) when throughput is high, no wait when not.
-                idle = len(running) < self.parallel
+                idle = len(running) < self.workers
                 if finished and (idle or time.monotonic() - last_commit >= COMMIT_INTERVAL):
                     self._commit_or_stop(finished)
                     finished = []
@@ -1968,7 +1983,7 @@ class Scheduler:
         # and the queue of intermediate resources stays short.
         order = sorted(self.states.values(), key=lambda s: -self.position[s.step.id])
         for state in order:
-            while len(running) < self.parallel and state.running < state.cap:
+            while len(running) < self.workers and state.running < state.cap:
                 if not state.queue and not self._refill(state):
                     break
                 spec = state.queue.popleft()
@@ -2165,7 +2180,7 @@ def cmd_run(opts: RunOptions, console: Console) -> int:
     warn_if_disk_full(db.path, console)
     db.clear_tmp()
     # The FUSE server is forked before any database is opened or thread started.
-    server = start_fuse(opts.output_mode, db.tmp_path, opts.parallel, console)
+    server = start_fuse(opts.output_mode, db.tmp_path, workers_for(opts.parallel), console)
     meta = Metadata(db.metadata_path)
     store = ObjectStore(db.objects_path)
     console.info(f"manifest {opts.manifest}: {len(manifest.steps)} step(s)")
@@ -2186,7 +2201,7 @@ def cmd_run(opts: RunOptions, console: Console) -> int:
             capture = DirCapture(store)
             console.detail("output mode: dir (rewriting one name in a task yields only its "
                            "final content)")
-        executor = LocalExecutor(store, capture, db.tmp_path, console)
+        executor = LocalExecutor(store, capture, db.tmp_path, console, opts.parallel)
         executor.timeout = opts.timeout
         scheduler = Scheduler(meta, store, executor, versions, console, opts.parallel,
                               start=opts.start)
