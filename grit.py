@@ -1624,7 +1624,7 @@ class LocalExecutor:
         self.workroot = workroot
         self.console = console
         self.shell = shutil.which("sh") or "/bin/sh"
-        self._running: dict[int, int] = {}  # task id -> process group id
+        self._running: dict[int, tuple[int, str]] = {}  # task id -> (process group, step)
         self._lock = threading.Lock()
         self._stopping = False
         self._local = threading.local()
@@ -1723,7 +1723,7 @@ class LocalExecutor:
             pid = os.posix_spawn(self.shell, ["sh", "-c", spec.script], env,
                                  file_actions=files, setsid=True,
                                  setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
-            self._running[spec.task_id] = pid
+            self._running[spec.task_id] = (pid, spec.step)
         timeout = spec.timeout or self.timeout
         fired = threading.Event()
 
@@ -1755,9 +1755,14 @@ class LocalExecutor:
         """Stop starting scripts and signal the process groups of those running."""
         with self._lock:
             self._stopping = True
-            groups = list(self._running.values())
+            groups = [pgid for pgid, _ in self._running.values()]
         for pgid in groups:
             _kill_group(pgid, sig)
+
+    def running_scripts(self) -> collections.Counter:
+        """How many scripts are running now, per step name."""
+        with self._lock:
+            return collections.Counter(step for _, step in self._running.values())
 
     def _keep_log(self, log: IO[bytes]) -> str | None:
         if os.fstat(log.fileno()).st_size == 0:
@@ -2052,10 +2057,11 @@ class Scheduler:
             return
         self._last_progress = now
         parts = []
+        scripts = self.executor.running_scripts()
         for state in sorted(self.states.values(), key=lambda s: self.position[s.step.id]):
             part = f"{state.step.name} {state.done} done"
-            if state.running:
-                part += f", {state.running} running"
+            if scripts[state.step.name]:
+                part += f", {scripts[state.step.name]} running"
             if state.failed:
                 part += f", {state.failed} failed"
             parts.append(part)
