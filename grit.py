@@ -2351,8 +2351,15 @@ def cmd_verify(db_path: str, console: Console) -> int:
 # CLI
 # =============================================================================
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        """Bad usage: one line (argparse would print the whole usage first)."""
+        sys.stderr.write(f"grit: error: {message} (see grit --help)\n")
+        sys.exit(EXIT_USAGE)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="grit", allow_abbrev=False,
         description="Run a TOML manifest of shell-script steps incrementally; every file a "
                     "script writes to $OUTPUT_DIR becomes a content-addressed resource.",
@@ -2365,7 +2372,7 @@ def build_parser() -> argparse.ArgumentParser:
     flag("db", metavar="DIR", default="./db", help="database directory (default ./db)")
     flag("run", action="store_true", help="execute the pipeline")
     flag("parallel", metavar="N", type=int, default=os.cpu_count() or 1,
-         help="most tasks running at once (default: number of CPUs)")
+         help="most scripts running at once (default: number of CPUs)")
     flag("start", metavar="STEP", help="run STEP and the steps downstream of it")
     flag("step", metavar="STEP", action="append", default=[],
          help="run only this step (repeatable)")

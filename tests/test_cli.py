@@ -63,3 +63,9 @@ def test_database_is_private(grit):
     shutil.copy(EXAMPLES / "quickstart.toml", grit.manifest)
     grit.run()
     assert grit.db.stat().st_mode & 0o077 == 0
+
+
+def test_argument_errors_are_one_line(grit):
+    one_error(grit("-run", "-parallel", "abc"), 2, "argument -parallel/--parallel: invalid int value")
+    one_error(grit("-bogus"), 2, "unrecognized arguments: -bogus")
+    one_error(grit("-run", "-output-mode", "xyz"), 2, "invalid choice: 'xyz'")
