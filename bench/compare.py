@@ -1,0 +1,267 @@
+#!/usr/bin/env python3
+"""grit next to make, xargs, GNU parallel and Snakemake, on identical work.
+
+N input files of ~100 bytes; step A runs `tr a-z A-Z` on each, step B `rev` on
+each A output (2N tasks, plus grit's seed task that reads the inputs).
+
+  W1  cold run
+  W2  no-op rerun right after
+  W3  one new input and one changed input, then rerun
+  W4  one task writes 1 GiB, the next computes its sha256 (grit and make only)
+
+Medians of --repeat runs; each runner's time and peak RSS (largest process)
+next to make -j2's, measured in the same run. Results are printed as a
+Markdown table (bench/RESULTS.md keeps a copy).
+
+    bench/compare.py [--sizes 1000,10000] [--repeat 3] [--snakemake-max 1000] [--w4]
+
+Snakemake comes from a bench-only venv (.bench-venv, made on first use);
+GNU parallel from the system (apt-get install parallel).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GRIT = os.path.join(ROOT, "grit.py")
+BENCH_VENV = os.path.join(ROOT, ".bench-venv")
+
+
+def sh(cmd: str, cwd: str) -> tuple[float, int]:
+    """Run a shell command; (wall seconds, peak RSS in MiB of its largest process)."""
+    started = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-f", "%M", "sh", "-c", cmd], cwd=cwd,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    elapsed = time.perf_counter() - started
+    if proc.returncode:
+        sys.exit(f"failed in {cwd}: {cmd}\n{proc.stderr[-2000:]}")
+    return elapsed, int(proc.stderr.strip().splitlines()[-1]) // 1024
+
+
+def make_inputs(work: str, n: int) -> None:
+    os.makedirs(os.path.join(work, "inputs"))
+    for i in range(1, n + 1):
+        with open(os.path.join(work, "inputs", f"in-{i}"), "w") as f:
+            f.write(f"item {i:06d} " + "x" * 88 + "\n")
+
+
+def change_inputs(work: str, n: int) -> None:
+    """W3: one new input and one changed input."""
+    with open(os.path.join(work, "inputs", f"in-{n + 1}"), "w") as f:
+        f.write("a brand new input\n")
+    time.sleep(0.01)  # make compares mtimes
+    with open(os.path.join(work, "inputs", "in-1"), "a") as f:
+        f.write("changed\n")
+
+
+class Grit:
+    """The seed copies the inputs in; W3 bumps the seed's script (the way to make
+    a seed step look again), and only the new and the changed input flow on."""
+
+    def __init__(self, mode: str) -> None:
+        self.name = f"grit ({mode})"
+        self.mode = mode
+
+    def manifest(self, work: str, bump: str = "") -> None:
+        with open(os.path.join(work, "m.toml"), "w") as f:
+            f.write(f'''
+[[step]]
+name = "seed"
+script = 'cp {work}/inputs/* "$OUTPUT_DIR/" {bump}'
+[[step]]
+name = "upper"
+inputs = ["in-*"]
+script = 'tr a-z A-Z < "$INPUT_FILE" > "$OUTPUT_DIR/upper-$GRIT_INPUT_NAME"'
+[[step]]
+name = "reverse"
+inputs = ["upper-*"]
+script = 'rev "$INPUT_FILE" > "$OUTPUT_DIR/rev-$GRIT_INPUT_NAME"'
+''')
+
+    def setup(self, work: str, n: int) -> None:
+        self.manifest(work)
+
+    def run(self, work: str) -> tuple[float, int]:
+        return sh(f"{sys.executable} {GRIT} -manifest m.toml -db db -run -quiet -parallel 2 "
+                  f"-output-mode {self.mode}", work)
+
+    def changed(self, work: str) -> None:
+        self.manifest(work, bump="# inputs changed")
+
+
+class Make:
+    name = "make -j2"
+
+    def setup(self, work: str, n: int) -> None:
+        with open(os.path.join(work, "Makefile"), "w") as f:
+            f.write("IN := $(wildcard inputs/in-*)\n"
+                    "all: $(IN:inputs/%=rev/%)\n"
+                    "upper rev:\n\tmkdir -p $@\n"
+                    "upper/%: inputs/% | upper\n\ttr a-z A-Z < $< > $@\n"
+                    "rev/%: upper/% | rev\n\trev $< > $@\n")
+
+    def run(self, work: str) -> tuple[float, int]:
+        return sh("make -j2 -s", work)
+
+    def changed(self, work: str) -> None:
+        pass
+
+
+class Xargs:
+    """Two xargs -P2 passes, each with a stale check: [ out -nt in ] || redo."""
+
+    name = "xargs -P2"
+    SCRIPT = ('mkdir -p upper rev; cd inputs && ls | xargs -P2 -I{} sh -c '
+              '"[ ../upper/{} -nt {} ] || tr a-z A-Z < {} > ../upper/{}" && cd ../upper && '
+              'ls | xargs -P2 -I{} sh -c "[ ../rev/{} -nt {} ] || rev {} > ../rev/{}"')
+
+    def setup(self, work: str, n: int) -> None:
+        pass
+
+    def run(self, work: str) -> tuple[float, int]:
+        return sh(self.SCRIPT, work)
+
+    def changed(self, work: str) -> None:
+        pass
+
+
+class Parallel:
+    """GNU parallel with --joblog --resume: jobs already logged are skipped by
+    sequence number, so inputs are listed in version order (a new one comes
+    last); a changed input is not redone, only the new one runs."""
+
+    name = "GNU parallel -j2"
+    SCRIPT = ("mkdir -p upper rev; ls -v inputs | parallel -j2 --joblog upper.log --resume "
+              "'tr a-z A-Z < inputs/{} > upper/{}' && ls -v upper | parallel -j2 --joblog "
+              "rev.log --resume 'rev upper/{} > rev/{}'")
+
+    def setup(self, work: str, n: int) -> None:
+        pass
+
+    def run(self, work: str) -> tuple[float, int]:
+        return sh(self.SCRIPT, work)
+
+    def changed(self, work: str) -> None:
+        pass
+
+
+class Snakemake:
+    name = "snakemake --cores 2"
+
+    def setup(self, work: str, n: int) -> None:
+        with open(os.path.join(work, "Snakefile"), "w") as f:
+            f.write('IDS, = glob_wildcards("inputs/{id}")\n'
+                    'rule all:\n    input: expand("rev/{id}", id=IDS)\n'
+                    'rule upper:\n    input: "inputs/{id}"\n    output: "upper/{id}"\n'
+                    '    shell: "tr a-z A-Z < {input} > {output}"\n'
+                    'rule rev:\n    input: "upper/{id}"\n    output: "rev/{id}"\n'
+                    '    shell: "rev {input} > {output}"\n')
+
+    def run(self, work: str) -> tuple[float, int]:
+        return sh(f"{BENCH_VENV}/bin/snakemake --cores 2 --quiet all", work)
+
+    def changed(self, work: str) -> None:
+        pass
+
+
+def ensure_snakemake() -> bool:
+    if not os.path.exists(f"{BENCH_VENV}/bin/snakemake"):
+        subprocess.run([sys.executable, "-m", "venv", BENCH_VENV], check=True)
+        if subprocess.run([f"{BENCH_VENV}/bin/pip", "install", "-q", "snakemake"]).returncode:
+            return False
+    return True
+
+
+def workloads(runner, n: int) -> dict:
+    """W1, W2, W3 for one runner in a fresh directory: {workload: (seconds, MiB)}."""
+    work = tempfile.mkdtemp(prefix="grit-compare-")
+    try:
+        make_inputs(work, n)
+        runner.setup(work, n)
+        cold = runner.run(work)
+        noop = runner.run(work)
+        change_inputs(work, n)
+        runner.changed(work)
+        incremental = runner.run(work)
+        check_outputs(runner, work, n)
+        return {"W1": cold, "W2": noop, "W3": incremental}
+    finally:
+        shutil.rmtree(work)
+
+
+def check_outputs(runner, work: str, n: int) -> None:
+    """Every runner must have produced the same final answer for the new input."""
+    if isinstance(runner, Grit):
+        out = subprocess.run([sys.executable, GRIT, "-db", "db", "-export", f"rev-upper-in-{n + 1}"],
+                             cwd=work, capture_output=True, text=True)
+        assert out.returncode == 0, f"{runner.name}: no result for the new input"
+    else:
+        assert os.path.exists(os.path.join(work, "rev", f"in-{n + 1}")), runner.name
+
+
+def w4(runner_name: str) -> tuple[float, int]:
+    work = tempfile.mkdtemp(prefix="grit-w4-")
+    try:
+        if runner_name == "make -j2":
+            with open(os.path.join(work, "Makefile"), "w") as f:
+                f.write("sum: big\n\tsha256sum big > sum\nbig:\n\thead -c 1G /dev/urandom > big\n")
+            return sh("make -j2 -s", work)
+        mode = runner_name.split("(")[1].rstrip(")")
+        with open(os.path.join(work, "m.toml"), "w") as f:
+            f.write('[[step]]\nname = "big"\nscript = "head -c 1G /dev/urandom > $OUTPUT_DIR/big"\n'
+                    '[[step]]\nname = "sum"\ninputs = ["big"]\n'
+                    'script = "sha256sum $INPUT_FILE > $OUTPUT_DIR/sum"\n')
+        return sh(f"{sys.executable} {GRIT} -manifest m.toml -db db -run -quiet "
+                  f"-output-mode {mode}", work)
+    finally:
+        shutil.rmtree(work)
+
+
+def median(rows: list[dict], key: str) -> tuple[float, int]:
+    return (statistics.median(r[key][0] for r in rows), max(r[key][1] for r in rows))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="1000,10000")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--snakemake-max", type=int, default=1000,
+                    help="largest N to run Snakemake at (it is slow)")
+    ap.add_argument("--w4", action="store_true", help="also run W4 (1 GiB)")
+    args = ap.parse_args()
+    runners = [Make(), Grit("fuse"), Grit("dir"), Xargs(), Parallel()]
+    have_snakemake = ensure_snakemake()
+    print(f"# grit compared, {time.strftime('%Y-%m-%d')}, {platform.node()}, "
+          f"{os.cpu_count()} CPUs, Python {platform.python_version()}\n")
+    print("| N | runner | W1 cold | ratio | W2 no-op | W3 one new + one changed | peak RSS |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for n in (int(x) for x in args.sizes.split(",")):
+        chosen = runners + ([Snakemake()] if have_snakemake and n <= args.snakemake_max else [])
+        base = None
+        for runner in chosen:
+            repeat = 1 if isinstance(runner, Snakemake) else args.repeat
+            rows = [workloads(runner, n) for _ in range(repeat)]
+            w1, w2, w3 = (median(rows, k) for k in ("W1", "W2", "W3"))
+            base = base or w1[0]
+            rss = max(w1[1], w2[1], w3[1])
+            print(f"| {n:,} | {runner.name} | {w1[0]:.2f} s | {w1[0] / base:.2f}x | "
+                  f"{w2[0]:.3f} s | {w3[0]:.3f} s | {rss} MiB |", flush=True)
+    if args.w4:
+        print("\n| W4: 1 GiB then sha256 | time | ratio | peak RSS |\n| --- | --- | --- | --- |")
+        base = None
+        for name in ("make -j2", "grit (fuse)", "grit (dir)"):
+            t, rss = w4(name)
+            base = base or t
+            print(f"| {name} | {t:.2f} s | {t / base:.2f}x | {rss} MiB |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
