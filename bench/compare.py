@@ -115,13 +115,11 @@ class Make:
         pass
 
 
-class Xargs:
-    """Two xargs -P2 passes, each with a stale check: [ out -nt in ] || redo."""
+class ShellScript:
+    """A runner that is one shell command, with its own stale check."""
 
-    name = "xargs -P2"
-    SCRIPT = ('mkdir -p upper rev; cd inputs && ls | xargs -P2 -I{} sh -c '
-              '"[ ../upper/{} -nt {} ] || tr a-z A-Z < {} > ../upper/{}" && cd ../upper && '
-              'ls | xargs -P2 -I{} sh -c "[ ../rev/{} -nt {} ] || rev {} > ../rev/{}"')
+    name = ""
+    SCRIPT = ""
 
     def setup(self, work: str, n: int) -> None:
         pass
@@ -133,7 +131,16 @@ class Xargs:
         pass
 
 
-class Parallel:
+class Xargs(ShellScript):
+    """Two xargs -P2 passes, each with a stale check: [ out -nt in ] || redo."""
+
+    name = "xargs -P2"
+    SCRIPT = ('mkdir -p upper rev; cd inputs && ls | xargs -P2 -I{} sh -c '
+              '"[ ../upper/{} -nt {} ] || tr a-z A-Z < {} > ../upper/{}" && cd ../upper && '
+              'ls | xargs -P2 -I{} sh -c "[ ../rev/{} -nt {} ] || rev {} > ../rev/{}"')
+
+
+class Parallel(ShellScript):
     """GNU parallel with --joblog --resume: jobs already logged are skipped by
     sequence number, so inputs are listed in version order (a new one comes
     last); a changed input is not redone, only the new one runs."""
@@ -142,15 +149,6 @@ class Parallel:
     SCRIPT = ("mkdir -p upper rev; ls -v inputs | parallel -j2 --joblog upper.log --resume "
               "'tr a-z A-Z < inputs/{} > upper/{}' && ls -v upper | parallel -j2 --joblog "
               "rev.log --resume 'rev upper/{} > rev/{}'")
-
-    def setup(self, work: str, n: int) -> None:
-        pass
-
-    def run(self, work: str) -> tuple[float, int]:
-        return sh(self.SCRIPT, work)
-
-    def changed(self, work: str) -> None:
-        pass
 
 
 class Snakemake:

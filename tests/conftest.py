@@ -27,6 +27,13 @@ def wait_for(predicate, timeout: float = 20.0) -> bool:
     return False
 
 
+def mounts_under(path) -> list[str]:
+    """Mount points at or below `path` (FUSE mounts a run left behind)."""
+    root = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f if line.split()[4].startswith(root)]
+
+
 class Grit:
     """A working directory with a manifest and a database, and grit to run in it."""
 

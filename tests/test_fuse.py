@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import GRIT, require_fuse, wait_for
+from conftest import GRIT, mounts_under, require_fuse, wait_for
 
 
 @pytest.fixture(autouse=True)
@@ -152,12 +152,6 @@ script = 'echo fine > $OUTPUT_DIR/fine'
     assert grit.has("fine") and not grit.has("x")
 
 
-def grit_mounts(db):
-    root = os.path.realpath(db)
-    with open("/proc/self/mountinfo") as f:
-        return [line.split()[4] for line in f if line.split()[4].startswith(root)]
-
-
 def processes_using(path):
     """PIDs whose command line or working directory mentions `path`."""
     found = []
@@ -189,7 +183,7 @@ script = 'while :; do echo data; done > $OUTPUT_DIR/stream'
     _, err = proc.communicate(timeout=15)
     assert proc.returncode == 130, err
     time.sleep(0.2)
-    assert grit_mounts(grit.db) == []
+    assert mounts_under(grit.db) == []
     assert processes_using(grit.path) == []
     assert grit.sql("SELECT count(*) FROM resource WHERE name = 'stream'") == [(0,)]
 
@@ -209,13 +203,13 @@ script = 'sleep 1; echo done > $OUTPUT_DIR/w'
     proc.kill()
     proc.wait()
     # the FUSE server notices grit is gone, unmounts and exits
-    wait_for(lambda: not grit_mounts(grit.db) and not processes_using(grit.db), timeout=10)
-    assert grit_mounts(grit.db) == []
+    wait_for(lambda: not mounts_under(grit.db) and not processes_using(grit.db), timeout=10)
+    assert mounts_under(grit.db) == []
     assert [p for p in processes_using(grit.db) if b"grit.py" in
             open(f"/proc/{p}/cmdline", "rb").read()] == []
     grit.run("-output-mode", "fuse")
     assert grit.sql("SELECT count(*) FROM task WHERE status = 'done'") == [(5,)]
-    assert grit_mounts(grit.db) == []
+    assert mounts_under(grit.db) == []
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a stand-in stale mount needs root")
@@ -224,9 +218,9 @@ def test_stale_mount_is_removed_by_the_next_run(grit):
     stale = grit.db / "tmp" / "mnt"
     stale.mkdir(parents=True)
     subprocess.run(["mount", "-t", "tmpfs", "none", str(stale)], check=True)
-    assert grit_mounts(grit.db)
+    assert mounts_under(grit.db)
     grit.run("-output-mode", "fuse")
-    assert grit_mounts(grit.db) == [] and grit.has("a")
+    assert mounts_under(grit.db) == [] and grit.has("a")
 
 
 def test_fallback_when_fuse_is_unavailable(grit):

@@ -1,11 +1,10 @@
 """kill -9 at 20 moments of a 201-task pipeline, resuming each time: the end
 state equals a clean run's, with nothing lost or duplicated."""
-import os
 import time
 
 import pytest
 
-from conftest import Grit, require_fuse, wait_for
+from conftest import Grit, mounts_under, require_fuse, wait_for
 
 KILL_POINTS = 20
 PIPELINE = '''
@@ -22,12 +21,6 @@ name = "reverse"
 inputs = ["upper"]
 script = "rev $INPUT_FILE > $OUTPUT_DIR/reversed"
 '''
-
-
-def mounts_under(path):
-    root = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return [line.split()[4] for line in f if line.split()[4].startswith(root)]
 
 
 @pytest.mark.parametrize("mode", ["dir", "fuse"])
