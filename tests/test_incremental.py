@@ -387,3 +387,27 @@ def test_noop_cost_does_not_grow_with_resources(grit):
     grit.run("-output-mode", "dir")  # matches the new resources once, moving the cursor
     large = noop_seconds()
     assert large < 2 * small + 0.1, (small, large)
+
+
+def test_reused_scratch_files_never_keep_stale_bytes(grit, output_mode):
+    """Each worker rewrites its input copy and log files in place; shrinking
+    inputs and logs from task to task must leave nothing of the previous ones."""
+    grit.write('''
+        [[step]]
+        name = "seed"
+        script = "for n in 4000 3000 2000 1000 500 100 10 1; do head -c $n /dev/zero | tr '\\\\0' x > $OUTPUT_DIR/in-$n; done"
+        [[step]]
+        name = "copy"
+        inputs = ["in-*"]
+        script = "cat $INPUT_FILE > $OUTPUT_DIR/out-$GRIT_INPUT_NAME; cat $INPUT_FILE; cat $INPUT_FILE >&2"
+    ''')
+    grit.run("-output-mode", output_mode, "-parallel", "1")
+    for n in (4000, 3000, 2000, 1000, 500, 100, 10, 1):
+        assert grit.contents(f"out-in-{n}") == [b"x" * n]
+    logs = grit.sql("SELECT t.stdout_hash, t.stderr_hash, r.name FROM task t "
+                    "JOIN resource r ON r.id = t.input_resource_id")
+    assert len(logs) == 8
+    for stdout_hash, stderr_hash, name in logs:
+        n = int(name.split("-")[1])
+        assert grit.content(stdout_hash) == b"x" * n
+        assert grit.content(stderr_hash) == b"x" * n
