@@ -114,8 +114,12 @@ class Console:
         if self.level >= 1:
             self._write(message)
 
+    @property
+    def verbose(self) -> bool:
+        return self.level >= 2
+
     def detail(self, message: str) -> None:
-        if self.level >= 2:
+        if self.verbose:
             self._write(self.paint(message, "dim"))
 
     def progress(self, line: str) -> None:
@@ -351,14 +355,13 @@ class ObjectStore:
         import lmdb  # imported here: only commands that touch objects pay for it
 
         self._lmdb = lmdb
-        if not readonly and not os.path.exists(os.path.join(path, "data.mdb")):
-            if lmdb.version()[0] >= 1:
-                raise GritError(f"the linked LMDB {'.'.join(map(str, lmdb.version()))} would "
-                                "create a format LMDB 0.9 cannot read; install lmdb==1.7.5")
-        size = INITIAL_MAP_SIZE
         data_file = os.path.join(path, "data.mdb")
-        if os.path.exists(data_file):
-            size = max(size, 2 * os.path.getsize(data_file))
+        exists = os.path.exists(data_file)
+        if not readonly and not exists and lmdb.version()[0] >= 1:
+            raise GritError(f"the linked LMDB {'.'.join(map(str, lmdb.version()))} would "
+                            "create a format LMDB 0.9 cannot read; install lmdb==1.7.5")
+        size = max(INITIAL_MAP_SIZE, 2 * os.path.getsize(data_file)) if exists \
+            else INITIAL_MAP_SIZE
         try:
             self.env = lmdb.open(path, map_size=size, max_dbs=2, readonly=readonly,
                                  sync=False, metasync=False, readahead=False,
@@ -698,9 +701,10 @@ class Metadata:
     def max_resource_id(self) -> int:
         return self.db.execute("SELECT coalesce(max(id), 0) FROM resource").fetchone()[0]
 
-    def scan(self, step: StepVersion, limit: int) -> tuple[int, bool]:
-        """Create tasks for resources newer than the step's cursor that match its
-        inputs; returns (tasks created, more to scan). Call inside a transaction.
+    def scan(self, step: StepVersion, newest: int, limit: int) -> tuple[int, bool]:
+        """Create tasks for resources newer than the step's cursor (up to `newest`,
+        the highest resource id) that match its inputs; returns (tasks created,
+        more to scan). Call inside a transaction.
 
         Exact input names use the name index; patterns look at each new
         resource once. Either way a rerun with nothing new reads nothing.
@@ -709,17 +713,15 @@ class Metadata:
         if any(is_pattern(p) for p in inputs):
             rows = self.db.execute("SELECT id, name FROM resource WHERE id > ? ORDER BY id "
                                    "LIMIT ?", (step.scanned_resource_id, limit)).fetchall()
-            last = rows[-1][0] if rows else step.scanned_resource_id
             ids = [r[0] for r in rows if matches_inputs(r[1], inputs)]
-            more = len(rows) == limit
         else:
             marks = ",".join("?" * len(inputs))
             rows = self.db.execute(f"SELECT id FROM resource WHERE name IN ({marks}) AND id > ? "
                                    f"ORDER BY id LIMIT ?",
                                    (*inputs, step.scanned_resource_id, limit)).fetchall()
             ids = [r[0] for r in rows]
-            more = len(rows) == limit
-            last = ids[-1] if more else self.max_resource_id()
+        more = len(rows) == limit
+        last = rows[-1][0] if more else newest  # everything up to newest was seen
         created = 0
         for rid in ids:
             created += self.db.execute("INSERT OR IGNORE INTO task (step_id, input_resource_id) "
@@ -1696,7 +1698,7 @@ class LocalExecutor:
                 self.capture.discard(out)
             result.stdout_hash = self._keep_log(log_out)
             result.stderr_hash = self._keep_log(log_err)
-            if self.console.level >= 2:
+            if self.console.verbose:
                 self._show_logs(spec, log_out, log_err)
         return result
 
@@ -2007,9 +2009,10 @@ class Scheduler:
                     break
                 spec = state.queue.popleft()
                 state.running += 1
-                self.console.detail(f"start task {spec.task_id} {spec.step}"
-                                    + (f" on {spec.input_name} {spec.input_hash[:12]}"
-                                       if spec.input_hash else " (seed)"))
+                if self.console.verbose:
+                    self.console.detail(f"start task {spec.task_id} {spec.step}"
+                                        + (f" on {spec.input_name} {spec.input_hash[:12]}"
+                                           if spec.input_hash else " (seed)"))
                 running[pool.submit(self.executor.run, spec)] = state
 
     def _refill(self, state: StepState) -> bool:
@@ -2045,9 +2048,10 @@ class Scheduler:
     def _report(self, result: TaskResult, state: StepState, created: int) -> None:
         if result.ok:
             state.done += 1
-            outs = ", ".join(f"{o.name} ({o.size} B)" for o in result.outputs) or "no outputs"
-            self.console.detail(f"done  task {result.task_id} {state.step.name} in "
-                                f"{result.duration:.2f}s: {outs}; {created} new resource(s)")
+            if self.console.verbose:
+                outs = ", ".join(f"{o.name} ({o.size} B)" for o in result.outputs) or "no outputs"
+                self.console.detail(f"done  task {result.task_id} {state.step.name} in "
+                                    f"{result.duration:.2f}s: {outs}; {created} new resource(s)")
         else:
             state.failed += 1
             self.summary.failed += 1
@@ -2061,13 +2065,13 @@ class Scheduler:
                 continue
             more = state.step.scanned_resource_id < newest
             while more:
-                created, more = self.meta.scan(state.step, SCAN_BATCH)
+                created, more = self.meta.scan(state.step, newest, SCAN_BATCH)
                 if created:
                     state.exhausted = False
 
-    def _show_progress(self, force: bool = False) -> None:
+    def _show_progress(self) -> None:
         now = time.monotonic()
-        if not force and now - self._last_progress < PROGRESS_INTERVAL:
+        if now - self._last_progress < PROGRESS_INTERVAL:
             return
         self._last_progress = now
         parts = []
