@@ -1917,8 +1917,16 @@ class Scheduler:
         self._last_progress = 0.0
 
     def request_stop(self) -> None:
+        """SIGTERM to running scripts now; SIGKILL to those still running after
+        TERMINATE_GRACE_SECONDS (a script may ignore or trap SIGTERM)."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         self.executor.terminate_all()
+        kill = threading.Timer(TERMINATE_GRACE_SECONDS, self.executor.terminate_all,
+                               (signal.SIGKILL,))
+        kill.daemon = True
+        kill.start()
 
     # -- which steps run -----------------------------------------------------
 

@@ -137,3 +137,20 @@ script = "cat $INPUT_FILE > $OUTPUT_DIR/copy"
         assert str(grit.db) not in f.read()
     grit.run("-output-mode", output_mode)  # resumes: the seed runs again, then the rest
     assert grit.sql("SELECT count(*) FROM resource WHERE name LIKE 'n-%'") == [(300,)]
+
+
+def test_scripts_that_ignore_sigterm_are_killed_after_the_grace(grit, tmp_path):
+    started_marker = tmp_path / "started"
+    grit.write(f'''
+[[step]]
+name = "stubborn"
+script = "trap '' TERM; touch {started_marker}; sleep 60; echo x > $OUTPUT_DIR/x"
+''')
+    proc = grit.popen()
+    assert wait_for(started_marker.exists)
+    started = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert time.monotonic() - started < 5  # 2 s of grace, then SIGKILL
+    assert grit.sql("SELECT status FROM task") == [("pending",)]
