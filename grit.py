@@ -1656,11 +1656,16 @@ class LocalExecutor:
         except Exception as e:  # disk full, damaged object, …: this task fails, the run goes on
             result = TaskResult(spec.task_id, error=f"grit could not run the task: {e}",
                                 started_at=utc_now())
-        if result.error and disk_is_full(self.workroot):
-            # A full disk shows up as EIO from LMDB, or as a script failing with
-            # an empty log (its stderr file is on that disk too): say so plainly.
-            result.error += f" [the disk holding {self.workroot} is full]"
+        if result.error:
+            self._note_full_disk(result)
         return result
+
+    def _note_full_disk(self, result: TaskResult) -> None:
+        """A full disk shows up as EIO from LMDB, or as a script failing with an
+        empty log (its stderr file is on that disk too): say so plainly."""
+        note = f" [the disk holding {self.workroot} is full]"
+        if note not in result.error and disk_is_full(self.workroot):
+            result.error += note
 
     def _run_in(self, spec: TaskSpec, slot: str) -> TaskResult:
         result = TaskResult(spec.task_id, started_at=utc_now())
@@ -1686,6 +1691,7 @@ class LocalExecutor:
                     result.outputs = self.capture.collect(out)
                 else:
                     result.error = describe_exit(status) + stderr_tail(log_err)
+                    self._note_full_disk(result)  # before discarding frees the space
                     # An output refused while the script ran explains its failure best.
                     problem = self.capture.discard(out)
                     if problem:
