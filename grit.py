@@ -596,6 +596,7 @@ class TaskSpec:
     input_name: str = ""
     input_hash: str = ""
     timeout: float = 0  # seconds; 0 = no limit
+    previous_start: str = ""  # seed tasks: when the step last succeeded (GRIT_PREVIOUS_START)
 
 
 @dataclass
@@ -736,8 +737,18 @@ class Metadata:
             "SELECT t.id, r.name, r.hash FROM task t LEFT JOIN resource r "
             "ON r.id = t.input_resource_id WHERE t.step_id = ? AND t.status = 'pending' "
             "AND t.id > ? ORDER BY t.id LIMIT ?", (step.id, after_task_id, limit)).fetchall()
+        since = self.previous_start(step.name) if step.definition.is_seed else ""
         return [TaskSpec(tid, step.name, step.definition.script, name or "", digest or "",
-                         step.definition.timeout) for tid, name, digest in rows]
+                         step.definition.timeout, since) for tid, name, digest in rows]
+
+    def previous_start(self, step_name: str) -> str:
+        """When the last successful task of any version of a step started: a
+        seed can pick up only the files changed since then. It comes from the
+        database, so it moves only when that task's outputs are committed."""
+        row = self.db.execute(
+            "SELECT max(t.started_at) FROM task t JOIN step s ON s.id = t.step_id "
+            "WHERE s.name = ? AND t.status = 'done'", (step_name,)).fetchone()
+        return row[0] or ""
 
     def record(self, result: TaskResult) -> int:
         """Store a finished task and its outputs; returns resources created.
@@ -1674,7 +1685,7 @@ class LocalExecutor:
         out = self.capture.prepare(slot, spec.task_id)
         env = dict(os.environ, INPUT_FILE=input_file, OUTPUT_DIR=out, GRIT_STEP=spec.step,
                    GRIT_TASK_ID=str(spec.task_id), GRIT_INPUT_NAME=spec.input_name,
-                   GRIT_INPUT_HASH=spec.input_hash)
+                   GRIT_INPUT_HASH=spec.input_hash, GRIT_PREVIOUS_START=spec.previous_start)
         with os.fdopen(open_private(os.path.join(slot, "stdout")), "r+b") as log_out, \
                 os.fdopen(open_private(os.path.join(slot, "stderr")), "r+b") as log_err:
             status = self._spawn_and_wait(spec, env, log_out.fileno(), log_err.fileno())

@@ -1,6 +1,7 @@
 """Incrementality, versions, dedup, early cutoff, failures, -step/-start, the
 task environment and scheduling, all through the command line."""
 import hashlib
+import os
 import time
 
 SEED_ITEMS = '''
@@ -242,6 +243,45 @@ def test_task_environment(grit):
     digest = grit.export("env")[0][0]
     assert grit.contents("info") == [f"look [env] {digest}\n".encode()]
     assert grit.contents("readable") == [b"ok\n"]
+
+
+def test_seed_copies_only_files_changed_since_it_last_succeeded(grit, tmp_path):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for i in (1, 2, 3):
+        (inputs / f"in-{i}").write_text(f"old {i}\n")
+    old = time.time() - 60
+    for f in inputs.iterdir():
+        os.utime(f, (old, old))
+    seed = f'''
+        [[step]]
+        name = "seed"
+        script = """
+        # {{bump}}
+        echo "[$GRIT_PREVIOUS_START]" > $OUTPUT_DIR/since
+        if [ -n "$GRIT_PREVIOUS_START" ]; then
+          find {inputs} -type f -newermt "$GRIT_PREVIOUS_START" -exec cp -t "$OUTPUT_DIR" {{{{}}}} +
+        else
+          cp {inputs}/* "$OUTPUT_DIR/"
+        fi
+        """
+        [[step]]
+        name = "upper"
+        inputs = ["in-*"]
+        script = "tr a-z A-Z < $INPUT_FILE > $OUTPUT_DIR/upper"
+    '''
+    grit.write(seed.format(bump=1))
+    grit.run()
+    assert grit.contents("since") == [b"[]\n"]               # first run: copy everything
+    started = grit.sql("SELECT started_at FROM task WHERE input_resource_id IS NULL")[0][0]
+    (inputs / "in-4").write_text("new 4\n")
+    (inputs / "in-2").write_text("changed 2\n")
+    grit.write(seed.format(bump=2))                        # a new seed version runs it again
+    proc = grit.run()
+    assert "3 task(s) run" in proc.stderr                 # seed + the new and the changed input
+    assert f"[{started}]\n".encode() in grit.contents("since")
+    assert sorted(grit.contents("upper")) == [b"CHANGED 2\n", b"NEW 4\n", b"OLD 1\n",
+                                              b"OLD 2\n", b"OLD 3\n"]
 
 
 def overlap_manifest(lock_dir, cap):
