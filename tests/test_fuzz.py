@@ -56,3 +56,46 @@ def test_generated_toml_text_never_crashes(tmp_path_factory, text):
         load_manifest(str(path))
     except GritError as e:
         assert str(e).startswith(str(path))
+
+
+# Writes as the FUSE server sees them: appends of any size (8 KiB like `head`,
+# 128 KiB like `cat`), rewrites inside or past the end, truncates. Whatever the
+# order, the emitted hash and bytes must be those of the final content.
+operations = st.lists(st.one_of(
+    st.tuples(st.just("append"), st.integers(1, 300_000)),
+    st.tuples(st.just("write"), st.floats(0, 1.1), st.integers(1, 70_000)),
+    st.tuples(st.just("truncate"), st.floats(0, 1.2))), max_size=12)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(operations)
+def test_pending_content_matches_its_writes_in_any_order(tmp_path_factory, ops):
+    import hashlib
+    import os
+
+    from grit import OutputFS, _Content
+    content = _Content(OutputFS(str(tmp_path_factory.mktemp("spool"))))
+    model = bytearray()
+    for i, op in enumerate(ops):
+        fill = bytes([i + 1]) * 300_000
+        if op[0] == "append":
+            data, offset = fill[:op[1]], len(model)
+        elif op[0] == "write":
+            data, offset = fill[:op[2]], int(op[1] * len(model))
+        else:
+            length = int(op[1] * len(model))
+            content.truncate(length)
+            model = model[:length] + bytes(max(0, length - len(model)))
+            continue
+        content.write(data, offset)
+        model[len(model):offset] = bytes(max(0, offset - len(model)))
+        model[offset:offset + len(data)] = data
+    emitted = content.emission("x")
+    assert emitted["size"] == len(model)
+    assert emitted["hash"] == hashlib.sha256(model).hexdigest()
+    if "spool" in emitted:
+        with open(emitted["spool"], "rb") as f:
+            assert f.read() == model
+        os.unlink(emitted["spool"])
+    else:
+        assert bytes.fromhex(emitted["data"]) == model
