@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import IO, Callable, Iterator, Sequence
+from typing import IO, Callable, Iterable, Iterator, Sequence
 
 try:
     import tomllib
@@ -76,6 +76,9 @@ def did_you_mean(word: str, choices: Sequence[str]) -> str:
     return f' (did you mean "{close[0]}"?)' if close else ""
 
 
+PLAIN_PROGRESS_SECONDS = 30.0  # progress lines when stderr is not a terminal
+
+
 class Console:
     """All user-facing output: levels, colors, and the live progress line.
 
@@ -91,6 +94,12 @@ class Console:
         self.color = self.tty and "NO_COLOR" not in os.environ
         self._progress_shown = False
         self._lock = threading.Lock()
+        # The first plain progress line comes only after a run has gone on a while.
+        try:
+            self.plain_interval = float(os.environ["GRIT_PROGRESS_SECONDS"])
+        except (KeyError, ValueError):
+            self.plain_interval = PLAIN_PROGRESS_SECONDS
+        self._last_plain = time.monotonic()
 
     def paint(self, text: str, color: str) -> str:
         return f"\033[{self.COLORS[color]}m{text}\033[0m" if self.color else text
@@ -123,8 +132,15 @@ class Console:
             self._write(self.paint(message, "dim"))
 
     def progress(self, line: str) -> None:
-        """Rewrite the live status line; only on a terminal in normal mode."""
-        if self.level != 1 or not self.tty:
+        """Rewrite the live status line on a terminal; elsewhere (a log file, CI)
+        print it as a plain line every plain_interval seconds. Normal mode only."""
+        if self.level != 1:
+            return
+        if not self.tty:
+            now = time.monotonic()
+            if now - self._last_plain >= self.plain_interval:
+                self._last_plain = now
+                self._write(f"progress: {line}")
             return
         with self._lock:
             width = shutil.get_terminal_size((100, 20)).columns - 1
@@ -488,6 +504,14 @@ class ObjectStore:
             return "does not match its hash (content damaged)"
         return None
 
+    def free_bytes(self) -> int:
+        """Bytes of the LMDB file that hold no data (free pages, unused tail)."""
+        with self._guard, self.env.begin() as txn:
+            stats = [self.env.stat()] + [txn.stat(db) for db in (self._objects, self._chunks)]
+        used = 2 + sum(s["branch_pages"] + s["leaf_pages"] + s["overflow_pages"] for s in stats)
+        path = os.path.join(self.env.path(), "data.mdb")
+        return max(0, os.path.getsize(path) - used * stats[0]["psize"])
+
     def hashes(self) -> set[str]:
         """Every hash with an object or with chunks (a put cut short leaves chunks
         without a header)."""
@@ -515,7 +539,7 @@ class ObjectStore:
 # Metadata store (SQLite)
 # =============================================================================
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA = """
 -- One row per version of a step definition (script, inputs). A changed
 -- definition adds a version; old versions stay as history.
@@ -538,6 +562,7 @@ CREATE TABLE resource (
     size        INTEGER NOT NULL,
     task_id     INTEGER REFERENCES task(id),  -- the task that first produced it
     created_at  TEXT NOT NULL,
+    deleted_at  TEXT,                       -- set by -delete/-prune: content gone, record kept
     UNIQUE (name, hash)
 );
 CREATE INDEX resource_name ON resource(name);   -- name lookups in id order
@@ -564,6 +589,8 @@ CREATE UNIQUE INDEX task_seed ON task(step_id) WHERE input_resource_id IS NULL;
 -- Pending and failed tasks of a step, in id order, without reading its done ones.
 CREATE INDEX task_status ON task(step_id, status);
 """
+# Statements that bring a database of schema N to N + 1.
+MIGRATIONS = {1: ["ALTER TABLE resource ADD COLUMN deleted_at TEXT"]}
 
 
 def utc_now() -> str:
@@ -623,10 +650,16 @@ class TaskResult:
         return self.error is None and not self.interrupted
 
 
+def is_current(row: tuple, definition: StepDef) -> bool:
+    """Whether a stored step version (see Metadata.latest_step) has this definition."""
+    return row[2] == definition.script and row[3] == json.dumps(list(definition.inputs))
+
+
 class Metadata:
     """Steps, tasks and resources in SQLite. Knows nothing of object bytes."""
 
     def __init__(self, path: str, readonly: bool = False) -> None:
+        self.path = path
         try:
             if readonly:
                 self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True,
@@ -655,7 +688,18 @@ class Metadata:
             with self.transaction():
                 self.db.executescript("BEGIN;" + SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION};")
             return
-        raise GritError("not a grit database (unknown schema)")
+        if version not in MIGRATIONS:
+            raise GritError("not a grit database (unknown schema)")
+        # An older grit's database: upgrade it in place (a read-only command
+        # too, through a connection of its own), in one transaction.
+        db = sqlite3.connect(self.path, isolation_level=None) if readonly else self.db
+        with _Transaction(db):
+            for v in range(version, SCHEMA_VERSION):
+                for statement in MIGRATIONS[v]:
+                    db.execute(statement)
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        if readonly:
+            db.close()
 
     def close(self) -> None:
         self.db.close()
@@ -668,10 +712,8 @@ class Metadata:
     def register(self, definition: StepDef) -> StepVersion:
         """The stored latest version of this step, adding one if the definition changed."""
         inputs = json.dumps(list(definition.inputs))
-        row = self.db.execute(
-            "SELECT id, version, script, inputs, scanned_resource_id FROM step "
-            "WHERE name = ? ORDER BY version DESC LIMIT 1", (definition.name,)).fetchone()
-        if row and row[2] == definition.script and row[3] == inputs:
+        row = self.latest_step(definition.name)
+        if row and is_current(row, definition):
             return StepVersion(row[0], definition, row[1], row[4])
         version = row[1] + 1 if row else 1
         with self.transaction():
@@ -686,6 +728,22 @@ class Metadata:
     def retry_failed(self, step_id: int) -> int:
         return self.db.execute("UPDATE task SET status = 'pending' WHERE step_id = ? "
                                "AND status = 'failed'", (step_id,)).rowcount
+
+    def count_tasks(self, step_id: int, status: str) -> int:
+        return self.db.execute("SELECT count(*) FROM task WHERE step_id = ? AND status = ?",
+                               (step_id, status)).fetchone()[0]
+
+    def latest_step(self, name: str) -> tuple | None:
+        """(id, version, script, inputs JSON, scanned_resource_id) of the newest version."""
+        return self.db.execute(
+            "SELECT id, version, script, inputs, scanned_resource_id FROM step "
+            "WHERE name = ? ORDER BY version DESC LIMIT 1", (name,)).fetchone()
+
+    def count_matching(self, inputs: Sequence[str], after_id: int) -> int:
+        """Live resources newer than `after_id` whose names match `inputs`."""
+        rows = self.db.execute("SELECT name, count(*) FROM resource WHERE id > ? AND "
+                               "deleted_at IS NULL GROUP BY name", (after_id,))
+        return sum(n for name, n in rows if matches_inputs(name, inputs))
 
     def has_tasks(self, step_id: int) -> bool:
         return self.db.execute("SELECT 1 FROM task WHERE step_id = ? LIMIT 1",
@@ -712,15 +770,15 @@ class Metadata:
         """
         inputs = step.definition.inputs
         if any(is_pattern(p) for p in inputs):
-            rows = self.db.execute("SELECT id, name FROM resource WHERE id > ? ORDER BY id "
-                                   "LIMIT ?", (step.scanned_resource_id, limit)).fetchall()
-            ids = [r[0] for r in rows if matches_inputs(r[1], inputs)]
+            rows = self.db.execute("SELECT id, name, deleted_at FROM resource WHERE id > ? "
+                                   "ORDER BY id LIMIT ?", (step.scanned_resource_id, limit)).fetchall()
+            ids = [r[0] for r in rows if r[2] is None and matches_inputs(r[1], inputs)]
         else:
             marks = ",".join("?" * len(inputs))
-            rows = self.db.execute(f"SELECT id FROM resource WHERE name IN ({marks}) AND id > ? "
-                                   f"ORDER BY id LIMIT ?",
+            rows = self.db.execute(f"SELECT id, deleted_at FROM resource WHERE name IN ({marks}) "
+                                   f"AND id > ? ORDER BY id LIMIT ?",
                                    (*inputs, step.scanned_resource_id, limit)).fetchall()
-            ids = [r[0] for r in rows]
+            ids = [r[0] for r in rows if r[1] is None]
         more = len(rows) == limit
         last = rows[-1][0] if more else newest  # everything up to newest was seen
         created = 0
@@ -757,10 +815,12 @@ class Metadata:
         if result.ok:
             now = utc_now()
             for out in result.outputs:
+                # New, or made again after -delete: visible again, with its content.
                 created += self.db.execute(
-                    "INSERT OR IGNORE INTO resource (name, hash, size, task_id, created_at) "
-                    "VALUES (?,?,?,?,?)", (out.name, out.hash, out.size, result.task_id, now)
-                ).rowcount
+                    "INSERT INTO resource (name, hash, size, task_id, created_at) "
+                    "VALUES (?,?,?,?,?) ON CONFLICT (name, hash) DO UPDATE SET "
+                    "deleted_at = NULL WHERE deleted_at IS NOT NULL",
+                    (out.name, out.hash, out.size, result.task_id, now)).rowcount
         self.db.execute(
             "UPDATE task SET status = ?, exit_code = ?, error = ?, stdout_hash = ?, "
             "stderr_hash = ?, started_at = ?, finished_at = ?, duration = ? WHERE id = ?",
@@ -773,31 +833,128 @@ class Metadata:
 
     def resources_named(self, name: str) -> list[tuple[str, str, str]]:
         return self.db.execute("SELECT hash, name, created_at FROM resource WHERE name = ? "
-                               "ORDER BY id", (name,)).fetchall()
+                               "AND deleted_at IS NULL ORDER BY id", (name,)).fetchall()
 
     def referenced_hashes(self) -> list[str]:
         """Every object hash the metadata refers to: resources and task logs."""
-        rows = self.db.execute("SELECT hash FROM resource UNION SELECT stdout_hash FROM task "
-                               "UNION SELECT stderr_hash FROM task")
+        rows = self.db.execute("SELECT hash FROM resource WHERE deleted_at IS NULL "
+                               "UNION SELECT stdout_hash FROM task UNION SELECT stderr_hash FROM task")
         return sorted(r[0] for r in rows if r[0])
 
     def hashes_with_prefix(self, prefix: str) -> list[str]:
         rows = self.db.execute("SELECT DISTINCT hash FROM resource WHERE hash >= ? AND hash < ? "
-                               "LIMIT 2", (prefix, prefix + "g"))
+                               "AND deleted_at IS NULL LIMIT 2", (prefix, prefix + "g"))
         return [r[0] for r in rows]
+
+    # -- inspection and data management ----------------------------------------
+
+    def step_counts(self) -> list[dict]:
+        """Tasks pending / done / failed per step version, in registration order."""
+        rows = self.db.execute(
+            "SELECT s.id, s.name, s.version, s.inputs, coalesce(sum(t.status = 'pending'), 0), "
+            "coalesce(sum(t.status = 'done'), 0), coalesce(sum(t.status = 'failed'), 0) "
+            "FROM step s LEFT JOIN task t ON t.step_id = s.id GROUP BY s.id ORDER BY s.id")
+        latest = dict(self.db.execute("SELECT name, max(version) FROM step GROUP BY name"))
+        return [{"name": name, "version": version, "latest": latest[name] == version,
+                 "inputs": json.loads(inputs),
+                 "tasks": {"pending": pending, "done": done, "failed": failed}}
+                for _, name, version, inputs, pending, done, failed in rows]
+
+    def name_counts(self) -> dict[str, int]:
+        """Resources per name (deleted ones left out), by name."""
+        return dict(self.db.execute("SELECT name, count(*) FROM resource WHERE deleted_at "
+                                    "IS NULL GROUP BY name ORDER BY name"))
+
+    def resource_totals(self) -> dict:
+        live, deleted = self.db.execute("SELECT coalesce(sum(deleted_at IS NULL), 0), "
+                                        "coalesce(sum(deleted_at IS NOT NULL), 0) FROM resource"
+                                        ).fetchone()
+        objects, size = self.db.execute(
+            "SELECT count(*), coalesce(sum(size), 0) FROM (SELECT DISTINCT hash, size "
+            "FROM resource WHERE deleted_at IS NULL)").fetchone()
+        return {"count": live, "deleted": deleted, "objects": objects, "bytes": size}
+
+    def task(self, task_id: int) -> dict | None:
+        row = self.db.execute(
+            "SELECT t.id, s.name, s.version, t.status, t.exit_code, t.error, t.duration, "
+            "t.started_at, t.finished_at, t.stdout_hash, t.stderr_hash, t.input_resource_id "
+            "FROM task t JOIN step s ON s.id = t.step_id WHERE t.id = ?", (task_id,)).fetchone()
+        if row is None:
+            return None
+        keys = ("task", "step", "version", "status", "exit_code", "error", "duration",
+                "started_at", "finished_at", "stdout_hash", "stderr_hash")
+        task = dict(zip(keys, row))
+        task["input"] = self.resource(row[11]) if row[11] else None
+        task["outputs"] = [self.resource(rid) for (rid,) in self.db.execute(
+            "SELECT id FROM resource WHERE task_id = ? ORDER BY id", (task_id,))]
+        return task
+
+    def resource(self, resource_id: int) -> dict:
+        row = self.db.execute("SELECT id, name, hash, size, task_id, created_at, deleted_at "
+                              "FROM resource WHERE id = ?", (resource_id,)).fetchone()
+        return dict(zip(("id", "name", "hash", "size", "task", "created_at", "deleted_at"), row))
+
+    def resources_with_hash(self, prefix: str) -> list[dict]:
+        """Resources (deleted ones too) whose hash starts with `prefix`, oldest first."""
+        rows = self.db.execute("SELECT id FROM resource WHERE hash >= ? AND hash < ? "
+                               "ORDER BY id", (prefix, prefix + "g"))
+        return [self.resource(rid) for (rid,) in rows]
+
+    def consumers(self, resource_id: int) -> list[dict]:
+        """Tasks that took this resource as input, with what they first produced."""
+        rows = self.db.execute(
+            "SELECT t.id, s.name, s.version, t.status FROM task t JOIN step s "
+            "ON s.id = t.step_id WHERE t.input_resource_id = ? ORDER BY t.id", (resource_id,))
+        return [{"task": tid, "step": name, "version": version, "status": status,
+                 "outputs": [self.resource(rid) for (rid,) in self.db.execute(
+                     "SELECT id FROM resource WHERE task_id = ? ORDER BY id", (tid,))]}
+                for tid, name, version, status in rows.fetchall()]
+
+    def live_resources_matching(self, pattern: str) -> list[dict]:
+        """Resources whose name is `pattern` or matches it, oldest first."""
+        if not is_pattern(pattern):
+            return self.live_resources_named(pattern)[::-1]
+        rows = self.db.execute("SELECT id, name FROM resource WHERE deleted_at IS NULL "
+                               "ORDER BY id").fetchall()
+        return [self.resource(rid) for rid, name in rows if matches_inputs(name, [pattern])]
+
+    def live_resources_named(self, name: str) -> list[dict]:
+        """Resources of that name, newest first."""
+        rows = self.db.execute("SELECT id FROM resource WHERE name = ? AND deleted_at IS NULL "
+                               "ORDER BY id DESC", (name,))
+        return [self.resource(rid) for (rid,) in rows.fetchall()]
+
+    def newest_per_name(self, pattern: str) -> list[dict]:
+        """The newest live resource of each name matching `pattern`, by name."""
+        rows = self.db.execute("SELECT max(id), name FROM resource WHERE deleted_at IS NULL "
+                               "GROUP BY name ORDER BY name")
+        return [self.resource(rid) for rid, name in rows.fetchall()
+                if matches_inputs(name, [pattern])]
+
+    def mark_deleted(self, resource_ids: list[int]) -> None:
+        """Forget these resources' content but keep their records, so lineage
+        stays whole; tasks that would still read them (pending or failed) go.
+        Call inside a transaction."""
+        now = utc_now()
+        for rid in resource_ids:
+            self.db.execute("UPDATE resource SET deleted_at = ? WHERE id = ?", (now, rid))
+            self.db.execute("DELETE FROM task WHERE input_resource_id = ? AND status != 'done'",
+                            (rid,))
 
 
 class _Transaction:
-    """BEGIN IMMEDIATE … COMMIT, or ROLLBACK on an exception."""
+    """BEGIN IMMEDIATE … COMMIT, or ROLLBACK on an exception (or always, for
+    a dry run: commit=False)."""
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db: sqlite3.Connection, commit: bool = True) -> None:
         self.db = db
+        self.commit = commit
 
     def __enter__(self) -> None:
         self.db.execute("BEGIN IMMEDIATE")
 
     def __exit__(self, kind: object, *_: object) -> None:
-        self.db.execute("COMMIT" if kind is None else "ROLLBACK")
+        self.db.execute("COMMIT" if kind is None and self.commit else "ROLLBACK")
 
 
 # =============================================================================
@@ -1895,6 +2052,7 @@ def stderr_tail(log: IO[bytes]) -> str:
 QUEUE_BATCH = 1000
 SCAN_BATCH = 10000
 PROGRESS_INTERVAL = 0.2  # seconds between live progress updates
+RATE_WINDOW_SECONDS = 10.0  # the progress line's rate is over this recent window
 # Worker threads per -parallel slot: -parallel bounds the scripts running at once,
 # and the extra workers prepare inputs and collect outputs meanwhile, so grit's
 # own per-task work overlaps the scripts instead of leaving a slot idle.
@@ -1921,6 +2079,7 @@ class StepState:
     running: int = 0
     done: int = 0
     failed: int = 0
+    pending: int = 0           # known tasks not finished yet (more may come from outputs)
 
     @property
     def cap(self) -> int:
@@ -1960,6 +2119,7 @@ class Scheduler:
         self._stop = threading.Event()
         self.fatal = ""  # why the run had to stop, if it had to
         self._last_progress = 0.0
+        self._rate_window: collections.deque = collections.deque()  # (time, tasks finished)
 
     def request_stop(self) -> None:
         """SIGTERM to running scripts now; SIGKILL to those still running after
@@ -1978,10 +2138,10 @@ class Scheduler:
     def _activate(self, step: StepVersion) -> None:
         if step.id in self.states:
             return
-        self.states[step.id] = StepState(step)
         retried = self.meta.retry_failed(step.id)
         if retried:
             self.console.detail(f"{step.name}: retrying {retried} failed task(s)")
+        self.states[step.id] = StepState(step, pending=self.meta.count_tasks(step.id, "pending"))
 
     def _activate_downstream(self) -> None:
         """With -start: activate steps fed, transitively, by active steps' outputs."""
@@ -2099,6 +2259,7 @@ class Scheduler:
             self._scan_all()
 
     def _report(self, result: TaskResult, state: StepState, created: int) -> None:
+        state.pending -= 1
         if result.ok:
             state.done += 1
             if self.console.verbose:
@@ -2121,6 +2282,7 @@ class Scheduler:
                 created, more = self.meta.scan(state.step, newest, SCAN_BATCH)
                 if created:
                     state.exhausted = False
+                    state.pending += created
 
     def _show_progress(self) -> None:
         now = time.monotonic()
@@ -2129,14 +2291,31 @@ class Scheduler:
         self._last_progress = now
         parts = []
         scripts = self.executor.running_scripts()
-        for state in sorted(self.states.values(), key=lambda s: self.position[s.step.id]):
-            part = f"{state.step.name} {state.done} done"
+        states = sorted(self.states.values(), key=lambda s: self.position[s.step.id])
+        for state in states:
+            part = f"{state.step.name} {state.done}/{state.done + state.failed + state.pending}"
             if scripts[state.step.name]:
                 part += f", {scripts[state.step.name]} running"
             if state.failed:
                 part += f", {state.failed} failed"
             parts.append(part)
+        finished = self.summary.tasks
+        self._rate_window.append((now, finished))
+        while now - self._rate_window[0][0] > RATE_WINDOW_SECONDS:
+            self._rate_window.popleft()
+        then, before = self._rate_window[0]
+        if now - then >= 1.0 and finished > before:
+            rate = (finished - before) / (now - then)
+            remaining = sum(s.pending for s in states)
+            # Known tasks only: outputs not made yet may add downstream work.
+            parts.append(f"{rate:.1f} tasks/s, ETA {format_duration(remaining / rate)}")
         self.console.progress(" | ".join(parts))
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(seconds + 0.5)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
 # =============================================================================
@@ -2166,8 +2345,9 @@ class Database:
         return os.path.join(self.path, "tmp")
 
     def create(self) -> None:
+        """The directory; its object store is made once the lock is held."""
         try:
-            os.makedirs(self.objects_path, mode=0o700, exist_ok=True)
+            os.makedirs(self.path, mode=0o700, exist_ok=True)
             os.chmod(self.path, 0o700)
         except OSError as e:
             raise GritError(f"cannot create database directory {self.path}: {e.strerror}") from None
@@ -2182,6 +2362,29 @@ class Database:
     def require(self) -> None:
         if not os.path.isfile(self.metadata_path):
             raise GritError(f"no grit database at {self.path}")
+
+    def sizes(self) -> dict[str, int]:
+        def size(*names: str) -> int:
+            return sum(os.path.getsize(p) for p in (os.path.join(self.path, n) for n in names)
+                       if os.path.exists(p))
+        return {"metadata": size("metadata.sqlite", "metadata.sqlite-wal"),
+                "objects": size("objects/data.mdb")}
+
+    def run_in_progress(self) -> int | None:
+        """The pid of the process holding the run lock, read from /proc/locks
+        (taking the lock to test it could make a run starting now fail)."""
+        try:
+            st = os.stat(os.path.join(self.path, "lock"))
+            with open("/proc/locks") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            return None
+        device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        for line in lines:
+            fields = line.split()
+            if "FLOCK" in fields and device in fields:
+                return int(fields[fields.index(device) - 1])
+        return None
 
     def lock(self) -> IO[str]:
         """Hold an exclusive lock for this process's lifetime; the kernel drops
@@ -2199,7 +2402,18 @@ class Database:
         f.truncate()
         f.write(str(os.getpid()))
         f.flush()
+        self._finish_compaction()
         return f
+
+    def _finish_compaction(self) -> None:
+        """Complete or undo what a -gc killed while compacting left (see compact_objects)."""
+        objects, fresh, old = (self.objects_path + s for s in ("", ".compact", ".old"))
+        if not os.path.exists(objects) and os.path.exists(fresh) and os.path.exists(old):
+            os.rename(fresh, objects)  # the copy was complete: it was being swapped in
+        if os.path.exists(objects):
+            shutil.rmtree(fresh, ignore_errors=True)  # a copy cut short
+            shutil.rmtree(old, ignore_errors=True)    # swapped out, not yet removed
+        os.makedirs(objects, mode=0o700, exist_ok=True)
 
 
 @dataclass
@@ -2211,6 +2425,8 @@ class RunOptions:
     steps: list[str] = field(default_factory=list)
     output_mode: str = "auto"
     timeout: float = 0
+    dry_run: bool = False
+    json: bool = False
 
 
 def warn_if_disk_full(path: str, console: Console) -> None:
@@ -2251,6 +2467,13 @@ def cmd_run(opts: RunOptions, console: Console) -> int:
         raise GritError("use -start or -step, not both")
     for name in [opts.start] if opts.start else opts.steps:
         manifest.step(name)
+    if opts.dry_run:
+        plan = plan_run(opts, manifest)
+        emit_json({"dry_run": True, "steps": plan, "tasks": sum(p["tasks"] for p in plan)}) \
+            if opts.json else print_plan(plan)
+        return EXIT_OK
+    if opts.json:
+        raise GritError("-json goes with -run only together with -dry-run")
     db = Database(opts.db)
     db.create()
     lock = db.lock()
@@ -2346,10 +2569,7 @@ HASH_PREFIX_MIN = 8  # hex digits; shorter prefixes are too likely to be ambiguo
 
 
 def cmd_export_hash(db_path: str, prefix: str) -> int:
-    prefix = prefix.lower()
-    if not re.fullmatch(r"[0-9a-f]{%d,64}" % HASH_PREFIX_MIN, prefix):
-        raise GritError(f"-export-hash needs a SHA-256 hash or a prefix of at least "
-                        f"{HASH_PREFIX_MIN} hex digits, not {prefix!r}")
+    prefix = check_hash_prefix(prefix, "-export-hash")
     meta, db = open_readonly(db_path)
     found = meta.hashes_with_prefix(prefix)
     if not found:
@@ -2371,26 +2591,61 @@ def cmd_export_hash(db_path: str, prefix: str) -> int:
 
 
 def cmd_gc(db_path: str, console: Console) -> int:
-    """Remove objects no resource or task log refers to: those of tasks that
-    were killed or failed after storing their outputs. Holds the run lock."""
+    """Remove objects no resource or task log refers to (those of deleted
+    resources, of tasks killed or failed after storing outputs), then give
+    the free space back to the filesystem. Holds the run lock."""
     db = Database(db_path)
     db.require()
     lock = db.lock()
     meta = Metadata(db.metadata_path)
-    store = ObjectStore(db.objects_path)
     try:
-        unreferenced = store.hashes() - set(meta.referenced_hashes())
-        for digest in sorted(unreferenced):
-            console.detail(f"removing object {digest}")
-            store.delete(digest)
-        store.sync()
+        store = ObjectStore(db.objects_path)
+        try:
+            every = store.hashes()
+        finally:
+            store.close()
+        removed = unreferenced(meta, dict.fromkeys(every, 0))
+        remove_objects(db, removed, console)
+        before = db.sizes()["objects"]
+        compacted = compact_objects(db)
+        after = db.sizes()["objects"]
     finally:
-        store.close()
         meta.close()
         lock.close()
-    console.info(f"removed {len(unreferenced)} unreferenced object(s); LMDB reuses their "
-                 "space for new objects")
+    console.info(f"removed {len(removed)} unreferenced object(s); object store "
+                 + (f"compacted from {human_bytes(before)} to {human_bytes(after)}" if compacted
+                    else f"{human_bytes(after)}, little free space: not compacted"))
     return EXIT_OK
+
+
+def compact_objects(db: Database) -> bool:
+    """Rewrite the LMDB file without its free pages, when they are worth it.
+    The copy is made beside the store and swapped in by two renames; a crash
+    at any point is completed or undone by the next lock holder."""
+    store = ObjectStore(db.objects_path)
+    try:
+        if store.free_bytes() < max(COMPACT_MIN_BYTES, db.sizes()["objects"] * COMPACT_MIN_FRACTION):
+            return False
+        fresh = db.objects_path + ".compact"
+        shutil.rmtree(fresh, ignore_errors=True)
+        os.mkdir(fresh, 0o700)
+        store.env.copy(fresh, compact=True)
+    finally:
+        store.close()
+    for name in os.listdir(fresh):
+        fd = os.open(os.path.join(fresh, name), os.O_RDONLY)
+        os.fchmod(fd, 0o600)
+        os.fsync(fd)
+        os.close(fd)
+    os.rename(db.objects_path, db.objects_path + ".old")
+    os.rename(fresh, db.objects_path)
+    shutil.rmtree(db.objects_path + ".old")
+    return True
+
+
+# -gc compacts the object store when at least this much of it is free.
+COMPACT_MIN_BYTES = 1024 * 1024
+COMPACT_MIN_FRACTION = 0.1
 
 
 def cmd_verify(db_path: str, console: Console) -> int:
@@ -2418,6 +2673,424 @@ def cmd_verify(db_path: str, console: Console) -> int:
     return EXIT_OK
 
 
+# =============================================================================
+# Inspecting and managing a database
+# =============================================================================
+
+STATUS_NAMES_SHOWN = 20  # resource names listed by -status in text (-json lists all)
+LINEAGE_LIMIT = 10000    # most resources -lineage -descendants walks
+
+
+def emit_json(data: object) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def check_hash_prefix(prefix: str, flag: str) -> str:
+    prefix = prefix.lower()
+    if not re.fullmatch(r"[0-9a-f]{%d,64}" % HASH_PREFIX_MIN, prefix):
+        raise GritError(f"{flag} needs a SHA-256 hash or a prefix of at least "
+                        f"{HASH_PREFIX_MIN} hex digits, not {quote(prefix)}")
+    return prefix
+
+
+def resources_for_hash(meta: Metadata, prefix: str, db_path: str, flag: str) -> list[dict]:
+    """The resources (any name, deleted too) of the one object a hash prefix names."""
+    rows = meta.resources_with_hash(check_hash_prefix(prefix, flag))
+    if not rows:
+        raise NotFoundError(f"no resource with hash {prefix} in {db_path}")
+    if len({r["hash"] for r in rows}) > 1:
+        raise NotFoundError(f"hash prefix {prefix} is ambiguous: give more digits")
+    return rows
+
+
+def cmd_status(db_path: str, as_json: bool) -> int:
+    meta, db = open_readonly(db_path)
+    totals = meta.resource_totals()
+    data = {"database": db.path, "run_in_progress": db.run_in_progress(),
+            "size_bytes": db.sizes(), "steps": meta.step_counts(),
+            "resources": {**totals, "names": meta.name_counts()}}
+    if as_json:
+        emit_json(data)
+        return EXIT_OK
+    size, pid = data["size_bytes"], data["run_in_progress"]
+    print(f"database {db.path}: {human_bytes(size['metadata'])} metadata, "
+          f"{human_bytes(size['objects'])} objects; "
+          + (f"a run is in progress (pid {pid})" if pid else "no run in progress"))
+    steps = data["steps"]
+    width = max([len(s["name"]) for s in steps] + [4])
+    print(f"{'step':<{width}}  version  {'pending':>8} {'done':>8} {'failed':>8}")
+    for s in steps:
+        version = f"v{s['version']}" + ("" if s["latest"] else " (old)")
+        t = s["tasks"]
+        print(f"{s['name']:<{width}}  {version:<7}  {t['pending']:>8} {t['done']:>8} "
+              f"{t['failed']:>8}")
+    names = data["resources"]["names"]
+    print(f"resources: {totals['count']} in {len(names)} name(s), {totals['deleted']} deleted; "
+          f"{totals['objects']} object(s), {human_bytes(totals['bytes'])}")
+    for name, count in list(names.items())[:STATUS_NAMES_SHOWN]:
+        print(f"  {count:>8}  {name}")
+    if len(names) > STATUS_NAMES_SHOWN:
+        print(f"  … and {len(names) - STATUS_NAMES_SHOWN} more name(s) (-status -json lists all)")
+    return EXIT_OK
+
+
+def read_log(store: "ObjectStore", digest: str | None) -> str:
+    return b"".join(store.open(digest)).decode("utf-8", "replace") if digest else ""
+
+
+def cmd_log(db_path: str, ref: str, as_json: bool) -> int:
+    """A task by id, or the task that produced a resource (by hash)."""
+    meta, db = open_readonly(db_path)
+    if ref.isdigit() and len(ref) < HASH_PREFIX_MIN:
+        task_id = int(ref)
+    else:
+        task_id = resources_for_hash(meta, ref, db_path, "-log")[0]["task"]
+    task = meta.task(task_id) if task_id else None
+    if task is None:
+        raise NotFoundError(f"no task {ref} in {db_path}")
+    store = ObjectStore(db.objects_path, readonly=True)
+    try:
+        task["stdout"] = read_log(store, task.pop("stdout_hash"))
+        task["stderr"] = read_log(store, task.pop("stderr_hash"))
+    finally:
+        store.close()
+    if as_json:
+        emit_json(task)
+        return EXIT_OK
+    exit_text = "" if task["exit_code"] is None else f", {describe_exit(task['exit_code'])}"
+    took = "" if task["duration"] is None else f" in {task['duration']:.2f} s"
+    print(f"task {task['task']}: {task['step']} v{task['version']}, {task['status']}"
+          f"{exit_text}{took}" + (f" (started {task['started_at']})" if task["started_at"] else ""))
+    src = task["input"]
+    print(f"input:  {describe_resource(src)}" if src else "input:  none (a seed task)")
+    for out in task["outputs"]:
+        print(f"output: {describe_resource(out)}")
+    if task["error"]:
+        print(f"error:  {task['error']}")
+    for label in ("stdout", "stderr"):
+        text = task[label]
+        print(f"--- {label} ({human_bytes(len(text.encode()))}) ---")
+        if text:
+            print(text, end="" if text.endswith("\n") else "\n")
+    return EXIT_OK
+
+
+def describe_resource(r: dict) -> str:
+    gone = f", deleted {r['deleted_at']}" if r["deleted_at"] else ""
+    return f"{r['name']} {r['hash']} ({human_bytes(r['size'])}, resource {r['id']}{gone})"
+
+
+def ancestry(meta: Metadata, resource: dict) -> dict:
+    """A resource and, link by link, the task, step version and input it came from."""
+    node: dict = {"resource": resource, "produced_by": None}
+    link = node
+    while link["resource"]["task"]:
+        task = meta.task(link["resource"]["task"])
+        if task is None:
+            break
+        parent = {"resource": task["input"], "produced_by": None} if task["input"] else None
+        link["produced_by"] = {"task": task["task"], "step": task["step"],
+                               "version": task["version"], "input": parent}
+        if parent is None:
+            break
+        link = parent
+    return node
+
+
+def descendants(meta: Metadata, resource_id: int, budget: list[int]) -> list[dict]:
+    """The tasks that consumed a resource and what they made, recursively."""
+    found = []
+    for consumer in meta.consumers(resource_id):
+        outputs = []
+        for out in consumer.pop("outputs"):
+            budget[0] -= 1
+            if budget[0] < 0:
+                break
+            outputs.append({"resource": out, "consumed_by": descendants(meta, out["id"], budget)})
+        found.append({**consumer, "outputs": outputs})
+    return found
+
+
+def print_ancestry(node: dict) -> None:
+    depth = 0
+    while node:
+        pad = "  " * depth
+        print(f"{pad}{describe_resource(node['resource'])}")
+        made = node["produced_by"]
+        if made is None:
+            print(f"{pad}  made by: no task recorded")
+            return
+        origin = " from" if made["input"] else ", a seed task"
+        print(f"{pad}  made by task {made['task']} ({made['step']} v{made['version']}){origin}")
+        node, depth = made["input"], depth + 1
+
+
+def print_descendants(consumers: list[dict], depth: int) -> None:
+    for c in consumers:
+        pad = "  " * depth
+        print(f"{pad}task {c['task']} ({c['step']} v{c['version']}, {c['status']})"
+              + (" made" if c["outputs"] else " made nothing new"))
+        for out in c["outputs"]:
+            print(f"{pad}  {describe_resource(out['resource'])}")
+            print_descendants(out["consumed_by"], depth + 2)
+
+
+def cmd_lineage(db_path: str, ref: str, with_descendants: bool, as_json: bool) -> int:
+    meta, _ = open_readonly(db_path)
+    chains = [ancestry(meta, r) for r in resources_for_hash(meta, ref, db_path, "-lineage")]
+    budget = [LINEAGE_LIMIT]
+    if with_descendants:
+        for chain in chains:
+            chain["consumed_by"] = descendants(meta, chain["resource"]["id"], budget)
+    if as_json:
+        emit_json({"lineage": chains, "truncated": budget[0] < 0})
+        return EXIT_OK
+    for chain in chains:
+        print_ancestry(chain)
+        if with_descendants:
+            print("descendants:" if chain["consumed_by"] else "descendants: none")
+            print_descendants(chain["consumed_by"], 1)
+    if budget[0] < 0:
+        print(f"(stopped after {LINEAGE_LIMIT} descendants)")
+    return EXIT_OK
+
+
+def delete_resources(db_path: str, pick: Callable[[Metadata], list[dict]], dry_run: bool,
+                     console: Console) -> int:
+    """Mark resources deleted and remove the objects nothing else refers to;
+    report what was derived from them (kept: it is data in its own right)."""
+    db = Database(db_path)
+    db.require()
+    lock = db.lock()
+    meta = Metadata(db.metadata_path)
+    try:
+        victims = pick(meta)
+        budget = [LINEAGE_LIMIT]
+        derived = sum(count_live(tree) for r in victims
+                      for tree in descendants(meta, r["id"], budget))
+        verb = "would delete" if dry_run else "deleted"
+        # A dry run makes the same change, sees what it frees, and rolls it back.
+        with _Transaction(meta.db, commit=not dry_run):
+            meta.mark_deleted([r["id"] for r in victims])
+            freed = unreferenced(meta, {r["hash"]: r["size"] for r in victims})
+        if not dry_run:
+            remove_objects(db, freed, console)
+        for r in victims:
+            console.detail(f"{verb} {describe_resource(r)}")
+        console.info(f"{verb} {len(victims)} resource(s), {len(freed)} object(s) "
+                     f"({human_bytes(sum(freed.values()))})"
+                     + (f"; {derived} resource(s) derived from them are kept "
+                        "(-lineage HASH -descendants shows them)" if derived else ""))
+    finally:
+        meta.close()
+        lock.close()
+    return EXIT_OK
+
+
+def count_live(consumer: dict) -> int:
+    return sum(1 + sum(count_live(c) for c in out["consumed_by"])
+               for out in consumer["outputs"] if not out["resource"]["deleted_at"])
+
+
+def unreferenced(meta: Metadata, candidates: dict[str, int]) -> dict[str, int]:
+    """Those of `candidates` (hash -> size) that no metadata refers to."""
+    return {h: candidates[h] for h in sorted(set(candidates) - set(meta.referenced_hashes()))}
+
+
+def remove_objects(db: "Database", hashes: Iterable[str], console: Console) -> None:
+    store = ObjectStore(db.objects_path)
+    try:
+        for digest in hashes:
+            console.detail(f"removing object {digest}")
+            store.delete(digest)
+        store.sync()
+    finally:
+        store.close()
+
+
+def cmd_delete(db_path: str, ref: str, dry_run: bool, console: Console) -> int:
+    """Delete one object's resources (by hash) or every resource of a name."""
+    def pick(meta: Metadata) -> list[dict]:
+        if re.fullmatch(r"[0-9a-fA-F]{%d,64}" % HASH_PREFIX_MIN, ref):
+            found = [r for r in meta.resources_with_hash(ref.lower()) if not r["deleted_at"]]
+            if len({r["hash"] for r in found}) > 1:
+                raise NotFoundError(f"hash prefix {ref} is ambiguous: give more digits")
+            if found:
+                return found
+        found = meta.live_resources_named(ref)
+        if not found:
+            raise NotFoundError(f"no resource named or with hash {quote(ref)} in {db_path}")
+        return found
+    return delete_resources(db_path, pick, dry_run, console)
+
+
+def cmd_prune(db_path: str, name: str, keep: int | None, dry_run: bool,
+              console: Console) -> int:
+    if keep is None or keep < 0:
+        raise GritError("-prune NAME needs -keep N (how many of the newest to keep, 0 or more)")
+
+    def pick(meta: Metadata) -> list[dict]:
+        found = meta.live_resources_named(name)
+        if not found:
+            raise NotFoundError(f"no resource named {quote(name)} in {db_path}")
+        return found[keep:]
+    return delete_resources(db_path, pick, dry_run, console)
+
+
+class _ObjectReader(io.RawIOBase):
+    """An object's chunks as a file, hashed as read: tarfile copies from it."""
+
+    def __init__(self, store: "ObjectStore", digest: str) -> None:
+        self.digest = digest
+        self.chunks = store.open(digest)
+        self.hasher = hashlib.sha256()
+        self.rest = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: "memoryview") -> int:  # type: ignore[override]
+        if not self.rest:
+            self.rest = next(self.chunks, b"")
+            self.hasher.update(self.rest)
+        n = min(len(buf), len(self.rest))
+        buf[:n] = self.rest[:n]
+        self.rest = self.rest[n:]
+        return n
+
+
+def cmd_export_tar(db_path: str, pattern: str, target: str, newest: bool,
+                   console: Console) -> int:
+    """Resources as a tar stream: every one of the names matching `pattern` as
+    NAME/HASH, or with -newest the newest of each as NAME."""
+    meta, db = open_readonly(db_path)
+    if newest:
+        chosen = [(r, r["name"]) for r in meta.newest_per_name(pattern)]
+    else:
+        chosen = [(r, f"{r['name']}/{r['hash']}") for r in meta.live_resources_matching(pattern)]
+    if not chosen:
+        raise NotFoundError(f"no resource named {quote(pattern)} in {db_path}")
+    partial = "" if target == "-" else f"{target}.partial"
+    store = ObjectStore(db.objects_path, readonly=True)
+    try:
+        out = open(partial, "wb") if partial else sys.stdout.buffer
+        try:
+            write_tar(store, chosen, out)
+            out.flush()
+        finally:
+            if partial:
+                out.close()
+        if partial:
+            os.replace(partial, target)  # a complete archive, or none at all
+    except KeyError as e:
+        raise GritError(f"object {e.args[0]} is missing (see -verify); export stopped") from None
+    except DamagedObject as e:
+        raise GritError(f"{e} (see -verify); export stopped") from None
+    except OSError as e:
+        raise GritError(f"cannot write {target}: {e.strerror or e}") from None
+    finally:
+        store.close()
+        if partial and os.path.exists(partial):
+            os.unlink(partial)
+    console.info(f"exported {len(chosen)} resource(s) to {target if partial else 'stdout'}")
+    return EXIT_OK
+
+
+def write_tar(store: "ObjectStore", chosen: list[tuple[dict, str]], out: IO[bytes]) -> None:
+    import tarfile
+
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        for resource, member in chosen:
+            info = tarfile.TarInfo(member)
+            info.size, info.mode = resource["size"], 0o644
+            info.mtime = int(parse_utc(resource["created_at"]))
+            reader = _ObjectReader(store, resource["hash"])
+            tar.addfile(info, io.BufferedReader(reader, CHUNK_SIZE))
+            if reader.hasher.hexdigest() != resource["hash"]:
+                raise DamagedObject(f"object {resource['hash']} does not match its hash")
+
+
+def parse_utc(text: str) -> float:
+    import calendar
+    return calendar.timegm(time.strptime(text[:19], "%Y-%m-%dT%H:%M:%S"))
+
+
+def plan_run(opts: "RunOptions", manifest: Manifest) -> list[dict]:
+    """What a -run would start now, per step, and why; reads, never writes."""
+    db = Database(opts.db)
+    meta = Metadata(db.metadata_path, readonly=True) \
+        if os.path.isfile(db.metadata_path) else None
+    names = {d.name for d in manifest.steps}
+    if opts.start:
+        names = steps_downstream_of(manifest, opts.start, meta)
+    elif opts.steps:
+        names = {manifest.step(n).name for n in opts.steps}
+    plan = []
+    for definition in manifest.steps:
+        if definition.name not in names:
+            continue
+        row = meta.latest_step(definition.name) if meta else None
+        reasons: dict[str, int] = {}
+        if row is None or not is_current(row, definition):
+            why = "new_step_version" if row else "new_step"
+            reasons[why] = 1 if definition.is_seed else \
+                meta.count_matching(definition.inputs, 0) if meta else 0
+            version = row[1] + 1 if row else 1
+        else:
+            version = row[1]
+            reasons["retry_failed"] = meta.count_tasks(row[0], "failed")
+            reasons["left_pending"] = meta.count_tasks(row[0], "pending")
+            if not definition.is_seed:
+                reasons["new_resource"] = meta.count_matching(definition.inputs, row[4])
+        reasons = {k: v for k, v in reasons.items() if v}
+        plan.append({"name": definition.name, "version": version,
+                     "new_version": row is None or not is_current(row, definition),
+                     "tasks": sum(reasons.values()), "reasons": reasons})
+    if meta:
+        meta.close()
+    return plan
+
+
+def steps_downstream_of(manifest: Manifest, start: str, meta: Metadata | None) -> set[str]:
+    """START and the steps fed, transitively, by names its chain produced before
+    (as -start activates them during a run)."""
+    chosen = {manifest.step(start).name}
+    produced = meta.names_produced_by(start) if meta else set()
+    changed = True
+    while changed:
+        changed = False
+        for d in manifest.steps:
+            if d.name not in chosen and not d.is_seed and any(
+                    matches_inputs(n, d.inputs) for n in produced):
+                chosen.add(d.name)
+                produced |= meta.names_produced_by(d.name) if meta else set()
+                changed = True
+    return chosen
+
+
+REASON_TEXT = {"new_step": "new step", "new_step_version": "new step version",
+               "new_resource": "new resource(s)", "retry_failed": "failed task(s) to retry",
+               "left_pending": "left pending by an earlier run"}
+
+
+def print_plan(plan: list[dict]) -> None:
+    print("dry run: nothing is run or written")
+    width = max([len(p["name"]) for p in plan] + [4])
+    for p in plan:
+        why = ", ".join(f"{n} {REASON_TEXT[k]}" for k, n in p["reasons"].items())
+        version = f"v{p['version']}" + (" (new)" if p["new_version"] else "")
+        print(f"{p['name']:<{width}}  {version:<8}  {p['tasks']:>7} task(s)"
+              + (f": {why}" if why else ""))
+    total = sum(p["tasks"] for p in plan)
+    print(f"{total} task(s) would start; their outputs may make more work downstream")
 # =============================================================================
 # CLI
 # =============================================================================
@@ -2453,7 +3126,25 @@ def build_parser() -> argparse.ArgumentParser:
     flag("verify", action="store_true",
          help="check the database: metadata integrity, every object present and matching its hash")
     flag("gc", action="store_true",
-         help="remove objects that nothing refers to (left by killed or failed tasks)")
+         help="remove objects that nothing refers to, then compact the object store")
+    flag("status", action="store_true",
+         help="tasks pending/done/failed per step version, resources per name, sizes")
+    flag("log", metavar="TASK|HASH",
+         help="a task's stdout, stderr, exit status and input (by task id, or the task "
+              "that produced a resource hash)")
+    flag("lineage", metavar="HASH", help="where a resource came from, back to the seed")
+    flag("descendants", action="store_true", help="with -lineage: also what was made from it")
+    flag("dry-run", dest="dry_run", action="store_true",
+         help="with -run: what would be scheduled and why; with -delete/-prune: what would go")
+    flag("delete", metavar="HASH|NAME",
+         help="delete a resource by hash, or every resource of a name (records are kept)")
+    flag("prune", metavar="NAME", help="delete all but the newest -keep N resources of NAME")
+    flag("keep", metavar="N", type=int, help="with -prune: how many of the newest to keep")
+    flag("export-tar", metavar=("PATTERN", "FILE"), dest="export_tar", nargs=2,
+         help="write the resources of matching names as a tar (FILE - is stdout), "
+              "each as NAME/HASH, or with -newest the newest of each as NAME")
+    flag("newest", action="store_true", help="with -export-tar: only the newest of each name")
+    flag("json", action="store_true", help="with -status, -log, -lineage, -dry-run: JSON output")
     flag("timeout", metavar="SECONDS", type=float, default=0,
          help="kill a task after SECONDS unless its step sets timeout (default: no limit)")
     flag("output-mode", metavar="MODE", dest="output_mode", default="auto",
@@ -2464,15 +3155,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# The commands (exactly one per call), and the options that modify some of them.
+COMMANDS = {"run": "-run", "export": "-export NAME", "export_hash": "-export-hash HASH",
+            "verify": "-verify", "gc": "-gc", "status": "-status", "log": "-log TASK|HASH",
+            "lineage": "-lineage HASH", "delete": "-delete HASH|NAME", "prune": "-prune NAME",
+            "export_tar": "-export-tar PATTERN FILE"}
+MODIFIERS = {"dry_run": ("run", "delete", "prune"), "json": ("run", "status", "log", "lineage"),
+             "descendants": ("lineage",), "keep": ("prune",), "newest": ("export_tar",)}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     console = Console(0 if args.quiet else 2 if args.verbose else 1)
-    commands = [c for c in ("run", "export", "export_hash", "verify", "gc") if getattr(args, c)]
+    commands = [c for c in COMMANDS if getattr(args, c) not in (None, False)]
     try:
         if len(commands) != 1:
-            raise GritError("give exactly one of -run, -export NAME, -export-hash HASH, "
-                            "-verify, -gc (see grit --help)")
+            raise GritError("give exactly one of " + ", ".join(COMMANDS.values())
+                            + " (see grit --help)")
+        for option, allowed in MODIFIERS.items():
+            if getattr(args, option) not in (None, False) and commands[0] not in allowed:
+                raise GritError(f"-{option.replace('_', '-')} goes with "
+                                + " or ".join(COMMANDS[c].split()[0] for c in allowed))
         if args.run:
             if not args.manifest:
                 raise GritError("-run needs -manifest PATH")
@@ -2481,14 +3185,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not 0 <= args.timeout < float("inf"):
                 raise GritError(f"-timeout must be 0 (no limit) or more seconds, not {args.timeout}")
             return cmd_run(RunOptions(args.manifest, args.db, args.parallel, args.start,
-                                      args.step, args.output_mode, args.timeout), console)
-        if args.export:
+                                      args.step, args.output_mode, args.timeout,
+                                      args.dry_run, args.json), console)
+        command = commands[0]
+        if command == "export":
             return cmd_export(args.db, args.export)
-        if args.verify:
+        if command == "export_hash":
+            return cmd_export_hash(args.db, args.export_hash)
+        if command == "verify":
             return cmd_verify(args.db, console)
-        if args.gc:
+        if command == "gc":
             return cmd_gc(args.db, console)
-        return cmd_export_hash(args.db, args.export_hash)
+        if command == "status":
+            return cmd_status(args.db, args.json)
+        if command == "log":
+            return cmd_log(args.db, args.log, args.json)
+        if command == "lineage":
+            return cmd_lineage(args.db, args.lineage, args.descendants, args.json)
+        if command == "delete":
+            return cmd_delete(args.db, args.delete, args.dry_run, console)
+        if command == "prune":
+            return cmd_prune(args.db, args.prune, args.keep, args.dry_run, console)
+        return cmd_export_tar(args.db, args.export_tar[0], args.export_tar[1], args.newest,
+                              console)
     except GritError as e:
         console.end_progress()
         console.error(str(e))

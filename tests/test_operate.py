@@ -1,0 +1,354 @@
+"""Operating a database: -status, -log, -lineage, -dry-run, -delete, -prune,
+-gc compaction, -export-tar and the progress view, end to end."""
+import io
+import json
+import os
+import pty
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+from conftest import GRIT, wait_for
+
+PIPELINE = '''
+[[step]]
+name = "seed"
+script = """
+for i in 1 2 3; do echo "item $i" > $OUTPUT_DIR/in-$i; done
+echo seeded; echo "a warning" >&2
+"""
+[[step]]
+name = "upper"
+inputs = ["in-*"]
+script = """
+[ "$GRIT_INPUT_NAME" != "in-3" ] || [ -e {ok} ] || {{ echo "bad input three" >&2; exit 3; }}
+tr a-z A-Z < "$INPUT_FILE" > "$OUTPUT_DIR/upper"
+"""
+[[step]]
+name = "rev"
+inputs = ["upper"]
+script = 'rev "$INPUT_FILE" > "$OUTPUT_DIR/rev"'
+'''
+
+
+def cmd(grit, *args, check=0):
+    return grit("-db", str(grit.db), *args, check=check)
+
+
+def as_json(grit, *args):
+    return json.loads(cmd(grit, *args, "-json").stdout)
+
+
+def pipeline(grit, tmp_path, succeed=False):
+    grit.write(PIPELINE.format(ok=tmp_path / "ok"))
+    if succeed:
+        (tmp_path / "ok").touch()
+    return grit.run(check=None)
+
+
+def test_status_per_step_version_with_json(grit, tmp_path):
+    assert pipeline(grit, tmp_path).returncode == 1      # in-3 fails in upper
+    grit.write(PIPELINE.format(ok=tmp_path / "ok").replace("rev \"", "rev -- \""))
+    (tmp_path / "ok").touch()
+    grit.run()                                           # rev v2; upper's failure retried
+    data = as_json(grit, "-status")
+    steps = {(s["name"], s["version"]): s for s in data["steps"]}
+    assert steps[("seed", 1)]["tasks"] == {"pending": 0, "done": 1, "failed": 0}
+    assert steps[("upper", 1)]["tasks"] == {"pending": 0, "done": 3, "failed": 0}
+    assert steps[("rev", 1)]["tasks"]["done"] == 2 and not steps[("rev", 1)]["latest"]
+    assert steps[("rev", 2)]["tasks"]["done"] == 3 and steps[("rev", 2)]["latest"]
+    assert data["resources"]["names"] == {"in-1": 1, "in-2": 1, "in-3": 1, "upper": 3, "rev": 3}
+    assert data["resources"]["count"] == 9 and data["resources"]["deleted"] == 0
+    assert data["run_in_progress"] is None
+    assert data["size_bytes"]["metadata"] > 0 and data["size_bytes"]["objects"] > 0
+    text = cmd(grit, "-status").stdout.splitlines()
+    assert text[0].startswith(f"database {grit.db}:") and "no run in progress" in text[0]
+    assert text[1].split() == ["step", "version", "pending", "done", "failed"]
+    assert "rev v1 (old) 0 2 0" in [" ".join(line.split()) for line in text]
+    assert "resources: 9 in 5 name(s), 0 deleted; 9 object(s)" in "\n".join(text)
+
+
+def done_tasks(grit):
+    try:
+        return grit.sql("SELECT count(*) FROM task WHERE status = 'done'")[0][0]
+    except Exception:  # not created yet
+        return 0
+
+
+def test_status_and_dry_run_during_and_after_an_interrupted_run(grit, tmp_path):
+    grit.write('''
+        [[step]]
+        name = "seed"
+        script = "for i in 1 2 3 4 5 6; do echo $i > $OUTPUT_DIR/n-$i; done"
+        [[step]]
+        name = "slow"
+        inputs = ["n-*"]
+        parallel = 1
+        script = "sleep 0.4; cat $INPUT_FILE > $OUTPUT_DIR/out"
+    ''')
+    proc = grit.popen()
+    try:
+        assert wait_for(lambda: done_tasks(grit) >= 2)
+        live = as_json(grit, "-status")
+        assert live["run_in_progress"] == proc.pid
+        assert "a run is in progress" in cmd(grit, "-status").stdout
+    finally:
+        proc.kill()
+        proc.wait()
+    after = as_json(grit, "-status")
+    assert after["run_in_progress"] is None
+    slow = [s for s in after["steps"] if s["name"] == "slow"][0]["tasks"]
+    assert slow["pending"] > 0 and slow["pending"] + slow["done"] == 6
+    plan = json.loads(grit.run("-dry-run", "-json").stdout)
+    assert plan["steps"][1] == {"name": "slow", "version": 1, "new_version": False,
+                                "tasks": slow["pending"],
+                                "reasons": {"left_pending": slow["pending"]}}
+    assert as_json(grit, "-status") == after             # the dry run wrote nothing
+    grit.run()
+    assert json.loads(grit.run("-dry-run", "-json").stdout)["tasks"] == 0
+
+
+def test_dry_run_says_what_and_why_and_writes_nothing(grit, tmp_path):
+    grit.write(PIPELINE.format(ok=tmp_path / "ok"))
+    fresh = grit.run("-dry-run")
+    assert not grit.db.exists()                          # not even created
+    lines = [" ".join(line.split()) for line in fresh.stdout.splitlines()]
+    assert lines[0] == "dry run: nothing is run or written"
+    assert "seed v1 (new) 1 task(s): 1 new step" in lines
+    assert "upper v1 (new) 0 task(s)" in lines
+    grit.run(check=1)                                    # in-3 fails in upper
+    (tmp_path / "inputs").mkdir()
+    grit.write(PIPELINE.format(ok=tmp_path / "ok").replace("rev \"", "rev -- \""))
+    before = grit.sql("SELECT count(*) FROM task")
+    plan = json.loads(grit.run("-dry-run", "-json").stdout)
+    steps = {s["name"]: s for s in plan["steps"]}
+    assert steps["seed"]["tasks"] == 0
+    assert steps["upper"]["reasons"] == {"retry_failed": 1}
+    assert steps["rev"] == {"name": "rev", "version": 2, "new_version": True, "tasks": 2,
+                            "reasons": {"new_step_version": 2}}
+    assert plan["tasks"] == 3
+    assert grit.sql("SELECT count(*) FROM task") == before
+    assert grit.sql("SELECT max(version) FROM step WHERE name = 'rev'") == [(1,)]
+    only = json.loads(grit.run("-dry-run", "-json", "-step", "upper").stdout)
+    assert [s["name"] for s in only["steps"]] == ["upper"]
+
+
+def test_log_by_task_id_and_by_resource_hash(grit, tmp_path):
+    pipeline(grit, tmp_path)
+    seed = cmd(grit, "-log", "1").stdout
+    assert seed.startswith("task 1: seed v1, done, exit status 0 in ")
+    assert "input:  none (a seed task)" in seed
+    assert "--- stdout (7 B) ---\nseeded\n--- stderr (10 B) ---\na warning\n" in seed
+    failed_id = grit.sql("SELECT id FROM task WHERE status = 'failed'")[0][0]
+    failed = as_json(grit, "-log", str(failed_id))
+    assert failed["status"] == "failed" and failed["exit_code"] == 3
+    assert failed["stderr"] == "bad input three\n" and "exit status 3" in failed["error"]
+    assert failed["input"]["name"] == "in-3" and failed["outputs"] == []
+    assert failed["step"] == "upper" and failed["version"] == 1
+    assert set(failed) == {"task", "step", "version", "status", "exit_code", "error", "duration",
+                           "started_at", "finished_at", "input", "outputs", "stdout", "stderr"}
+    digest = grit.export("rev")[0][0]
+    by_hash = as_json(grit, "-log", digest[:10])
+    assert by_hash["step"] == "rev" and [o["hash"] for o in by_hash["outputs"]] == [digest]
+    missing = cmd(grit, "-log", "999", check=1)
+    assert missing.stderr.strip() == f"grit: error: no task 999 in {grit.db}"
+    bad = cmd(grit, "-log", "xyz", check=2)
+    assert "needs a SHA-256 hash or a prefix" in bad.stderr and len(bad.stderr.splitlines()) == 1
+
+
+def test_lineage_back_to_the_seed_and_descendants(grit, tmp_path):
+    pipeline(grit, tmp_path, succeed=True)
+    final = grit.sql("SELECT hash FROM resource WHERE name = 'rev' ORDER BY id")[0][0]
+    text = cmd(grit, "-lineage", final).stdout.splitlines()
+    assert text[0].startswith(f"rev {final} (")
+    assert text[1].strip().startswith("made by task") and "(rev v1) from" in text[1]
+    assert text[2].strip().startswith("upper ")
+    assert text[4].strip().startswith("in-")
+    assert text[5].strip().endswith("(seed v1), a seed task")
+    chain = as_json(grit, "-lineage", final)["lineage"][0]
+    names = []
+    node = chain
+    while node:
+        names.append(node["resource"]["name"])
+        node = node["produced_by"]["input"]
+    assert names[0] == "rev" and names[1] == "upper" and names[2].startswith("in-")
+    source = grit.export("in-2")[0][0]
+    down = as_json(grit, "-lineage", source, "-descendants")["lineage"][0]["consumed_by"]
+    assert [(c["step"], c["status"]) for c in down] == [("upper", "done")]
+    upper_out = down[0]["outputs"][0]
+    assert upper_out["resource"]["name"] == "upper"
+    assert upper_out["consumed_by"][0]["outputs"][0]["resource"]["name"] == "rev"
+    assert "descendants:" in cmd(grit, "-lineage", source, "-descendants").stdout
+
+
+def test_delete_keeps_records_frees_objects_and_revives_on_reproduction(grit, tmp_path):
+    pipeline(grit, tmp_path, succeed=True)
+    digest = grit.export("in-1")[0][0]
+    objects_before = grit.sql("SELECT count(DISTINCT hash) FROM resource")[0][0]
+    dry = cmd(grit, "-delete", digest, "-dry-run")
+    assert "would delete 1 resource(s), 1 object(s) (7 B); 2 resource(s) derived" in dry.stderr
+    assert grit.has("in-1")
+    done = cmd(grit, "-delete", digest)
+    assert "deleted 1 resource(s), 1 object(s)" in done.stderr
+    assert not grit.has("in-1")
+    assert cmd(grit, "-export-hash", digest, check=1).returncode == 1
+    assert "deleted" in cmd(grit, "-lineage", digest).stdout    # the record stays
+    assert grit.has("upper") and len(grit.export("upper")) == 3  # derived data is kept
+    assert "0 problem(s)" in cmd(grit, "-verify").stderr
+    assert "0 task(s) run" in grit.run().stderr                   # nothing to redo
+    # a new consumer version does not see the deleted resource
+    grit.write(PIPELINE.format(ok=tmp_path / "ok").replace("tr a-z", ": v2; tr a-z"))
+    assert "2 task(s) run" in grit.run().stderr
+    # producing the same content again brings it back, with its bytes
+    grit.write(PIPELINE.format(ok=tmp_path / "ok").replace("seeded", "seeded again"))
+    grit.run()
+    assert grit.contents("in-1") == [b"item 1\n"]
+    assert grit.sql("SELECT count(DISTINCT hash) FROM resource")[0][0] >= objects_before
+    # by name: every resource of it
+    assert "deleted 3 resource(s)" in cmd(grit, "-delete", "rev").stderr
+    assert not grit.has("rev")
+    assert cmd(grit, "-delete", "nothing-here", check=1).stderr.startswith("grit: error: no ")
+
+
+def test_prune_keeps_the_newest(grit):
+    for i in range(1, 5):
+        grit.write(f'[[step]]\nname = "s"\nscript = "echo {i} > $OUTPUT_DIR/model"\n')
+        grit.run()
+    assert cmd(grit, "-prune", "model", check=2).stderr.startswith("grit: error: -prune NAME needs")
+    dry = cmd(grit, "-prune", "model", "-keep", "1", "-dry-run")
+    assert "would delete 3 resource(s)" in dry.stderr and len(grit.export("model")) == 4
+    cmd(grit, "-prune", "model", "-keep", "1")
+    assert grit.contents("model") == [b"4\n"]
+    assert "deleted 0 resource(s)" in cmd(grit, "-prune", "model", "-keep", "1").stderr
+
+
+def test_gc_compacts_the_object_store_and_survives_a_crash_mid_swap(grit):
+    grit.write('''
+        [[step]]
+        name = "s"
+        script = "head -c 8000000 /dev/urandom > $OUTPUT_DIR/big; echo small > $OUTPUT_DIR/small"
+    ''')
+    grit.run()
+    data = grit.db / "objects" / "data.mdb"
+    before = data.stat().st_size
+    cmd(grit, "-delete", "big")
+    gc = cmd(grit, "-gc")
+    assert "compacted from" in gc.stderr
+    assert data.stat().st_size < before / 4
+    assert oct(data.stat().st_mode & 0o777) == "0o600"
+    assert grit.contents("small") == [b"small\n"]
+    assert "0 problem(s)" in cmd(grit, "-verify").stderr
+    assert "not compacted" in cmd(grit, "-gc").stderr        # nothing left to gain
+    # a -gc killed between its two renames: the next lock holder finishes the swap
+    objects = grit.db / "objects"
+    shutil.copytree(objects, grit.db / "objects.compact")
+    objects.rename(grit.db / "objects.old")
+    grit.run()
+    assert objects.exists() and not (grit.db / "objects.old").exists()
+    assert grit.contents("small") == [b"small\n"]
+    # killed while copying: the partial copy is dropped
+    (grit.db / "objects.compact").mkdir()
+    (grit.db / "objects.compact" / "data.mdb").write_bytes(b"partial")
+    cmd(grit, "-gc")
+    assert not (grit.db / "objects.compact").exists()
+    assert "0 problem(s)" in cmd(grit, "-verify").stderr
+
+
+def test_export_tar_every_version_or_the_newest(grit, tmp_path):
+    for i in (1, 2):
+        grit.write(f'''
+            [[step]]
+            name = "s"
+            script = "echo v{i} > $OUTPUT_DIR/model; mkdir $OUTPUT_DIR/d; echo x > $OUTPUT_DIR/d/f"
+        ''')
+        grit.run()
+    cmd(grit, "-export-tar", "model", str(tmp_path / "all.tar"))
+    with tarfile.open(tmp_path / "all.tar") as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    assert members == {f"model/{h}": grit.content(h) for h, _, _ in grit.export("model")}
+    assert sorted(members.values()) == [b"v1\n", b"v2\n"]
+    out = subprocess.run([sys.executable, GRIT, "-db", str(grit.db), "-export-tar", "*", "-",
+                          "-newest"], capture_output=True, check=True)
+    with tarfile.open(fileobj=io.BytesIO(out.stdout)) as tar:
+        newest = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    assert newest == {"d/f": b"x\n", "model": b"v2\n"}
+    bad = cmd(grit, "-export-tar", "model", str(tmp_path / "no" / "such" / "x.tar"), check=2)
+    assert bad.stderr.startswith("grit: error: cannot write") and len(bad.stderr.splitlines()) == 1
+    assert not (tmp_path / "no").exists()
+    assert cmd(grit, "-export-tar", "nope-*", "-", check=1).stderr.startswith("grit: error: no")
+
+
+def test_options_that_need_another_command_say_so(grit, tmp_path):
+    pipeline(grit, tmp_path, succeed=True)
+    for args, message in [(["-export", "rev", "-json"], "-json goes with -run or -status"),
+                          (["-status", "-keep", "2"], "-keep goes with -prune"),
+                          (["-status", "-gc"], "give exactly one of"),
+                          (["-lineage", "abc"], "needs a SHA-256 hash")]:
+        proc = cmd(grit, *args, check=2)
+        assert message in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert grit.run("-json", check=2).stderr.startswith("grit: error: -json goes with -run only")
+
+
+def test_a_schema_1_database_is_upgraded_in_place(grit, tmp_path):
+    pipeline(grit, tmp_path, succeed=True)
+    import sqlite3
+    db = sqlite3.connect(grit.db / "metadata.sqlite")
+    db.execute("ALTER TABLE resource DROP COLUMN deleted_at")
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+    assert as_json(grit, "-status")["resources"]["count"] == 9   # a read-only command
+    assert grit.sql("PRAGMA user_version") == [(2,)]
+    cmd(grit, "-delete", "rev")
+    assert "0 task(s) run" in grit.run().stderr
+
+
+SLOW_FANOUT = '''
+[[step]]
+name = "seed"
+script = "for i in $(seq 1 40); do echo $i > $OUTPUT_DIR/n-$i; done"
+[[step]]
+name = "slow"
+inputs = ["n-*"]
+parallel = 2
+script = "sleep 0.1; cat $INPUT_FILE > $OUTPUT_DIR/out"
+'''
+
+
+def test_progress_on_a_terminal_shows_counts_rate_and_eta(grit):
+    grit.write(SLOW_FANOUT)
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: grit with a terminal as stderr
+        os.execv(sys.executable, [sys.executable, GRIT, "-manifest", str(grit.manifest),
+                                  "-db", str(grit.db), "-run"])
+    screen = b""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 1)
+        try:
+            chunk = os.read(fd, 65536) if ready else b""
+        except OSError:
+            break
+        if ready and not chunk:
+            break
+        screen += chunk
+    os.waitpid(pid, 0)
+    text = screen.decode(errors="replace")
+    assert "\r\x1b[K" in text                                  # a line rewritten in place
+    assert "slow " in text and "/40" in text and "tasks/s, ETA " in text
+    assert "41 task(s) run, 0 failed" in text
+
+
+def test_progress_is_plain_lines_off_a_terminal_and_nothing_when_quiet(grit):
+    grit.write(SLOW_FANOUT)
+    proc = grit.run(env={"GRIT_PROGRESS_SECONDS": "0.5"})
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("progress: ")]
+    assert 2 <= len(lines) <= 20 and "\r" not in proc.stderr
+    assert "slow " in lines[-1] and "/40" in lines[-1]
+    grit.write(SLOW_FANOUT.replace("sleep 0.1", "sleep 0.11"))
+    quiet = grit.run("-quiet", env={"GRIT_PROGRESS_SECONDS": "0.5"})
+    assert quiet.stderr == ""
