@@ -81,7 +81,7 @@ def test_disk_full_fails_cleanly_and_the_next_run_completes(tmp_path, small_disk
         require_fuse()
     grit = Grit(tmp_path)
     grit.db = small_disk / "db"
-    grit.write(f'''
+    grit.write('''
         [[step]]
         name = "seed"
         script = "for i in $(seq 1 12); do echo $i > $OUTPUT_DIR/n-$i; done"

@@ -6,7 +6,6 @@ import os
 import pty
 import select
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
@@ -32,6 +31,17 @@ tr a-z A-Z < "$INPUT_FILE" > "$OUTPUT_DIR/upper"
 name = "rev"
 inputs = ["upper"]
 script = 'rev "$INPUT_FILE" > "$OUTPUT_DIR/rev"'
+'''
+
+SLOW_FANOUT = '''
+[[step]]
+name = "seed"
+script = "for i in $(seq 1 40); do echo $i > $OUTPUT_DIR/n-$i; done"
+[[step]]
+name = "slow"
+inputs = ["n-*"]
+parallel = 2
+script = "sleep 0.1; cat $INPUT_FILE > $OUTPUT_DIR/out"
 '''
 
 
@@ -80,16 +90,7 @@ def done_tasks(grit):
 
 
 def test_status_and_dry_run_during_and_after_an_interrupted_run(grit, tmp_path):
-    grit.write('''
-        [[step]]
-        name = "seed"
-        script = "for i in 1 2 3 4 5 6; do echo $i > $OUTPUT_DIR/n-$i; done"
-        [[step]]
-        name = "slow"
-        inputs = ["n-*"]
-        parallel = 1
-        script = "sleep 0.4; cat $INPUT_FILE > $OUTPUT_DIR/out"
-    ''')
+    grit.write(SLOW_FANOUT)
     proc = grit.popen()
     try:
         assert wait_for(lambda: done_tasks(grit) >= 2)
@@ -102,7 +103,7 @@ def test_status_and_dry_run_during_and_after_an_interrupted_run(grit, tmp_path):
     after = as_json(grit, "-status")
     assert after["run_in_progress"] is None
     slow = [s for s in after["steps"] if s["name"] == "slow"][0]["tasks"]
-    assert slow["pending"] > 0 and slow["pending"] + slow["done"] == 6
+    assert slow["pending"] > 0 and slow["pending"] + slow["done"] == 40
     plan = json.loads(grit.run("-dry-run", "-json").stdout)
     assert plan["steps"][1] == {"name": "slow", "version": 1, "new_version": False,
                                 "tasks": slow["pending"],
@@ -307,16 +308,6 @@ def test_a_schema_1_database_is_upgraded_in_place(grit, tmp_path):
     assert "0 task(s) run" in grit.run().stderr
 
 
-SLOW_FANOUT = '''
-[[step]]
-name = "seed"
-script = "for i in $(seq 1 40); do echo $i > $OUTPUT_DIR/n-$i; done"
-[[step]]
-name = "slow"
-inputs = ["n-*"]
-parallel = 2
-script = "sleep 0.1; cat $INPUT_FILE > $OUTPUT_DIR/out"
-'''
 
 
 def test_progress_on_a_terminal_shows_counts_rate_and_eta(grit):

@@ -123,7 +123,7 @@ def test_hostile_tasks(grit, output_mode, case, script, expect):
 
 
 def test_daemon_writing_after_the_script_exits_is_not_collected(grit, output_mode, tmp_path):
-    grit.write(f'''
+    grit.write('''
         [[step]]
         name = "seed"
         script = "for i in 1 2 3 4 5 6; do echo $i > $OUTPUT_DIR/n-$i; done"
