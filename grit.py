@@ -441,8 +441,8 @@ class ObjectStore:
         return digest, size
 
     def put_file(self, path: str) -> tuple[str, int]:
-        with open(path, "rb") as f:
-            return self.put(f)
+        with open(path, "rb", buffering=0) as f:
+            return self.put(f)  # type: ignore[arg-type]
 
     def _put_chunks(self, digest: str, size: int, chunks: Iterator[bytes]) -> None:
         key = bytes.fromhex(digest)
@@ -998,21 +998,7 @@ class DirCapture:
         if not _is_real_dir(out):
             raise OutputError("$OUTPUT_DIR was replaced by something other than a directory")
         found: list[tuple[str, str]] = []
-        for root, dirs, files in os.walk(out):
-            for entry in sorted(dirs + files):
-                path = os.path.join(root, entry)
-                name = os.path.relpath(path, out)
-                st = os.lstat(path)
-                if stat.S_ISDIR(st.st_mode):
-                    continue
-                if stat.S_ISLNK(st.st_mode):
-                    raise OutputError(f"output {name!r} is a symbolic link, not a file")
-                if not stat.S_ISREG(st.st_mode):
-                    raise OutputError(f"output {name!r} is not a regular file")
-                problem = resource_name_problem(name)
-                if problem:
-                    raise OutputError(f"output name {name!r} {problem}")
-                found.append((name, path))
+        _find_outputs(out, "", found)
         outputs = []
         for name, path in found:
             digest, size = self.store.put_file(path)
@@ -1030,6 +1016,27 @@ class DirCapture:
             else:
                 os.unlink(entry.path)
         return None
+
+
+def _find_outputs(directory: str, prefix: str, found: list[tuple[str, str]]) -> None:
+    """(name, path) of every file below `directory`, in name order; refuses
+    symlinks, special files and bad names. Uses the types readdir reports
+    (no stat per file)."""
+    with os.scandir(directory) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    for entry in entries:
+        name = prefix + entry.name
+        if entry.is_dir(follow_symlinks=False):
+            _find_outputs(entry.path, name + "/", found)
+            continue
+        if entry.is_symlink():
+            raise OutputError(f"output {name!r} is a symbolic link, not a file")
+        if not entry.is_file(follow_symlinks=False):
+            raise OutputError(f"output {name!r} is not a regular file")
+        problem = resource_name_problem(name)
+        if problem:
+            raise OutputError(f"output name {name!r} {problem}")
+        found.append((name, entry.path))
 
 
 def _is_real_dir(path: str) -> bool:
@@ -1808,6 +1815,15 @@ class TaskTimeout(Exception):
     """A task ran past its step's (or the run's) timeout."""
 
 
+@dataclass
+class _Slot:
+    """A worker thread's scratch directory and its open log files."""
+
+    path: str
+    stdout: io.FileIO
+    stderr: io.FileIO
+
+
 class LocalExecutor:
     """Runs a task's script on this machine and hands back its outputs.
 
@@ -1828,9 +1844,10 @@ class LocalExecutor:
         self._local = threading.local()
         self._slots = 0
         self._scripts = threading.BoundedSemaphore(parallel)  # -parallel: scripts at once
+        self._environ = dict(os.environ)  # copied once: os.environ decodes on every copy
         self.timeout = 0.0  # -timeout: seconds for steps without their own; 0 = no limit
 
-    def _slot(self) -> str:
+    def _slot(self) -> "_Slot":
         """This worker thread's scratch directory. Its files are rewritten in
         place by each task rather than created and deleted: file creation
         after many deletions is slow on some filesystems (ext4 without a
@@ -1839,9 +1856,13 @@ class LocalExecutor:
         if slot is None:
             with self._lock:
                 self._slots += 1
-                slot = os.path.join(self.workroot, f"worker-{self._slots}")
-            os.mkdir(slot, 0o700)
-            self._local.slot = slot
+                path = os.path.join(self.workroot, f"worker-{self._slots}")
+            os.mkdir(path, 0o700)
+            # The logs stay open from task to task: scripts see them only as
+            # their stdout and stderr, never by path.
+            slot = self._local.slot = _Slot(
+                path, *(io.FileIO(open_private(os.path.join(path, name)), "r+")
+                        for name in ("stdout", "stderr")))
         return slot
 
     def run(self, spec: TaskSpec) -> TaskResult:
@@ -1863,45 +1884,46 @@ class LocalExecutor:
         if note not in result.error and disk_is_full(self.workroot):
             result.error += note
 
-    def _run_in(self, spec: TaskSpec, slot: str) -> TaskResult:
+    def _run_in(self, spec: TaskSpec, slot: "_Slot") -> TaskResult:
         result = TaskResult(spec.task_id, started_at=utc_now())
         started = time.monotonic()
-        input_file = self._write_input(spec, slot) if spec.input_hash else ""
-        out = self.capture.prepare(slot, spec.task_id)
-        env = dict(os.environ, INPUT_FILE=input_file, OUTPUT_DIR=out, GRIT_STEP=spec.step,
+        input_file = self._write_input(spec, slot.path) if spec.input_hash else ""
+        out = self.capture.prepare(slot.path, spec.task_id)
+        env = dict(self._environ, INPUT_FILE=input_file, OUTPUT_DIR=out, GRIT_STEP=spec.step,
                    GRIT_TASK_ID=str(spec.task_id), GRIT_INPUT_NAME=spec.input_name,
                    GRIT_INPUT_HASH=spec.input_hash, GRIT_PREVIOUS_START=spec.previous_start)
-        with os.fdopen(open_private(os.path.join(slot, "stdout")), "r+b") as log_out, \
-                os.fdopen(open_private(os.path.join(slot, "stderr")), "r+b") as log_err:
-            status = self._spawn_and_wait(spec, env, log_out.fileno(), log_err.fileno())
-            truncate_here(log_out.fileno())
-            truncate_here(log_err.fileno())
-            result.duration = time.monotonic() - started
-            if status is None:
-                result.interrupted = True
-                self.capture.discard(out)
-                return result
-            result.exit_code = status
-            try:
-                if status == 0:
-                    result.outputs = self.capture.collect(out)
-                else:
-                    result.error = describe_exit(status) + stderr_tail(log_err)
-                    self._note_full_disk(result)  # before discarding frees the space
-                    # An output refused while the script ran explains its failure best.
-                    problem = self.capture.discard(out)
-                    if problem:
-                        result.error = f"{problem} ({result.error})"
-            except OutputError as e:
-                result.error = str(e)
-                self.capture.discard(out)
-            except OSError as e:
-                result.error = f"cannot collect outputs: {e}"
-                self.capture.discard(out)
-            result.stdout_hash = self._keep_log(log_out)
-            result.stderr_hash = self._keep_log(log_err)
-            if self.console.verbose:
-                self._show_logs(spec, log_out, log_err)
+        log_out, log_err = slot.stdout, slot.stderr
+        log_out.seek(0)
+        log_err.seek(0)
+        status = self._spawn_and_wait(spec, env, log_out.fileno(), log_err.fileno())
+        truncate_here(log_out.fileno())
+        truncate_here(log_err.fileno())
+        result.duration = time.monotonic() - started
+        if status is None:
+            result.interrupted = True
+            self.capture.discard(out)
+            return result
+        result.exit_code = status
+        try:
+            if status == 0:
+                result.outputs = self.capture.collect(out)
+            else:
+                result.error = describe_exit(status) + stderr_tail(log_err)
+                self._note_full_disk(result)  # before discarding frees the space
+                # An output refused while the script ran explains its failure best.
+                problem = self.capture.discard(out)
+                if problem:
+                    result.error = f"{problem} ({result.error})"
+        except OutputError as e:
+            result.error = str(e)
+            self.capture.discard(out)
+        except OSError as e:
+            result.error = f"cannot collect outputs: {e}"
+            self.capture.discard(out)
+        result.stdout_hash = self._keep_log(log_out)
+        result.stderr_hash = self._keep_log(log_err)
+        if self.console.verbose:
+            self._show_logs(spec, log_out, log_err)
         return result
 
     def _write_input(self, spec: TaskSpec, slot: str) -> str:
@@ -2017,8 +2039,11 @@ def open_private(path: str) -> int:
 def truncate_here(fd: int) -> None:
     """Cut a reused scratch file at the current offset: the end of what was
     written this time (for a log, the script's own writes through the shared
-    file description)."""
-    os.ftruncate(fd, os.lseek(fd, 0, os.SEEK_CUR))
+    file description). Only when it is longer: ftruncate costs even when it
+    changes nothing (77 us on ext4 here, against 1 us for fstat)."""
+    here = os.lseek(fd, 0, os.SEEK_CUR)
+    if os.fstat(fd).st_size > here:
+        os.ftruncate(fd, here)
 
 
 def _kill_group(pgid: int, sig: int) -> None:
