@@ -423,8 +423,7 @@ class ObjectStore:
         first = f.read(CHUNK_SIZE)
         if len(first) < CHUNK_SIZE:  # the whole object: one read serves both
             digest = hashlib.sha256(first).hexdigest()
-            if not self.has(digest):
-                self._put_chunks(digest, len(first), iter([first]))
+            self._put_small(digest, first)
             return digest, len(first)
         if digest is None:
             h = hashlib.sha256(first)
@@ -443,6 +442,17 @@ class ObjectStore:
     def put_file(self, path: str) -> tuple[str, int]:
         with open(path, "rb", buffering=0) as f:
             return self.put(f)  # type: ignore[arg-type]
+
+    def _put_small(self, digest: str, data: bytes) -> None:
+        """A one-chunk object, unless stored already: one write transaction."""
+        key = bytes.fromhex(digest)
+
+        def write(txn: object) -> None:
+            if txn.get(key, db=self._objects) is None:  # type: ignore[attr-defined]
+                txn.put(key + struct.pack(">I", 0), data, db=self._chunks)  # type: ignore[attr-defined]
+                txn.put(key, HEADER.pack(len(data), 1), db=self._objects)  # type: ignore[attr-defined]
+
+        self._write(write)
 
     def _put_chunks(self, digest: str, size: int, chunks: Iterator[bytes]) -> None:
         key = bytes.fromhex(digest)
@@ -998,12 +1008,14 @@ class DirCapture:
         if not _is_real_dir(out):
             raise OutputError("$OUTPUT_DIR was replaced by something other than a directory")
         found: list[tuple[str, str]] = []
-        _find_outputs(out, "", found)
+        has_dirs = _find_outputs(out, "", found)
         outputs = []
         for name, path in found:
             digest, size = self.store.put_file(path)
             outputs.append(Output(name, digest, size))
-        self.discard(out)
+            os.unlink(path)
+        if has_dirs:
+            self.discard(out)
         return outputs
 
     def discard(self, out: str) -> str | None:
@@ -1018,16 +1030,18 @@ class DirCapture:
         return None
 
 
-def _find_outputs(directory: str, prefix: str, found: list[tuple[str, str]]) -> None:
-    """(name, path) of every file below `directory`, in name order; refuses
-    symlinks, special files and bad names. Uses the types readdir reports
-    (no stat per file)."""
+def _find_outputs(directory: str, prefix: str, found: list[tuple[str, str]]) -> bool:
+    """Add (name, path) of every file below `directory` to `found`, in name
+    order; refuses symlinks, special files and bad names. Uses the types
+    readdir reports (no stat per file). Returns whether it met a directory."""
     with os.scandir(directory) as it:
         entries = sorted(it, key=lambda e: e.name)
+    has_dirs = False
     for entry in entries:
         name = prefix + entry.name
         if entry.is_dir(follow_symlinks=False):
             _find_outputs(entry.path, name + "/", found)
+            has_dirs = True
             continue
         if entry.is_symlink():
             raise OutputError(f"output {name!r} is a symbolic link, not a file")
@@ -1037,6 +1051,7 @@ def _find_outputs(directory: str, prefix: str, found: list[tuple[str, str]]) -> 
         if problem:
             raise OutputError(f"output name {name!r} {problem}")
         found.append((name, entry.path))
+    return has_dirs
 
 
 def _is_real_dir(path: str) -> bool:

@@ -451,3 +451,19 @@ def test_reused_scratch_files_never_keep_stale_bytes(grit, output_mode):
         n = int(name.split("-")[1])
         assert grit.content(stdout_hash) == b"x" * n
         assert grit.content(stderr_hash) == b"x" * n
+
+
+def test_each_task_starts_with_an_empty_output_directory(grit, output_mode):
+    """Whatever a task leaves (files, empty subdirectories), the next task of
+    the same worker finds $OUTPUT_DIR empty."""
+    grit.write('''
+        [[step]]
+        name = "seed"
+        script = "for i in 1 2 3 4; do echo $i > $OUTPUT_DIR/n-$i; done"
+        [[step]]
+        name = "work"
+        inputs = ["n-*"]
+        script = "mkdir $OUTPUT_DIR/empty $OUTPUT_DIR/sub && echo $GRIT_INPUT_NAME > $OUTPUT_DIR/sub/f"
+    ''')
+    grit.run("-output-mode", output_mode, "-parallel", "1")
+    assert sorted(grit.contents("sub/f")) == [b"n-1\n", b"n-2\n", b"n-3\n", b"n-4\n"]
