@@ -343,3 +343,33 @@ def test_progress_is_plain_lines_off_a_terminal_and_nothing_when_quiet(grit):
     grit.write(SLOW_FANOUT.replace("sleep 0.1", "sleep 0.11"))
     quiet = grit.run("-quiet", env={"GRIT_PROGRESS_SECONDS": "0.5"})
     assert quiet.stderr == ""
+
+
+def test_every_command_works_on_a_database_left_by_kill_9(grit, tmp_path):
+    grit.write(SLOW_FANOUT)
+    proc = grit.popen()
+    try:
+        assert wait_for(lambda: done_tasks(grit) >= 5)
+    finally:
+        proc.kill()  # SIGKILL: no cleanup at all
+        proc.wait()
+    pending = grit.sql("SELECT min(id) FROM task WHERE status = 'pending'")[0][0]
+    assert pending is not None
+    log = as_json(grit, "-log", str(pending))
+    assert log["status"] == "pending" and log["stdout"] == "" and log["exit_code"] is None
+    assert "pending" in cmd(grit, "-log", str(pending)).stdout
+    out = grit.export("out")[0][0]
+    assert "made by task" in cmd(grit, "-lineage", out, "-descendants").stdout
+    cmd(grit, "-export-tar", "out", str(tmp_path / "out.tar"))
+    with tarfile.open(tmp_path / "out.tar") as tar:
+        assert len(tar.getmembers()) == len(grit.export("out"))
+    assert "would delete" in cmd(grit, "-prune", "out", "-keep", "1", "-dry-run").stderr
+    assert "removed" in cmd(grit, "-gc").stderr
+    cmd(grit, "-delete", "n-1")   # by name: that name only, not "out" with the same bytes
+    done = grit.run()
+    assert "0 failed" in done.stderr
+    status = as_json(grit, "-status")
+    slow = [s for s in status["steps"] if s["name"] == "slow"][0]["tasks"]
+    assert slow["pending"] == 0 and slow["failed"] == 0
+    assert status["resources"]["deleted"] == 1
+    assert "0 problem(s)" in cmd(grit, "-verify").stderr
