@@ -2723,6 +2723,7 @@ def cmd_verify(db_path: str, console: Console) -> int:
 
 STATUS_NAMES_SHOWN = 20  # resource names listed by -status in text (-json lists all)
 LINEAGE_LIMIT = 10000    # most resources -lineage -descendants walks
+LINEAGE_DEPTH = 100      # most links followed each way (a cycle can make long chains)
 
 
 def emit_json(data: object) -> None:
@@ -2832,11 +2833,17 @@ def describe_resource(r: dict) -> str:
     return f"{r['name']} {r['hash']} ({human_bytes(r['size'])}, resource {r['id']}{gone})"
 
 
-def ancestry(meta: Metadata, resource: dict) -> dict:
-    """A resource and, link by link, the task, step version and input it came from."""
+def ancestry(meta: Metadata, resource: dict, cut: list[bool]) -> dict:
+    """A resource and, link by link, the task, step version and input it came from
+    (at most LINEAGE_DEPTH links; cut[0] says whether there were more)."""
     node: dict = {"resource": resource, "produced_by": None}
     link = node
-    while link["resource"]["task"]:
+    for links in range(LINEAGE_DEPTH + 1):
+        if not link["resource"]["task"]:
+            break
+        if links == LINEAGE_DEPTH:
+            cut[0] = True
+            break
         task = meta.task(link["resource"]["task"])
         if task is None:
             break
@@ -2849,8 +2856,12 @@ def ancestry(meta: Metadata, resource: dict) -> dict:
     return node
 
 
-def descendants(meta: Metadata, resource_id: int, budget: list[int]) -> list[dict]:
-    """The tasks that consumed a resource and what they made, recursively."""
+def descendants(meta: Metadata, resource_id: int, budget: list[int], depth: int = 0) -> list[dict]:
+    """The tasks that consumed a resource and what they made, recursively (at
+    most LINEAGE_LIMIT resources, LINEAGE_DEPTH levels; budget[0] < 0 if cut)."""
+    if depth == LINEAGE_DEPTH:
+        budget[0] = min(budget[0], -1)
+        return []
     found = []
     for consumer in meta.consumers(resource_id):
         outputs = []
@@ -2858,7 +2869,8 @@ def descendants(meta: Metadata, resource_id: int, budget: list[int]) -> list[dic
             budget[0] -= 1
             if budget[0] < 0:
                 break
-            outputs.append({"resource": out, "consumed_by": descendants(meta, out["id"], budget)})
+            outputs.append({"resource": out,
+                            "consumed_by": descendants(meta, out["id"], budget, depth + 1)})
         found.append({**consumer, "outputs": outputs})
     return found
 
@@ -2889,21 +2901,24 @@ def print_descendants(consumers: list[dict], depth: int) -> None:
 
 def cmd_lineage(db_path: str, ref: str, with_descendants: bool, as_json: bool) -> int:
     meta, _ = open_readonly(db_path)
-    chains = [ancestry(meta, r) for r in resources_for_hash(meta, ref, db_path, "-lineage")]
+    cut = [False]
+    chains = [ancestry(meta, r, cut) for r in resources_for_hash(meta, ref, db_path, "-lineage")]
     budget = [LINEAGE_LIMIT]
     if with_descendants:
         for chain in chains:
             chain["consumed_by"] = descendants(meta, chain["resource"]["id"], budget)
+    truncated = cut[0] or budget[0] < 0
     if as_json:
-        emit_json({"lineage": chains, "truncated": budget[0] < 0})
+        emit_json({"lineage": chains, "truncated": truncated})
         return EXIT_OK
     for chain in chains:
         print_ancestry(chain)
         if with_descendants:
             print("descendants:" if chain["consumed_by"] else "descendants: none")
             print_descendants(chain["consumed_by"], 1)
-    if budget[0] < 0:
-        print(f"(stopped after {LINEAGE_LIMIT} descendants)")
+    if truncated:
+        print(f"(cut: at most {LINEAGE_DEPTH} links each way and {LINEAGE_LIMIT} descendants "
+              "are shown)")
     return EXIT_OK
 
 

@@ -373,3 +373,28 @@ def test_every_command_works_on_a_database_left_by_kill_9(grit, tmp_path):
     assert slow["pending"] == 0 and slow["failed"] == 0
     assert status["resources"]["deleted"] == 1
     assert "0 problem(s)" in cmd(grit, "-verify").stderr
+
+
+def test_lineage_of_a_long_cycle_is_cut_not_crashed(grit):
+    grit.write('''
+        [[step]]
+        name = "seed"
+        script = "echo 0 > $OUTPUT_DIR/n"
+        [[step]]
+        name = "count"
+        inputs = ["n"]
+        script = "n=$(cat $INPUT_FILE); [ $n -ge 150 ] || echo $((n + 1)) > $OUTPUT_DIR/n"
+    ''')
+    grit.run()
+    last = [h for h, _, _ in grit.export("n")][-1]
+    first = grit.export("n")[0][0]
+    data = as_json(grit, "-lineage", last)
+    assert data["truncated"] is True
+    depth, node = 0, data["lineage"][0]
+    while node["produced_by"] and node["produced_by"]["input"]:
+        node, depth = node["produced_by"]["input"], depth + 1
+    assert depth == 100
+    assert as_json(grit, "-lineage", first, "-descendants")["truncated"] is True
+    assert "(cut: at most 100 links" in cmd(grit, "-lineage", first, "-descendants").stdout
+    short = as_json(grit, "-lineage", grit.export("n")[3][0])
+    assert short["truncated"] is False
