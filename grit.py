@@ -843,24 +843,41 @@ class Metadata:
              result.duration, result.task_id))
         return created
 
-    # -- export --------------------------------------------------------------
+    # -- export, inspection and data management ------------------------------
 
-    def resources_named(self, name: str) -> list[tuple[str, str, str]]:
-        return self.db.execute("SELECT hash, name, created_at FROM resource WHERE name = ? "
-                               "AND deleted_at IS NULL ORDER BY id", (name,)).fetchall()
+    def resources(self, where: str, *params: object) -> list[dict]:
+        """Resources as dicts (the shape -json shows), selected by a WHERE clause."""
+        rows = self.db.execute("SELECT id, name, hash, size, task_id, created_at, deleted_at "
+                               f"FROM resource WHERE {where}", params).fetchall()
+        return [dict(zip(("id", "name", "hash", "size", "task", "created_at", "deleted_at"), row))
+                for row in rows]
+
+    def live_resources_named(self, name: str) -> list[dict]:
+        """Resources of that name, oldest first."""
+        return self.resources("name = ? AND deleted_at IS NULL ORDER BY id", name)
+
+    def live_resources_matching(self, pattern: str) -> list[dict]:
+        """Resources whose name is `pattern` or matches it, oldest first."""
+        if not is_pattern(pattern):
+            return self.live_resources_named(pattern)
+        return [r for r in self.resources("deleted_at IS NULL ORDER BY id")
+                if matches_inputs(r["name"], [pattern])]
+
+    def newest_per_name(self, pattern: str) -> list[dict]:
+        """The newest live resource of each name matching `pattern`, by name."""
+        newest = self.resources("id IN (SELECT max(id) FROM resource WHERE deleted_at IS NULL "
+                                "GROUP BY name) ORDER BY name")
+        return [r for r in newest if matches_inputs(r["name"], [pattern])]
+
+    def resources_with_hash(self, prefix: str) -> list[dict]:
+        """Resources (deleted ones too) whose hash starts with `prefix`, oldest first."""
+        return self.resources("hash >= ? AND hash < ? ORDER BY id", prefix, prefix + "g")
 
     def referenced_hashes(self) -> list[str]:
         """Every object hash the metadata refers to: resources and task logs."""
         rows = self.db.execute("SELECT hash FROM resource WHERE deleted_at IS NULL "
                                "UNION SELECT stdout_hash FROM task UNION SELECT stderr_hash FROM task")
         return sorted(r[0] for r in rows if r[0])
-
-    def hashes_with_prefix(self, prefix: str) -> list[str]:
-        rows = self.db.execute("SELECT DISTINCT hash FROM resource WHERE hash >= ? AND hash < ? "
-                               "AND deleted_at IS NULL LIMIT 2", (prefix, prefix + "g"))
-        return [r[0] for r in rows]
-
-    # -- inspection and data management ----------------------------------------
 
     def step_counts(self) -> list[dict]:
         """Tasks pending / done / failed per step version, in registration order."""
@@ -898,21 +915,9 @@ class Metadata:
         keys = ("task", "step", "version", "status", "exit_code", "error", "duration",
                 "started_at", "finished_at", "stdout_hash", "stderr_hash")
         task = dict(zip(keys, row))
-        task["input"] = self.resource(row[11]) if row[11] else None
-        task["outputs"] = [self.resource(rid) for (rid,) in self.db.execute(
-            "SELECT id FROM resource WHERE task_id = ? ORDER BY id", (task_id,))]
+        task["input"] = self.resources("id = ?", row[11])[0] if row[11] else None
+        task["outputs"] = self.resources("task_id = ? ORDER BY id", task_id)
         return task
-
-    def resource(self, resource_id: int) -> dict:
-        row = self.db.execute("SELECT id, name, hash, size, task_id, created_at, deleted_at "
-                              "FROM resource WHERE id = ?", (resource_id,)).fetchone()
-        return dict(zip(("id", "name", "hash", "size", "task", "created_at", "deleted_at"), row))
-
-    def resources_with_hash(self, prefix: str) -> list[dict]:
-        """Resources (deleted ones too) whose hash starts with `prefix`, oldest first."""
-        rows = self.db.execute("SELECT id FROM resource WHERE hash >= ? AND hash < ? "
-                               "ORDER BY id", (prefix, prefix + "g"))
-        return [self.resource(rid) for (rid,) in rows]
 
     def consumers(self, resource_id: int) -> list[dict]:
         """Tasks that took this resource as input, with what they first produced."""
@@ -920,30 +925,8 @@ class Metadata:
             "SELECT t.id, s.name, s.version, t.status FROM task t JOIN step s "
             "ON s.id = t.step_id WHERE t.input_resource_id = ? ORDER BY t.id", (resource_id,))
         return [{"task": tid, "step": name, "version": version, "status": status,
-                 "outputs": [self.resource(rid) for (rid,) in self.db.execute(
-                     "SELECT id FROM resource WHERE task_id = ? ORDER BY id", (tid,))]}
+                 "outputs": self.resources("task_id = ? ORDER BY id", tid)}
                 for tid, name, version, status in rows.fetchall()]
-
-    def live_resources_matching(self, pattern: str) -> list[dict]:
-        """Resources whose name is `pattern` or matches it, oldest first."""
-        if not is_pattern(pattern):
-            return self.live_resources_named(pattern)[::-1]
-        rows = self.db.execute("SELECT id, name FROM resource WHERE deleted_at IS NULL "
-                               "ORDER BY id").fetchall()
-        return [self.resource(rid) for rid, name in rows if matches_inputs(name, [pattern])]
-
-    def live_resources_named(self, name: str) -> list[dict]:
-        """Resources of that name, newest first."""
-        rows = self.db.execute("SELECT id FROM resource WHERE name = ? AND deleted_at IS NULL "
-                               "ORDER BY id DESC", (name,))
-        return [self.resource(rid) for (rid,) in rows.fetchall()]
-
-    def newest_per_name(self, pattern: str) -> list[dict]:
-        """The newest live resource of each name matching `pattern`, by name."""
-        rows = self.db.execute("SELECT max(id), name FROM resource WHERE deleted_at IS NULL "
-                               "GROUP BY name ORDER BY name")
-        return [self.resource(rid) for rid, name in rows.fetchall()
-                if matches_inputs(name, [pattern])]
 
     def mark_deleted(self, resource_ids: list[int]) -> None:
         """Forget these resources' content but keep their records, so lineage
@@ -2602,24 +2585,38 @@ def open_readonly(db_path: str) -> tuple[Metadata, Database]:
 
 def cmd_export(db_path: str, name: str) -> int:
     meta, _ = open_readonly(db_path)
-    rows = meta.resources_named(name)
+    rows = meta.live_resources_named(name)
     if not rows:
         raise NotFoundError(f"no resource named {quote(name)} in {db_path}")
-    sys.stdout.write("".join(f"{h}\t{n}\t{c}\n" for h, n, c in rows))
+    sys.stdout.write("".join(f"{r['hash']}\t{r['name']}\t{r['created_at']}\n" for r in rows))
     return EXIT_OK
 
 
 HASH_PREFIX_MIN = 8  # hex digits; shorter prefixes are too likely to be ambiguous
 
 
+def check_hash_prefix(prefix: str, flag: str) -> str:
+    prefix = prefix.lower()
+    if not re.fullmatch(r"[0-9a-f]{%d,64}" % HASH_PREFIX_MIN, prefix):
+        raise GritError(f"{flag} needs a SHA-256 hash or a prefix of at least "
+                        f"{HASH_PREFIX_MIN} hex digits, not {quote(prefix)}")
+    return prefix
+
+
+def one_object(hashes: list[str], prefix: str) -> list[str]:
+    """Hashes a prefix matched, which must all be one object's."""
+    if len(set(hashes)) > 1:
+        raise NotFoundError(f"hash prefix {prefix} is ambiguous: give more digits")
+    return hashes
+
+
 def cmd_export_hash(db_path: str, prefix: str) -> int:
     prefix = check_hash_prefix(prefix, "-export-hash")
     meta, db = open_readonly(db_path)
-    found = meta.hashes_with_prefix(prefix)
+    found = one_object([r["hash"] for r in meta.resources_with_hash(prefix)
+                        if not r["deleted_at"]], prefix)
     if not found:
         raise NotFoundError(f"no object with hash {prefix} in {db_path}")
-    if len(found) > 1:
-        raise NotFoundError(f"hash prefix {prefix} is ambiguous: give more digits")
     store = ObjectStore(db.objects_path, readonly=True)
     try:
         problem = store.check(found[0])  # a first pass: never emit damaged content
@@ -2738,21 +2735,12 @@ def human_bytes(n: float) -> str:
     return ""
 
 
-def check_hash_prefix(prefix: str, flag: str) -> str:
-    prefix = prefix.lower()
-    if not re.fullmatch(r"[0-9a-f]{%d,64}" % HASH_PREFIX_MIN, prefix):
-        raise GritError(f"{flag} needs a SHA-256 hash or a prefix of at least "
-                        f"{HASH_PREFIX_MIN} hex digits, not {quote(prefix)}")
-    return prefix
-
-
 def resources_for_hash(meta: Metadata, prefix: str, db_path: str, flag: str) -> list[dict]:
     """The resources (any name, deleted too) of the one object a hash prefix names."""
     rows = meta.resources_with_hash(check_hash_prefix(prefix, flag))
     if not rows:
         raise NotFoundError(f"no resource with hash {prefix} in {db_path}")
-    if len({r["hash"] for r in rows}) > 1:
-        raise NotFoundError(f"hash prefix {prefix} is ambiguous: give more digits")
+    one_object([r["hash"] for r in rows], prefix)
     return rows
 
 
@@ -2980,8 +2968,7 @@ def cmd_delete(db_path: str, ref: str, dry_run: bool, console: Console) -> int:
     def pick(meta: Metadata) -> list[dict]:
         if re.fullmatch(r"[0-9a-fA-F]{%d,64}" % HASH_PREFIX_MIN, ref):
             found = [r for r in meta.resources_with_hash(ref.lower()) if not r["deleted_at"]]
-            if len({r["hash"] for r in found}) > 1:
-                raise NotFoundError(f"hash prefix {ref} is ambiguous: give more digits")
+            one_object([r["hash"] for r in found], ref)
             if found:
                 return found
         found = meta.live_resources_named(ref)
@@ -3000,7 +2987,7 @@ def cmd_prune(db_path: str, name: str, keep: int | None, dry_run: bool,
         found = meta.live_resources_named(name)
         if not found:
             raise NotFoundError(f"no resource named {quote(name)} in {db_path}")
-        return found[keep:]
+        return found[:max(0, len(found) - keep)]  # all but the newest `keep`
     return delete_resources(db_path, pick, dry_run, console)
 
 
