@@ -485,13 +485,19 @@ class ObjectStore:
 
     def open(self, digest: str) -> Iterator[bytes]:
         """The object's bytes, chunk by chunk. Raises KeyError if absent."""
-        key = bytes.fromhex(digest)
+        _, count = self._header(digest)
+        return self._read_chunks(bytes.fromhex(digest), count)
+
+    def size(self, digest: str) -> int:
+        return self._header(digest)[0]
+
+    def _header(self, digest: str) -> tuple[int, int]:
+        """(size, chunks) of an object; KeyError if absent."""
         with self._guard, self.env.begin() as txn:
-            header = txn.get(key, db=self._objects)
+            header = txn.get(bytes.fromhex(digest), db=self._objects)
         if header is None:
             raise KeyError(digest)
-        _, count = HEADER.unpack(header)
-        return self._read_chunks(key, count)
+        return HEADER.unpack(header)
 
     def _read_chunks(self, key: bytes, count: int) -> Iterator[bytes]:
         per_txn = max(1, READ_BATCH_BYTES // CHUNK_SIZE)
@@ -2728,11 +2734,13 @@ def emit_json(data: object) -> None:
 
 
 def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    if n < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
         n /= 1024
-    return ""
+        if n < 1024 or unit == "TiB":
+            break
+    return f"{n:.1f} {unit}"
 
 
 def resources_for_hash(meta: Metadata, prefix: str, db_path: str, flag: str) -> list[dict]:
@@ -2775,10 +2783,6 @@ def cmd_status(db_path: str, as_json: bool) -> int:
     return EXIT_OK
 
 
-def read_log(store: "ObjectStore", digest: str | None) -> str:
-    return b"".join(store.open(digest)).decode("utf-8", "replace") if digest else ""
-
-
 def cmd_log(db_path: str, ref: str, as_json: bool) -> int:
     """A task by id, or the task that produced a resource (by hash)."""
     meta, db = open_readonly(db_path)
@@ -2791,13 +2795,21 @@ def cmd_log(db_path: str, ref: str, as_json: bool) -> int:
         raise NotFoundError(f"no task {ref} in {db_path}")
     store = ObjectStore(db.objects_path, readonly=True)
     try:
-        task["stdout"] = read_log(store, task.pop("stdout_hash"))
-        task["stderr"] = read_log(store, task.pop("stderr_hash"))
+        if as_json:
+            for label in ("stdout", "stderr"):
+                digest = task.pop(f"{label}_hash")
+                task[label] = b"".join(store.open(digest)).decode("utf-8", "replace") \
+                    if digest else ""
+            emit_json(task)
+        else:
+            print_task(task, store)
     finally:
         store.close()
-    if as_json:
-        emit_json(task)
-        return EXIT_OK
+    return EXIT_OK
+
+
+def print_task(task: dict, store: "ObjectStore") -> None:
+    """A task as text; its logs are streamed, never held whole."""
     exit_text = "" if task["exit_code"] is None else f", {describe_exit(task['exit_code'])}"
     took = "" if task["duration"] is None else f" in {task['duration']:.2f} s"
     print(f"task {task['task']}: {task['step']} v{task['version']}, {task['status']}"
@@ -2809,11 +2821,15 @@ def cmd_log(db_path: str, ref: str, as_json: bool) -> int:
     if task["error"]:
         print(f"error:  {task['error']}")
     for label in ("stdout", "stderr"):
-        text = task[label]
-        print(f"--- {label} ({human_bytes(len(text.encode()))}) ---")
-        if text:
-            print(text, end="" if text.endswith("\n") else "\n")
-    return EXIT_OK
+        digest = task[f"{label}_hash"]
+        print(f"--- {label} ({human_bytes(store.size(digest) if digest else 0)}) ---", flush=True)
+        last = b"\n"
+        for chunk in store.open(digest) if digest else ():
+            sys.stdout.buffer.write(chunk)
+            last = chunk[-1:]
+        if last != b"\n":
+            sys.stdout.buffer.write(b"\n")
+        sys.stdout.buffer.flush()
 
 
 def describe_resource(r: dict) -> str:
