@@ -679,6 +679,9 @@ class Metadata:
     """Steps, tasks and resources in SQLite. Knows nothing of object bytes."""
 
     def __init__(self, path: str, readonly: bool = False) -> None:
+        if sqlite3.sqlite_version_info < (3, 24):  # ON CONFLICT ... DO UPDATE
+            raise GritError(f"this Python's SQLite is {sqlite3.sqlite_version}; grit needs "
+                            "3.24 or newer")
         self.path = path
         try:
             if readonly:
