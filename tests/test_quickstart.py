@@ -85,3 +85,16 @@ def test_seed_readme_walkthrough_new_version(grit):
         ("process", 1), ("process", 2)]
     assert grit.sql("SELECT count(*) FROM task t JOIN step s ON s.id=t.step_id "
                     "WHERE s.name='process' AND t.status='done'") == [(2,)]
+
+
+def test_the_readme_example_command_runs():
+    """`examples/run`, the first command of the README, end to end."""
+    import subprocess
+    from pathlib import Path
+    script = Path(__file__).resolve().parent.parent / "examples" / "run"
+    proc = subprocess.run([str(script)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "INPUT DATA" in proc.stdout
+    assert "0 task(s) would start" in proc.stdout
+    assert "0 task(s) run, 0 failed" in proc.stderr
+    assert "transform  v1" in proc.stdout
