@@ -88,6 +88,14 @@ class Grit:
         finally:
             db.close()
 
+    def sql_if_ready(self, query: str, *params) -> list[tuple] | None:
+        """sql(), or None while the database or its schema does not exist yet
+        (a run killed at start-up leaves an empty metadata file)."""
+        try:
+            return self.sql(query, *params)
+        except sqlite3.OperationalError:
+            return None
+
     def resources(self) -> set[tuple[str, str]]:
         return set(self.sql("SELECT name, hash FROM resource"))
 

@@ -83,10 +83,8 @@ def test_status_per_step_version_with_json(grit, tmp_path):
 
 
 def done_tasks(grit):
-    try:
-        return grit.sql("SELECT count(*) FROM task WHERE status = 'done'")[0][0]
-    except Exception:  # not created yet
-        return 0
+    done = grit.sql_if_ready("SELECT count(*) FROM task WHERE status = 'done'")
+    return done[0][0] if done else 0
 
 
 def test_status_and_dry_run_during_and_after_an_interrupted_run(grit, tmp_path):

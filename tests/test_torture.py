@@ -43,8 +43,8 @@ def test_kill_9_at_many_moments(tmp_path, mode):
         time.sleep(0.15 + 0.02 * (i % 20))
         proc.kill()
         proc.wait()
-        if grit.db.exists() and (grit.db / "metadata.sqlite").exists():
-            interrupted += grit.sql("SELECT count(*) FROM task WHERE status != 'done'")[0][0] > 0
+        unfinished = grit.sql_if_ready("SELECT count(*) FROM task WHERE status != 'done'")
+        interrupted += bool(unfinished and unfinished[0][0] > 0)
     assert interrupted >= 15  # the kills really hit unfinished work
     wait_for(lambda: not mounts_under(grit.db), timeout=10)
     grit.run("-output-mode", mode, "-parallel", "2")
