@@ -2648,9 +2648,13 @@ def cmd_export(db_path: str, name: str) -> int:
 HASH_PREFIX_MIN = 8  # hex digits; shorter prefixes are too likely to be ambiguous
 
 
+def is_hash_prefix(text: str) -> bool:
+    return re.fullmatch(r"[0-9a-f]{%d,64}" % HASH_PREFIX_MIN, text.lower()) is not None
+
+
 def check_hash_prefix(prefix: str, flag: str) -> str:
     prefix = prefix.lower()
-    if not re.fullmatch(r"[0-9a-f]{%d,64}" % HASH_PREFIX_MIN, prefix):
+    if not is_hash_prefix(prefix):
         raise GritError(f"{flag} needs a SHA-256 hash or a prefix of at least "
                         f"{HASH_PREFIX_MIN} hex digits, not {quote(prefix)}")
     return prefix
@@ -3029,7 +3033,7 @@ def remove_objects(db: "Database", hashes: Iterable[str], console: Console) -> N
 def cmd_delete(db_path: str, ref: str, dry_run: bool, console: Console) -> int:
     """Delete one object's resources (by hash) or every resource of a name."""
     def pick(meta: Metadata) -> list[dict]:
-        if re.fullmatch(r"[0-9a-fA-F]{%d,64}" % HASH_PREFIX_MIN, ref):
+        if is_hash_prefix(ref):
             found = [r for r in meta.resources_with_hash(ref.lower()) if not r["deleted_at"]]
             one_object([r["hash"] for r in found], ref)
             if found:
