@@ -270,12 +270,13 @@ def parse_manifest(data: dict, path: str) -> Manifest:
     if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
         raise GritError(f"{path}: \"step\" must be an array of tables, written [[step]]")
     steps: list[StepDef] = []
-    seen: set[str] = set()
+    names: list[str] = []
     for index, table in enumerate(tables, start=1):
         step = _parse_step(table, f"{path}: step {index}")
-        if step.name in seen:
-            raise GritError(f"{path}: step {index}: duplicate step name \"{step.name}\"")
-        seen.add(step.name)
+        if step.name in names:
+            raise GritError(f"{path}: step {index}: duplicate step name {quote(step.name)}"
+                            f" (also step {names.index(step.name) + 1})")
+        names.append(step.name)
         steps.append(step)
     if not steps:
         raise GritError(f"{path}: no steps: add at least one [[step]] table")
@@ -283,6 +284,8 @@ def parse_manifest(data: dict, path: str) -> Manifest:
 
 
 def _parse_step(table: dict, where: str) -> StepDef:
+    if isinstance(table.get("name"), str):  # name the step in every message that follows
+        where = f"{where} ({quote(table['name'])})"
     for key in table:
         if key not in STEP_KEYS:
             raise GritError(f"{where}: unknown key {quote(key)}{did_you_mean(key, STEP_KEYS)}")
@@ -294,7 +297,6 @@ def _parse_step(table: dict, where: str) -> StepDef:
     if not STEP_NAME_RE.match(name):
         raise GritError(f"{where}: invalid step name {quote(name)}: "
                         "use letters, digits, '_', '.' and '-'")
-    where = f"{where} (\"{name}\")"
     script = table.get("script")
     if script is None:
         raise GritError(f"{where}: missing key \"script\"")
