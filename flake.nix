@@ -10,7 +10,8 @@
       forAllSystems = f: nixpkgs.lib.genAttrs systems (system: f nixpkgs.legacyPackages.${system});
 
       # grit.py with lmdb (linked against nixpkgs' LMDB 0.9) and fusepy; fusepy
-      # finds libfuse 2 through FUSE_LIBRARY_PATH.
+      # finds libfuse 2 through FUSE_LIBRARY_PATH (getLib: the first output of
+      # nixpkgs' fuse is "bin", the library is in another).
       gritFor = pkgs: pkgs.python3Packages.buildPythonApplication {
         pname = "grit";
         inherit version;
@@ -23,7 +24,7 @@
           install -Dm755 grit.py $out/bin/grit
           runHook postInstall
         '';
-        makeWrapperArgs = [ "--set-default" "FUSE_LIBRARY_PATH" "${pkgs.fuse}/lib/libfuse.so.2" ];
+        makeWrapperArgs = [ "--set-default" "FUSE_LIBRARY_PATH" "${nixpkgs.lib.getLib pkgs.fuse}/lib/libfuse.so.2" ];
         meta = {
           description = "Incremental pipelines of shell-script steps";
           mainProgram = "grit";
@@ -100,7 +101,7 @@
             pkgs.fuse
             pkgs.fuse3
           ];
-          FUSE_LIBRARY_PATH = "${pkgs.fuse}/lib/libfuse.so.2";
+          FUSE_LIBRARY_PATH = "${nixpkgs.lib.getLib pkgs.fuse}/lib/libfuse.so.2";
         };
       });
 

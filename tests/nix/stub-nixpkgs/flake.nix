@@ -15,15 +15,27 @@
             args = [ "-c" "echo stub > $out" ];
           };
           pythonPackages = {
+            # Runs the package's installPhase, then wraps bin/$pname as
+            # makeWrapper would for "--set-default NAME VALUE" arguments.
             buildPythonApplication = attrs: builtins.derivation {
               name = "${attrs.pname}-${attrs.version}";
               inherit system;
-              inherit (attrs) src installPhase;
+              inherit (attrs) src installPhase pname makeWrapperArgs;
               builder = "/bin/sh";
               args = [ "-c" ''
                 export PATH=/usr/local/bin:/usr/bin:/bin
                 runHook() { :; }
                 cd "$src" && eval "$installPhase"
+                mv "$out/bin/$pname" "$out/bin/.$pname-wrapped"
+                set -- $makeWrapperArgs
+                {
+                  echo '#!/bin/sh'
+                  while [ $# -ge 3 ] && [ "$1" = --set-default ]; do
+                    echo "export $2=\"\''${$2-$3}\""; shift 3
+                  done
+                  echo "exec $out/bin/.$pname-wrapped \"\$@\""
+                } > "$out/bin/$pname"
+                chmod +x "$out/bin/$pname"
               '' ];
             };
             lmdb = drv "python3-lmdb";
@@ -35,7 +47,14 @@
         {
           python3Packages = pythonPackages;
           python3 = drv "python3" // { withPackages = f: drv "python3-env"; };
-          fuse = drv "fuse-2.9.9";
+          # Like nixpkgs' fuse 2: the first output is "bin", the library is in "out".
+          fuse = builtins.derivation {
+            name = "fuse-2.9.9";
+            inherit system;
+            outputs = [ "bin" "out" ];
+            builder = "/bin/sh";
+            args = [ "-c" "export PATH=/usr/bin:/bin; mkdir -p $bin/bin $out/lib && echo stub > $bin/bin/fusermount && echo stub > $out/lib/libfuse.so.2" ];
+          };
           fuse3 = drv "fuse-3";
           util-linux = drv "util-linux";
           fetchurl = { url, hash }: drv "fetched";
@@ -50,6 +69,7 @@
       lib = {
         inherit genAttrs;
         cleanSource = src: src;
+        getLib = pkg: pkg.lib or pkg.out or pkg;
         platforms.linux = systems;
         mkMerge = xs: { _type = "merge"; contents = xs; };
         mkDefault = x: x;
