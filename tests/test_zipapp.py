@@ -1,7 +1,10 @@
 """grit.pyz: built by build_zipapp.sh, run with `python3.X -I grit.pyz` under every
 CPython 3.9-3.13 on this machine, in a clean HOME, with a cold and a warm cache."""
+import base64
 import glob
+import hashlib
 import os
+import re
 import subprocess
 import sys
 import time
@@ -106,3 +109,13 @@ def test_database_made_by_the_pyz_opens_with_grit_py(pyz, tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "grit.py"), "-db", "db", "-export",
                            "sorted"], cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 0 and "\tsorted\t" in proc.stdout
+
+
+def test_flake_pins_exactly_the_wheels_the_pyz_is_built_from(pyz):
+    """flake.nix fetches the same files (by name and SRI hash) for packages.grit-pyz."""
+    pinned = dict(re.findall(r'"([^"]+\.(?:whl|tar\.gz))" "(sha256-[^"]+)"',
+                             (ROOT / "flake.nix").read_text()))
+    downloaded = {
+        wheel.name: "sha256-" + base64.b64encode(hashlib.sha256(wheel.read_bytes()).digest()).decode()
+        for wheel in (pyz.parent / "wheels").iterdir()}
+    assert pinned == downloaded
