@@ -1,5 +1,6 @@
 """A full disk and a damaged database: clear messages, nothing lost, -verify."""
 import os
+import re
 import shutil
 import subprocess
 
@@ -104,6 +105,18 @@ def test_disk_full_fails_cleanly_and_the_next_run_completes(tmp_path, small_disk
     grit.run("-output-mode", mode)
     assert grit.sql("SELECT count(*) FROM resource WHERE name = 'blob'") == [(12,)]
     assert "0 problem(s)" in grit("-db", str(grit.db), "-verify", check=0).stderr
+
+
+def test_a_run_warns_when_the_database_disk_is_over_85_percent_full(tmp_path, small_disk):
+    grit = Grit(tmp_path)
+    grit.db = small_disk / "db"
+    grit.write('[[step]]\nname = "s"\nscript = "echo a > $OUTPUT_DIR/a"\n')
+    assert "full" not in grit.run("-output-mode", "dir").stderr
+    (small_disk / "ballast").write_bytes(b"x" * (21 * 2**20))  # 24 MiB disk, ~90% used
+    proc = grit.run("-output-mode", "dir")
+    [warning] = [line for line in proc.stderr.splitlines() if "full" in line]
+    assert re.fullmatch(rf"grit: warning: the disk holding {re.escape(str(grit.db))} is "
+                        r"(8[6-9]|9\d)% full \(\d+ MiB free\)", warning), warning
 
 
 def test_gc_removes_what_killed_tasks_left_and_keeps_the_rest(grit):
