@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import IO, Callable, Iterable, Iterator, Sequence
+from typing import IO, Callable, Iterable, Iterator, Protocol, Sequence
 
 try:
     import tomllib
@@ -1828,6 +1828,21 @@ class TaskTimeout(Exception):
     """A task ran past its step's (or the run's) timeout."""
 
 
+class Executor(Protocol):
+    """Runs tasks somewhere and hands back their outputs, already in the object
+    store. The scheduler needs nothing else: LocalExecutor runs scripts on this
+    machine; an executor for a cluster scheduler can take its place."""
+
+    def run(self, spec: TaskSpec) -> TaskResult:
+        """Run one task to its end (called from many threads at once)."""
+
+    def terminate_all(self, sig: int = signal.SIGTERM) -> None:
+        """Stop starting tasks and signal those running (SIGTERM, then SIGKILL)."""
+
+    def running_scripts(self) -> collections.Counter:
+        """How many tasks are running now, per step name (for the progress line)."""
+
+
 @dataclass
 class _Launch:
     """A script waiting for a slot; whichever thread frees one starts it."""
@@ -1850,11 +1865,7 @@ class _Slot:
 
 
 class LocalExecutor:
-    """Runs a task's script on this machine and hands back its outputs.
-
-    The interface is run(spec) -> TaskResult and terminate_all(); an executor
-    for a cluster scheduler can replace this one.
-    """
+    """The Executor that runs each task's script on this machine."""
 
     def __init__(self, store: ObjectStore, capture: DirCapture | FuseCapture, workroot: str,
                  console: Console, parallel: int) -> None:
@@ -2184,7 +2195,7 @@ class Scheduler:
     outputs with its status), then matches the new resources to steps.
     """
 
-    def __init__(self, meta: Metadata, store: ObjectStore, executor: LocalExecutor,
+    def __init__(self, meta: Metadata, store: ObjectStore, executor: Executor,
                  steps: list[StepVersion], console: Console, parallel: int,
                  start: str | None = None) -> None:
         self.meta = meta
