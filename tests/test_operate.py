@@ -308,12 +308,12 @@ def test_a_schema_1_database_is_upgraded_in_place(grit, tmp_path):
 
 
 
-def test_progress_on_a_terminal_shows_counts_rate_and_eta(grit):
-    grit.write(SLOW_FANOUT)
+def run_on_a_terminal(grit, env=None) -> str:
+    """A -run with a terminal as stdout and stderr; everything it showed."""
     pid, fd = pty.fork()
     if pid == 0:  # the child: grit with a terminal as stderr
-        os.execv(sys.executable, [sys.executable, GRIT, "-manifest", str(grit.manifest),
-                                  "-db", str(grit.db), "-run"])
+        os.execve(sys.executable, [sys.executable, GRIT, "-manifest", str(grit.manifest),
+                                   "-db", str(grit.db), "-run"], {**os.environ, **(env or {})})
     screen = b""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -326,10 +326,37 @@ def test_progress_on_a_terminal_shows_counts_rate_and_eta(grit):
             break
         screen += chunk
     os.waitpid(pid, 0)
-    text = screen.decode(errors="replace")
+    return screen.decode(errors="replace")
+
+
+def test_progress_on_a_terminal_shows_counts_rate_and_eta(grit):
+    grit.write(SLOW_FANOUT)
+    text = run_on_a_terminal(grit)
     assert "\r\x1b[K" in text                                  # a line rewritten in place
     assert "slow " in text and "/40" in text and "tasks/s, ETA " in text
     assert "41 task(s) run, 0 failed" in text
+
+
+def test_colors_on_a_terminal_unless_no_color(grit):
+    grit.write('[[step]]\nname = "s"\nscript = "echo oops >&2; exit 3"\n')
+    colored = run_on_a_terminal(grit)
+    assert "\x1b[31mgrit: error: \x1b[0m" in colored and "oops" in colored
+    plain = run_on_a_terminal(grit, {"NO_COLOR": "1"})
+    assert "grit: error: " in plain and "oops" in plain and "\x1b[3" not in plain
+
+
+def test_thousands_of_tasks_print_a_few_lines(grit):
+    grit.write('''
+[[step]]
+name = "seed"
+script = "for i in $(seq 1 1500); do echo $i > $OUTPUT_DIR/n-$i; done"
+[[step]]
+name = "copy"
+inputs = ["n-*"]
+script = "cp $INPUT_FILE $OUTPUT_DIR/c"
+''')
+    lines = grit.run("-parallel", "4").stderr.splitlines()
+    assert len(lines) <= 4 and lines[-1].startswith("1501 task(s) run, 0 failed"), lines
 
 
 def test_progress_is_plain_lines_off_a_terminal_and_nothing_when_quiet(grit):
