@@ -2357,8 +2357,11 @@ class Scheduler:
             state.done += 1
             if self.console.verbose:
                 outs = ", ".join(f"{o.name} ({o.size} B)" for o in result.outputs) or "no outputs"
+                known = len(result.outputs) - created
                 self.console.detail(f"done  task {result.task_id} {state.step.name} in "
-                                    f"{result.duration:.2f}s: {outs}; {created} new resource(s)")
+                                    f"{result.duration:.2f}s: {outs}; {created} new resource(s)"
+                                    + (f", {known} already known (early cutoff: no new work)"
+                                       if known else ""))
         else:
             state.failed += 1
             self.summary.failed += 1
@@ -2376,6 +2379,8 @@ class Scheduler:
                 if created:
                     state.exhausted = False
                     state.pending += created
+                    self.console.detail(f"{state.step.name}: {created} new task(s) for "
+                                        f"resources matching {list(state.step.definition.inputs)}")
 
     def _show_progress(self) -> None:
         now = time.monotonic()

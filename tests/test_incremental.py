@@ -92,10 +92,14 @@ def test_identical_content_is_stored_once_and_cuts_off_downstream(grit):
         inputs = ["out"]
         script = "echo ran >> $OUTPUT_DIR/log"
     ''')
-    grit.run()
+    proc = grit.run("-verbose", "-parallel", "1")
     assert count_tasks(grit, "constant") == 3
     assert len(grit.export("out")) == 1          # (name, hash) is unique
     assert count_tasks(grit, "after") == 1      # early cutoff: no downstream rerun
+    # -verbose says why: the scheduling decisions, task by task
+    assert proc.stderr.count("constant: 3 new task(s) for resources matching ['in-*']") == 1
+    assert proc.stderr.count("after: 1 new task(s)") == 1
+    assert proc.stderr.count("1 already known (early cutoff: no new work)") == 2
 
 
 def test_failed_task_keeps_no_outputs_others_finish_and_retry_next_run(grit, tmp_path):
