@@ -73,6 +73,9 @@
             ./build_zipapp.sh --wheels ${wheels} -o grit.pyz
             runHook postBuild
           '';
+          # The pyz is for servers without Nix: keep "#!/usr/bin/env python3"
+          # (and the zip's offsets) exactly as built.
+          dontPatchShebangs = true;
           installPhase = ''
             runHook preInstall
             install -Dm755 grit.pyz $out/bin/grit.pyz
