@@ -50,6 +50,28 @@ def test_second_run_fails_at_once_and_export_still_works(grit, tmp_path):
     assert first.returncode == 0
 
 
+def test_export_during_a_run_sees_only_committed_resources(grit, output_mode, tmp_path):
+    written = tmp_path / "written"
+    grit.write(f'''
+[[step]]
+name = "seed"
+script = "echo early > $OUTPUT_DIR/early"
+[[step]]
+name = "slow"
+inputs = ["early"]
+script = "echo late > $OUTPUT_DIR/late; touch {written}; sleep 2"
+''')
+    proc = grit.popen("-output-mode", output_mode)
+    try:
+        assert wait_for(written.exists)
+        assert [r[1] for r in grit.export("early")] == ["early"]  # committed: visible now
+        late = grit("-db", str(grit.db), "-export", "late", check=1)  # written, not committed
+        assert late.stderr == f'grit: error: no resource named "late" in {grit.db}\n'
+    finally:
+        proc.communicate(timeout=60)
+    assert proc.returncode == 0 and [r[1] for r in grit.export("late")] == ["late"]
+
+
 def test_two_runs_started_together_exactly_one_proceeds(grit, tmp_path):
     (tmp_path / "pids").mkdir()
     grit.write(SLOW.format(n=2, delay=0.5, pids=tmp_path / "pids"))
