@@ -78,3 +78,39 @@ def test_kill_9_at_many_moments(tmp_path, mode):
                                          "FROM task UNION SELECT stderr_hash FROM task") if r[0]}
     assert stored == referenced
     assert grit.resources() == clean.resources()
+
+
+@pytest.mark.parametrize("mode", ["dir", "fuse"])
+def test_kill_9_after_the_script_exits_before_its_commit(tmp_path, mode):
+    """The window in which a finished script's 30 MB of output is being stored:
+    either the task is done and its resources exist, or neither."""
+    if mode == "fuse":
+        require_fuse()
+    exited = tmp_path / "exited"
+    grit = Grit(tmp_path)
+    grit.write(f'''
+[[step]]
+name = "seed"
+script = "head -c 30000000 /dev/urandom > $OUTPUT_DIR/big; echo s > $OUTPUT_DIR/small; touch {exited}"
+''')
+    in_window = 0
+    for _ in range(3):
+        exited.unlink(missing_ok=True)
+        proc = grit.popen("-output-mode", mode)
+        deadline = time.monotonic() + 30
+        while not exited.exists() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        proc.kill()
+        proc.wait()
+        done = grit.sql("SELECT count(*) FROM task WHERE status = 'done'") == [(1,)]
+        resources = grit.sql("SELECT count(*) FROM resource")[0][0]
+        assert resources == (2 if done else 0)
+        in_window += not done
+        if done:
+            break
+    assert in_window >= 1  # at least one kill landed between the exit and the commit
+    grit.run("-output-mode", mode)
+    assert sorted(n for n, _ in grit.resources()) == ["big", "small"]
+    assert grit.sql("SELECT count(*) FROM task") == [(1,)]
+    wait_for(lambda: not mounts_under(grit.db), timeout=10)
+    assert mounts_under(grit.db) == []
