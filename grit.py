@@ -2423,7 +2423,6 @@ def format_duration(seconds: float) -> str:
 DISK_WARN_FRACTION = 0.85  # SPEC 7: warn before a run when the disk is fuller
 
 
-
 @dataclass
 class Database:
     """The database directory: metadata, objects, lock and scratch space."""
