@@ -3124,6 +3124,8 @@ def cmd_export_tar(db_path: str, pattern: str, target: str, newest: bool,
         raise GritError(f"object {e.args[0]} is missing (see -verify); export stopped") from None
     except DamagedObject as e:
         raise GritError(f"{e} (see -verify); export stopped") from None
+    except BrokenPipeError:
+        raise  # the reader stopped early (`| head`): main() leaves quietly
     except OSError as e:
         raise GritError(f"cannot write {target}: {e.strerror or e}") from None
     finally:

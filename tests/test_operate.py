@@ -281,6 +281,19 @@ def test_export_tar_every_version_or_the_newest(grit, tmp_path):
     assert cmd(grit, "-export-tar", "nope-*", "-", check=1).stderr.startswith("grit: error: no")
 
 
+def test_a_reader_that_stops_early_is_not_an_error(grit):
+    """`grit … | head`: grit stops writing quietly, exit 0, as for -export-hash."""
+    grit.write('[[step]]\nname = "s"\nscript = "seq 1 3000000 > $OUTPUT_DIR/nums"\n')
+    grit.run()
+    [(digest, _, _)] = grit.export("nums")
+    for command in (["-export-hash", digest], ["-export-tar", "nums", "-"]):
+        proc = subprocess.Popen([sys.executable, GRIT, "-db", str(grit.db), *command],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert len(proc.stdout.read(100)) == 100
+        proc.stdout.close()  # like head -c 100
+        assert proc.wait(timeout=60) == 0 and proc.stderr.read() == b"", command
+
+
 def test_options_that_need_another_command_say_so(grit, tmp_path):
     pipeline(grit, tmp_path, succeed=True)
     for args, message in [(["-export", "rev", "-json"], "-json goes with -run or -status"),
