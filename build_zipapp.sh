@@ -11,10 +11,12 @@
 # package with the one matching .so into a per-user cache, atomically.
 #
 # The wheels come from PyPI with pip, or, offline (the Nix build), from --wheels
-# DIR holding the lmdb wheels, tomli's wheel and fusepy's sdist.
+# DIR holding the lmdb wheels, tomli's wheel and fusepy's sdist. $PYTHON (default
+# python3) runs pip and the packing.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")" && pwd)
+python=${PYTHON:-python3}
 out=$root/grit.pyz
 wheels=""
 download=""
@@ -40,12 +42,12 @@ if [ -z "$wheels" ]; then
     wheels=${download:-$work/wheels}
     for py in $PYTHONS; do
         for arch in $ARCHES; do
-            python3 -m pip download -q --disable-pip-version-check --no-deps \
+            "$python" -m pip download -q --disable-pip-version-check --no-deps \
                 --only-binary=:all: --implementation cp --python-version "$py" \
                 --platform "manylinux2014_$arch" -d "$wheels" "lmdb==$LMDB_VERSION"
         done
     done
-    python3 -m pip download -q --disable-pip-version-check --no-deps -d "$wheels" \
+    "$python" -m pip download -q --disable-pip-version-check --no-deps -d "$wheels" \
         "fusepy==$FUSEPY_VERSION" "tomli==$TOMLI_VERSION"
     if [ -n "$download" ]; then
         echo "downloaded to $download"
@@ -57,7 +59,7 @@ stage=$work/stage
 mkdir -p "$stage/_lmdb/lmdb" "$stage/_lmdb/ext"
 cp "$root/grit.py" "$stage/"
 
-python3 - "$wheels" "$stage" "$LMDB_VERSION" "$FUSEPY_VERSION" "$TOMLI_VERSION" <<'PY'
+"$python" - "$wheels" "$stage" "$LMDB_VERSION" "$FUSEPY_VERSION" "$TOMLI_VERSION" <<'PY'
 import glob, os, sys, tarfile, zipfile
 
 wheels, stage, lmdb_v, fusepy_v, tomli_v = sys.argv[1:]
@@ -139,5 +141,5 @@ sys.exit(grit.main())
 PY
 
 rm -f "$out"
-python3 -m zipapp "$stage" -o "$out" -p "/usr/bin/env python3" -c
+"$python" -m zipapp "$stage" -o "$out" -p "/usr/bin/env python3" -c
 echo "built $out ($(wc -c < "$out") bytes)"

@@ -36,7 +36,8 @@ def pyz(tmp_path_factory):
     for args in (["--download", str(base / "wheels")],
                  ["--wheels", str(base / "wheels"), "-o", str(base / "grit.pyz")]):
         proc = subprocess.run([str(ROOT / "build_zipapp.sh"), *args], capture_output=True,
-                              text=True, timeout=600)
+                              text=True, timeout=600,
+                              env=dict(os.environ, PYTHON=sys.executable))  # the venv has pip
         assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(list((base / "wheels").iterdir())) == 12  # 10 lmdb wheels, tomli, fusepy
     return base / "grit.pyz"
