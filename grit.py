@@ -902,6 +902,13 @@ class Metadata:
                  "tasks": {"pending": pending, "done": done, "failed": failed}}
                 for _, name, version, inputs, pending, done, failed in rows]
 
+    def failed_tasks(self) -> list[dict]:
+        """Failed tasks, oldest first: the latest versions' are retried by the next -run."""
+        rows = self.db.execute(
+            "SELECT t.id, s.name, s.version, t.exit_code, t.error FROM task t "
+            "JOIN step s ON s.id = t.step_id WHERE t.status = 'failed' ORDER BY t.id")
+        return [dict(zip(("task", "step", "version", "exit_code", "error"), row)) for row in rows]
+
     def name_counts(self) -> dict[str, int]:
         """Resources per name (deleted ones left out), by name."""
         return dict(self.db.execute("SELECT name, count(*) FROM resource WHERE deleted_at "
@@ -2152,6 +2159,11 @@ RATE_WINDOW_SECONDS = 10.0  # the progress line's rate is over this recent windo
 WORKERS_PER_SCRIPT = 2
 
 
+# Failure lines a run prints in normal mode; then one line says how many more
+# (-verbose prints every one; -status lists them all).
+FAILURES_SHOWN = 20
+
+
 def workers_for(parallel: int) -> int:
     return parallel * WORKERS_PER_SCRIPT
 
@@ -2365,7 +2377,9 @@ class Scheduler:
         else:
             state.failed += 1
             self.summary.failed += 1
-            self.console.error(f"task {result.task_id} ({state.step.name}) failed: {result.error}")
+            if self.summary.failed <= FAILURES_SHOWN or self.console.verbose:
+                self.console.error(f"task {result.task_id} ({state.step.name}) failed: "
+                                   f"{result.error}")
 
     def _scan_all(self) -> None:
         """Create tasks for new resources; call inside a transaction."""
@@ -2625,6 +2639,9 @@ def cmd_run(opts: RunOptions, console: Console) -> int:
     line = (f"{summary.tasks} task(s) run, {summary.failed} failed, "
             f"{summary.resources} resource(s) created in {elapsed:.2f}s")
     if summary.failed:
+        if summary.failed > FAILURES_SHOWN and not console.verbose:
+            console.error(f"{summary.failed - FAILURES_SHOWN} more failed task(s) not shown "
+                          "(-status lists them, -log TASK shows one, -verbose shows all)")
         console.error(line)
         return EXIT_TASK_FAILED
     console.info(console.paint(line, "green") if summary.tasks else line)
@@ -2792,7 +2809,7 @@ def cmd_verify(db_path: str, console: Console) -> int:
 # Inspecting and managing a database
 # =============================================================================
 
-STATUS_NAMES_SHOWN = 20  # resource names listed by -status in text (-json lists all)
+STATUS_NAMES_SHOWN = 20  # names and failed tasks listed by -status in text (-json lists all)
 LINEAGE_LIMIT = 10000    # most resources -lineage -descendants walks
 LINEAGE_DEPTH = 100      # most links followed each way (a cycle can make long chains)
 
@@ -2825,6 +2842,7 @@ def cmd_status(db_path: str, as_json: bool) -> int:
     totals = meta.resource_totals()
     data = {"database": db.path, "run_in_progress": db.run_in_progress(),
             "size_bytes": db.sizes(), "steps": meta.step_counts(),
+            "failed_tasks": meta.failed_tasks(),
             "resources": {**totals, "names": meta.name_counts()}}
     if as_json:
         emit_json(data)
@@ -2841,6 +2859,14 @@ def cmd_status(db_path: str, as_json: bool) -> int:
         t = s["tasks"]
         print(f"{s['name']:<{width}}  {version:<7}  {t['pending']:>8} {t['done']:>8} "
               f"{t['failed']:>8}")
+    failed = data["failed_tasks"]
+    if failed:
+        print("failed tasks (-log TASK shows one):")
+        for f in failed[:STATUS_NAMES_SHOWN]:
+            why = (f["error"] or "").splitlines()[0] if f["error"] else ""
+            print(f"  {f['task']:>8}  {f['step']} v{f['version']}: {why[:100]}")
+        if len(failed) > STATUS_NAMES_SHOWN:
+            print(f"  … and {len(failed) - STATUS_NAMES_SHOWN} more (-status -json lists all)")
     names = data["resources"]["names"]
     print(f"resources: {totals['count']} in {len(names)} name(s), {totals['deleted']} deleted; "
           f"{totals['objects']} object(s), {human_bytes(totals['bytes'])}")

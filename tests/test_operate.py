@@ -372,6 +372,37 @@ script = "cp $INPUT_FILE $OUTPUT_DIR/c"
     assert len(lines) <= 4 and lines[-1].startswith("1501 task(s) run, 0 failed"), lines
 
 
+def test_many_failures_print_twenty_lines_and_status_lists_them_all(grit):
+    grit.write('''
+[[step]]
+name = "seed"
+script = "for i in $(seq 1 60); do echo $i > $OUTPUT_DIR/n-$i; done"
+[[step]]
+name = "bad"
+inputs = ["n-*"]
+script = "echo 'no such column' >&2; exit 3"
+''')
+    lines = grit.run(check=1).stderr.splitlines()
+    failures = [line for line in lines if line.startswith("grit: error: task ")]
+    assert len(failures) == 20 and all(line.endswith(
+        "(bad) failed: exit status 3: no such column") for line in failures)
+    assert lines[-2] == ("grit: error: 40 more failed task(s) not shown (-status lists them, "
+                         "-log TASK shows one, -verbose shows all)")
+    assert lines[-1].startswith("grit: error: 61 task(s) run, 60 failed")
+    verbose = grit.run("-verbose", check=1).stderr  # retried: every failure shown
+    assert verbose.count("(bad) failed: exit status 3") == 60 and "not shown" not in verbose
+    status = as_json(grit, "-status")["failed_tasks"]
+    ids = [t for (t,) in grit.sql("SELECT id FROM task WHERE status = 'failed' ORDER BY id")]
+    assert [t["task"] for t in status] == ids and len(ids) == 60
+    assert status[0] == {"task": ids[0], "step": "bad", "version": 1, "exit_code": 3,
+                         "error": "exit status 3: no such column"}
+    text = cmd(grit, "-status").stdout.splitlines()
+    at = text.index("failed tasks (-log TASK shows one):")
+    assert text[at + 1].split() == [str(ids[0]), "bad", "v1:", "exit", "status", "3:", "no",
+                                    "such", "column"]
+    assert text[at + 21] == "  … and 40 more (-status -json lists all)"
+
+
 def test_progress_is_plain_lines_off_a_terminal_and_nothing_when_quiet(grit):
     grit.write(SLOW_FANOUT)
     proc = grit.run(env={"GRIT_PROGRESS_SECONDS": "0.5"})
