@@ -1650,16 +1650,42 @@ def _unmount(mount: str) -> None:
         time.sleep(RELEASE_GRACE_SECONDS / 20)
 
 
+def mounts() -> list[tuple[str, str]]:
+    """(mount point, filesystem type) of every mount, in mount order."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    return parse_mountinfo(lines)
+
+
+def parse_mountinfo(lines: Iterable[str]) -> list[tuple[str, str]]:
+    found = []
+    for line in lines:
+        before, _, after = line.partition(" - ")  # optional fields end at " - "
+        fields = before.split()
+        if len(fields) >= 5 and after:
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+            found.append((point, after.split()[0]))
+    return found
+
+
+def filesystem_type(path: str, table: list[tuple[str, str]]) -> str:
+    """The type of the filesystem holding `path`: its deepest mount (the last
+    one mounted, if several share a point)."""
+    path = os.path.realpath(path) + "/"
+    best, kind = "", ""
+    for point, fstype in table:
+        if path.startswith(point.rstrip("/") + "/") and len(point) >= len(best):
+            best, kind = point, fstype
+    return kind
+
+
 def unmount_stale(root: str) -> None:
     """Unmount FUSE mounts left under `root` by a grit that was killed."""
     root = os.path.realpath(root) + "/"
-    try:
-        with open("/proc/self/mountinfo") as f:
-            points = [line.split()[4] for line in f]
-    except OSError:
-        return
-    for point in points:
-        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), point)
+    for point, _ in mounts():
         if (point + "/").startswith(root):
             _unmount(point)
 
@@ -2540,6 +2566,21 @@ class RunOptions:
     json: bool = False
 
 
+# Filesystems on which LMDB's memory map and locks, and SQLite's WAL, are not
+# safe (both projects say: use a local disk).
+NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "afs", "9p", "lustre", "gpfs",
+                       "beegfs", "ceph", "glusterfs", "fuse.sshfs", "fuse.glusterfs",
+                       "fuse.ceph-fuse"}
+
+
+def warn_if_network_filesystem(path: str, console: Console) -> None:
+    kind = filesystem_type(path, mounts())
+    if kind in NETWORK_FILESYSTEMS:
+        console.warn(f"the database {path} is on a network filesystem ({kind}), where LMDB "
+                     "and SQLite cannot lock and sync safely: keep -db on a local disk "
+                     "(-export and -export-tar copy results anywhere)")
+
+
 def warn_if_disk_full(path: str, console: Console) -> None:
     usage = shutil.disk_usage(path)
     if usage.total and usage.used / usage.total > DISK_WARN_FRACTION:
@@ -2588,6 +2629,7 @@ def cmd_run(opts: RunOptions, console: Console) -> int:
     db = Database(opts.db)
     db.create()
     lock = db.lock()
+    warn_if_network_filesystem(db.path, console)
     warn_if_disk_full(db.path, console)
     db.clear_tmp()
     # The FUSE server is forked before any database is opened or thread started.

@@ -78,3 +78,25 @@ def test_empty_object(store, tmp_path):
     (tmp_path / "e").write_bytes(b"")
     digest, size = store.put_file(str(tmp_path / "e"))
     assert size == 0 and b"".join(store.open(digest)) == b""
+
+
+MOUNTINFO = r"""22 27 0:21 / /proc rw,relatime - proc proc rw
+27 1 8:1 / / rw,relatime - ext4 /dev/vda1 rw
+40 27 0:50 / /home rw,relatime shared:7 - nfs4 server:/home rw,vers=4.2
+41 40 0:51 / /home/ann/my\040data rw,relatime - ext4 /dev/vdb1 rw
+42 27 0:52 / /scratch rw - lustre 10.0.0.1@tcp:/scratch rw
+43 27 0:53 / /scratch rw - tmpfs tmpfs rw
+""".splitlines()
+
+
+def test_filesystem_type_of_a_path_is_its_deepest_latest_mount():
+    from grit import NETWORK_FILESYSTEMS, filesystem_type, parse_mountinfo
+    table = parse_mountinfo(MOUNTINFO)
+    assert ("/home/ann/my data", "ext4") in table   # \040 is a space
+    assert filesystem_type("/home/ann/db", table) == "nfs4"
+    assert filesystem_type("/home/ann/my data/db", table) == "ext4"
+    assert filesystem_type("/homework", table) == "ext4"   # not under /home
+    assert filesystem_type("/scratch/x", table) == "tmpfs"  # mounted over lustre
+    assert filesystem_type("/tmp/db", table) == "ext4"
+    assert "nfs4" in NETWORK_FILESYSTEMS and "lustre" in NETWORK_FILESYSTEMS
+    assert "ext4" not in NETWORK_FILESYSTEMS and "tmpfs" not in NETWORK_FILESYSTEMS
