@@ -1418,7 +1418,16 @@ class OutputFS:
             raise _fuse_error(errno.EACCES)
 
     def opendir(self, path: str) -> int:
+        # A directory can be opened (tar -C and other openat-based tools need
+        # the descriptor), but not listed: readdir fails.
+        self._split(path)
+        return 0
+
+    def readdir(self, path: str, fh: int) -> list:
         raise _fuse_error(errno.EACCES)  # write-only: nothing can be listed
+
+    def releasedir(self, path: str, fh: int) -> None:
+        pass
 
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
         raise _fuse_error(errno.EACCES)

@@ -15,6 +15,7 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     ldconfig -p 2>/dev/null | grep -q 'libfuse\.so\.2' || missing+=(libfuse2)
     command -v nix >/dev/null || missing+=(nix-bin)   # the offline flake check
     "$python" -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)  # Debian splits it out
+    command -v rsync >/dev/null || missing+=(rsync)   # a FUSE test writes with it
     if [ ${#missing[@]} -gt 0 ]; then
         echo "bootstrap: installing ${missing[*]}" >&2
         export DEBIAN_FRONTEND=noninteractive

@@ -2,6 +2,7 @@
 big outputs, interrupts, stale mounts and the fallback (SPEC 6)."""
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -97,6 +98,38 @@ grep " $(dirname $OUTPUT_DIR) " /proc/self/mountinfo > $OUTPUT_DIR/mountinfo
     mountinfo = grit.contents("mountinfo")[0].decode()
     assert "fuse.grit" in mountinfo and "allow_other" not in mountinfo
     assert grit.contents("x") == [b"secret\n"]
+
+
+def test_everyday_tools_can_write_into_the_output_directory(grit, tmp_path):
+    """Tools that open directories (tar -C), copy attributes (cp -p, mv from
+    another filesystem), use sendfile (shutil.copy), or write a temporary name
+    and rename it (rsync, sort -o) all work on the write-only filesystem."""
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a").write_text("a\n")
+    (src / "sub" / "b").write_text("b\n")
+    subprocess.run(["tar", "-cf", str(tmp_path / "src.tar"), "-C", str(src), "."], check=True)
+    data = "".join(f"{i}\n" for i in range(1000))
+    (tmp_path / "data").write_text(data)
+    d = tmp_path / "data"
+    out = emitted(grit, f'''
+set -e
+mkdir $OUTPUT_DIR/untar && tar -xf {tmp_path}/src.tar -C $OUTPUT_DIR/untar
+cp -p {d} $OUTPUT_DIR/cp
+cp {d} $OUTPUT_DIR/../$(basename $OUTPUT_DIR)/cp-dotdot
+cp {d} {tmp_path}/moved && mv {tmp_path}/moved $OUTPUT_DIR/mv
+python3 -c "import shutil, os; shutil.copy2('{d}', os.environ['OUTPUT_DIR'] + '/copy2')"
+sort -n -r -o $OUTPUT_DIR/sorted {d}
+install -m 644 {d} $OUTPUT_DIR/installed
+gzip -c {d} > $OUTPUT_DIR/data.gz
+{f"rsync -a {src}/ $OUTPUT_DIR/rsynced/" if shutil.which("rsync") else ""}
+''')
+    same = [data.encode()]
+    for tree in ("untar", "rsynced") if shutil.which("rsync") else ("untar",):
+        assert out.pop(f"{tree}/a") == [b"a\n"] and out.pop(f"{tree}/sub/b") == [b"b\n"]
+    assert out.pop("sorted") == ["".join(f"{i}\n" for i in reversed(range(1000))).encode()]
+    assert len(out.pop("data.gz")[0]) > 0
+    assert out == {name: same for name in ("cp", "cp-dotdot", "mv", "copy2", "installed")}
 
 
 def test_fan_out_by_rewrite_feeds_parallel_downstream(grit):
