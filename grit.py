@@ -1236,6 +1236,7 @@ class _TaskDir:
     dirs: set = field(default_factory=set)
     emitted: list = field(default_factory=list)   # emission dicts, in order
     errors: list = field(default_factory=list)
+    refused_read: str | None = None  # a name the script tried to read back
     open_handles: int = 0
 
 
@@ -1352,6 +1353,13 @@ class OutputFS:
                 return name
         return None  # unlinked
 
+    @staticmethod
+    def _refuse_read(task: _TaskDir | None, name: str) -> None:
+        """Write-only: reading fails. The name is kept to explain a failure."""
+        if task is not None and task.refused_read is None:
+            task.refused_read = name
+        raise _fuse_error(errno.EACCES)
+
     def _open_handle(self, task: _TaskDir, content: _Content) -> int:
         fh = self._next_fh
         self._next_fh += 1
@@ -1393,6 +1401,10 @@ class OutputFS:
                 for out in task.emitted:
                     if "spool" in out:
                         os.unlink(out["spool"])
+                if not task.errors and task.refused_read:  # may be why the script failed
+                    task.errors.append(f"the script tried to read {quote(task.refused_read)} "
+                                       "back, but $OUTPUT_DIR is write-only (-output-mode dir "
+                                       "allows it)")
                 return {"error": task.errors[0] if task.errors else None, "outputs": []}
             return {"error": None, "outputs": task.emitted}
 
@@ -1415,7 +1427,8 @@ class OutputFS:
     def access(self, path: str, amode: int) -> None:
         self.getattr(path)
         if amode & os.R_OK:
-            raise _fuse_error(errno.EACCES)
+            task, name = self._split(path)
+            self._refuse_read(task, name or ".")
 
     def opendir(self, path: str) -> int:
         # A directory can be opened (tar -C and other openat-based tools need
@@ -1424,13 +1437,17 @@ class OutputFS:
         return 0
 
     def readdir(self, path: str, fh: int) -> list:
-        raise _fuse_error(errno.EACCES)  # write-only: nothing can be listed
+        task, name = self._split(path)
+        self._refuse_read(task, f"{name}/" if name else "$OUTPUT_DIR")
+        return []
 
     def releasedir(self, path: str, fh: int) -> None:
         pass
 
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
-        raise _fuse_error(errno.EACCES)
+        handle = self.handles[fh]
+        self._refuse_read(handle.task, self._name_of(handle) or "a removed file")
+        return b""
 
     def mkdir(self, path: str, mode: int) -> None:
         task, name = self._split(path)
@@ -1463,9 +1480,9 @@ class OutputFS:
         return self._open_handle(task, content)
 
     def open(self, path: str, flags: int) -> int:
-        if flags & os.O_ACCMODE == os.O_RDONLY:
-            raise _fuse_error(errno.EACCES)  # write-only: nothing can be read back
         task, name, content = self._file(path)
+        if flags & os.O_ACCMODE == os.O_RDONLY:
+            self._refuse_read(task, name)
         if flags & os.O_TRUNC:
             content = self._emit_if_closed(task, name)
         return self._open_handle(task, content)

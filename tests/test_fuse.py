@@ -132,6 +132,23 @@ gzip -c {d} > $OUTPUT_DIR/data.gz
     assert out == {name: same for name in ("cp", "cp-dotdot", "mv", "copy2", "installed")}
 
 
+def test_a_failure_after_reading_back_an_output_says_why(grit):
+    grit.write('''
+[[step]]
+name = "reads"
+script = "echo a > $OUTPUT_DIR/x; sort $OUTPUT_DIR/x > $OUTPUT_DIR/y"
+[[step]]
+name = "copes"
+script = "echo a > $OUTPUT_DIR/z; cat $OUTPUT_DIR/z 2>/dev/null || echo fine > $OUTPUT_DIR/z2"
+''')
+    proc = grit.run("-output-mode", "fuse", check=1)
+    [failure] = [line for line in proc.stderr.splitlines() if "failed:" in line]
+    assert failure.startswith('grit: error: task 1 (reads) failed: the script tried to read "x" '
+                              'back, but $OUTPUT_DIR is write-only (-output-mode dir allows it) '
+                              '(exit status 2: sort: ')
+    assert grit.contents("z2") == [b"fine\n"]  # a refused read that the script handles is fine
+
+
 def test_fan_out_by_rewrite_feeds_parallel_downstream(grit):
     grit.write('''
 [[step]]
