@@ -2931,7 +2931,7 @@ def cmd_status(db_path: str, as_json: bool) -> int:
     if failed:
         print("failed tasks (-log TASK shows one):")
         for f in failed[:STATUS_NAMES_SHOWN]:
-            why = (f["error"] or "").splitlines()[0] if f["error"] else ""
+            why = f["error"].splitlines()[0] if f["error"] else ""
             print(f"  {f['task']:>8}  {f['step']} v{f['version']}: {why[:100]}")
         if len(failed) > STATUS_NAMES_SHOWN:
             print(f"  … and {len(failed) - STATUS_NAMES_SHOWN} more (-status -json lists all)")
