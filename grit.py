@@ -25,6 +25,7 @@ import json
 import os
 import queue
 import re
+import select
 import shutil
 import signal
 import sqlite3
@@ -39,7 +40,12 @@ from typing import IO, Callable, Iterable, Iterator, Protocol, Sequence
 try:
     import tomllib
 except ImportError:  # Python < 3.11
-    import tomli as tomllib  # type: ignore[no-redef]
+    try:
+        import tomli as tomllib  # type: ignore[no-redef]
+    except ImportError:
+        sys.exit("grit: error: " + "the Python package tomli is missing (Python < 3.11 needs it):"
+                 " pip install -r requirements.txt, pip install . in grit's folder, or use"
+                 " grit.pyz, which carries it")
 
 __version__ = "0.1.0"
 
@@ -93,6 +99,7 @@ class Console:
         self.tty = self.stream.isatty()
         self.color = self.tty and "NO_COLOR" not in os.environ
         self._progress_shown = False
+        self.closed = False  # the stream was closed by its reader
         self._lock = threading.Lock()
         # The first plain progress line comes only after a run has gone on a while.
         try:
@@ -107,10 +114,24 @@ class Console:
     def _write(self, line: str) -> None:
         with self._lock:
             if self._progress_shown:
-                self.stream.write("\r\033[K")
+                self._put("\r\033[K")
                 self._progress_shown = False
-            self.stream.write(line + "\n")
+            self._put(line + "\n")
+
+    def _put(self, text: str) -> None:
+        """Write and flush; a closed stream (`2>&1 | head`) drops the rest of the
+        console output, and the run goes on to its true exit status."""
+        if self.closed:
+            return
+        try:
+            self.stream.write(text)
             self.stream.flush()
+        except (BrokenPipeError, ValueError, OSError):
+            self.closed = True
+            try:  # so that Python's own flush at exit fails neither
+                os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+            except (OSError, ValueError, io.UnsupportedOperation):
+                pass
 
     def error(self, message: str) -> None:
         self._write(self.paint("grit: error: ", "red") + message)
@@ -144,15 +165,13 @@ class Console:
             return
         with self._lock:
             width = shutil.get_terminal_size((100, 20)).columns - 1
-            self.stream.write("\r\033[K" + line[:width])
-            self.stream.flush()
+            self._put("\r\033[K" + line[:width])
             self._progress_shown = True
 
     def end_progress(self) -> None:
         with self._lock:
             if self._progress_shown:
-                self.stream.write("\r\033[K")
-                self.stream.flush()
+                self._put("\r\033[K")
                 self._progress_shown = False
 
 
@@ -211,7 +230,11 @@ def matches_inputs(name: str, inputs: Sequence[str]) -> bool:
 # Manifest
 # =============================================================================
 
-STEP_KEYS = ("name", "inputs", "parallel", "script", "start", "timeout")
+STEP_KEYS = ("name", "inputs", "parallel", "script", "start", "timeout", "cycle_limit")
+# A chain of resources may pass through one step this many times (a step that
+# consumes what it, or a step after it, produces); past it the chain stops and
+# the run fails, naming the step. A converging cycle ends long before.
+CYCLE_LIMIT = 100
 
 
 @dataclass(frozen=True)
@@ -223,6 +246,7 @@ class StepDef:
     inputs: tuple[str, ...] = ()
     parallel: int = 0  # most concurrent tasks of this step; 0 = unlimited
     timeout: float = 0  # seconds a task may run before it is killed; 0 = no limit
+    cycle_limit: int = CYCLE_LIMIT  # times one chain of resources may pass through this step
 
     @property
     def is_seed(self) -> bool:
@@ -322,6 +346,10 @@ def _parse_step(table: dict, where: str) -> StepDef:
             0 <= timeout < float("inf")):
         raise GritError(f"{where}: \"timeout\" must be a number of seconds (0 = no limit), "
                         f"not {quote(str(timeout))}")
+    cycle_limit = table.get("cycle_limit", CYCLE_LIMIT)
+    if isinstance(cycle_limit, bool) or not isinstance(cycle_limit, int) or cycle_limit < 1:
+        raise GritError(f"{where}: \"cycle_limit\" must be a whole number of 1 or more, "
+                        f"not {quote(str(cycle_limit))}")
     start = table.get("start", False)
     if not isinstance(start, bool):
         raise GritError(f"{where}: \"start\" must be true or false, not {_toml_type(start)}")
@@ -329,7 +357,7 @@ def _parse_step(table: dict, where: str) -> StepDef:
         raise GritError(f"{where}: a start step has no inputs: remove \"start\" or \"inputs\"")
     # Sorted and deduplicated: reordering inputs is not a new definition.
     return StepDef(name=name, script=script, inputs=tuple(sorted(set(inputs))), parallel=parallel,
-                   timeout=float(timeout))
+                   timeout=float(timeout), cycle_limit=cycle_limit)
 
 
 def _toml_type(value: object) -> str:
@@ -374,7 +402,12 @@ class ObjectStore:
     """
 
     def __init__(self, path: str, readonly: bool = False) -> None:
-        import lmdb  # imported here: only commands that touch objects pay for it
+        try:
+            import lmdb  # imported here: only commands that touch objects pay for it
+        except ImportError:
+            raise GritError("the Python package lmdb is missing: pip install -r requirements.txt "
+                            "(or pip install . in grit's folder), or use grit.pyz, which "
+                            "carries it") from None
 
         self._lmdb = lmdb
         data_file = os.path.join(path, "data.mdb")
@@ -561,7 +594,7 @@ class ObjectStore:
 # Metadata store (SQLite)
 # =============================================================================
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SCHEMA = """
 -- One row per version of a step definition (script, inputs). A changed
 -- definition adds a version; old versions stay as history.
@@ -598,12 +631,14 @@ CREATE TABLE task (
     input_resource_id INTEGER REFERENCES resource(id),
     status      TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'done', 'failed')),
     exit_code   INTEGER,
-    error       TEXT,                       -- why it failed, with the tail of its stderr
+    error       TEXT,                       -- why it failed: exit status, last line of stderr
     stdout_hash TEXT,                       -- objects holding its output, NULL when empty
     stderr_hash TEXT,
     started_at  TEXT,
     finished_at TEXT,
     duration    REAL,
+    passes      TEXT,                       -- JSON {step name: times the chain of resources
+                                            -- that led here passed through it, this task included}
     UNIQUE (step_id, input_resource_id)
 );
 -- NULLs are distinct in UNIQUE, so seed tasks need their own rule: one per step version.
@@ -612,7 +647,8 @@ CREATE UNIQUE INDEX task_seed ON task(step_id) WHERE input_resource_id IS NULL;
 CREATE INDEX task_status ON task(step_id, status);
 """
 # Statements that bring a database of schema N to N + 1.
-MIGRATIONS = {1: ["ALTER TABLE resource ADD COLUMN deleted_at TEXT"]}
+MIGRATIONS = {1: ["ALTER TABLE resource ADD COLUMN deleted_at TEXT"],
+              2: ["ALTER TABLE task ADD COLUMN passes TEXT"]}
 
 
 def utc_now() -> str:
@@ -646,6 +682,7 @@ class TaskSpec:
     input_hash: str = ""
     timeout: float = 0  # seconds; 0 = no limit
     previous_start: str = ""  # seed tasks: when the step last succeeded (GRIT_PREVIOUS_START)
+    passes: int = 1  # times the chain of resources that led here passed through this step
 
 
 @dataclass
@@ -670,6 +707,14 @@ class TaskResult:
     @property
     def ok(self) -> bool:
         return self.error is None and not self.interrupted
+
+
+def one_more_pass(passes: str | None, step_name: str) -> str:
+    """The passes (JSON, see the task table) of a task of `step_name` whose input
+    was made by a task with `passes`."""
+    counts = json.loads(passes) if passes else {}
+    counts[step_name] = counts.get(step_name, 0) + 1
+    return json.dumps(counts, separators=(",", ":"))
 
 
 def is_current(row: tuple, definition: StepDef) -> bool:
@@ -794,22 +839,24 @@ class Metadata:
         resource once. Either way a rerun with nothing new reads nothing.
         """
         inputs = step.definition.inputs
+        # Each row: resource id, name, deleted_at, passes of the task that made it.
+        select = ("SELECT r.id, r.name, r.deleted_at, t.passes FROM resource r "
+                  "LEFT JOIN task t ON t.id = r.task_id WHERE ")
         if any(is_pattern(p) for p in inputs):
-            rows = self.db.execute("SELECT id, name, deleted_at FROM resource WHERE id > ? "
-                                   "ORDER BY id LIMIT ?", (step.scanned_resource_id, limit)).fetchall()
-            ids = [r[0] for r in rows if r[2] is None and matches_inputs(r[1], inputs)]
+            rows = self.db.execute(select + "r.id > ? ORDER BY r.id LIMIT ?",
+                                   (step.scanned_resource_id, limit)).fetchall()
         else:
             marks = ",".join("?" * len(inputs))
-            rows = self.db.execute(f"SELECT id, deleted_at FROM resource WHERE name IN ({marks}) "
-                                   f"AND id > ? ORDER BY id LIMIT ?",
-                                   (*inputs, step.scanned_resource_id, limit)).fetchall()
-            ids = [r[0] for r in rows if r[1] is None]
+            rows = self.db.execute(select + f"r.name IN ({marks}) AND r.id > ? ORDER BY r.id "
+                                   "LIMIT ?", (*inputs, step.scanned_resource_id, limit)).fetchall()
         more = len(rows) == limit
         last = rows[-1][0] if more else newest  # everything up to newest was seen
         created = 0
-        for rid in ids:
-            created += self.db.execute("INSERT OR IGNORE INTO task (step_id, input_resource_id) "
-                                       "VALUES (?, ?)", (step.id, rid)).rowcount
+        for rid, name, deleted_at, passes in rows:
+            if deleted_at is None and matches_inputs(name, inputs):
+                created += self.db.execute(
+                    "INSERT OR IGNORE INTO task (step_id, input_resource_id, passes) "
+                    "VALUES (?, ?, ?)", (step.id, rid, one_more_pass(passes, step.name))).rowcount
         if last != step.scanned_resource_id:
             self.db.execute("UPDATE step SET scanned_resource_id = ? WHERE id = ?", (last, step.id))
             step.scanned_resource_id = last
@@ -817,12 +864,14 @@ class Metadata:
 
     def pending(self, step: StepVersion, after_task_id: int, limit: int) -> list[TaskSpec]:
         rows = self.db.execute(
-            "SELECT t.id, r.name, r.hash FROM task t LEFT JOIN resource r "
+            "SELECT t.id, r.name, r.hash, t.passes FROM task t LEFT JOIN resource r "
             "ON r.id = t.input_resource_id WHERE t.step_id = ? AND t.status = 'pending' "
             "AND t.id > ? ORDER BY t.id LIMIT ?", (step.id, after_task_id, limit)).fetchall()
         since = self.previous_start(step.name) if step.definition.is_seed else ""
         return [TaskSpec(tid, step.name, step.definition.script, name or "", digest or "",
-                         step.definition.timeout, since) for tid, name, digest in rows]
+                         step.definition.timeout, since,
+                         json.loads(passes).get(step.name, 1) if passes else 1)
+                for tid, name, digest, passes in rows]
 
     def previous_start(self, step_name: str) -> str:
         """When the last successful task of any version of a step started: a
@@ -1012,6 +1061,9 @@ class DirCapture:
         """Store every file as an object and empty the directory."""
         if not _is_real_dir(out):
             raise OutputError("$OUTPUT_DIR was replaced by something other than a directory")
+        escaped = _remove_escapes(out)
+        if escaped:
+            raise OutputError(escaped)
         found: list[tuple[str, str]] = []
         has_dirs = _find_outputs(out, "", found)
         outputs = []
@@ -1024,15 +1076,38 @@ class DirCapture:
         return outputs
 
     def discard(self, out: str) -> str | None:
-        """Empty the directory, whatever the script left in it."""
+        """Empty the directory, whatever the script left in it; returns what
+        the script wrote outside it, if anything."""
+        escaped = _remove_escapes(out)
         if not _is_real_dir(out):
-            return None  # prepare() replaces it; never follow what a script put there
+            return escaped  # prepare() replaces it; never follow what a script put there
         for entry in os.scandir(out):
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path)
-            else:
-                os.unlink(entry.path)
+            _remove(entry.path)
+        return escaped
+
+
+# What a worker's scratch directory holds beside $OUTPUT_DIR (see LocalExecutor).
+SLOT_FILES = frozenset({"input", "stdout", "stderr"})
+
+
+def _remove_escapes(out: str) -> str | None:
+    """Remove what a script wrote next to its $OUTPUT_DIR (`$OUTPUT_DIR/../x`,
+    which FUSE mode refuses) and say what it was; None if nothing."""
+    slot = os.path.dirname(out)
+    stray = sorted(set(os.listdir(slot)) - SLOT_FILES - {os.path.basename(out)})
+    for name in stray:
+        _remove(os.path.join(slot, name))
+    if not stray:
         return None
+    return (f"the script wrote {quote(stray[0])} outside $OUTPUT_DIR (in its parent "
+            f"{slot}); only files inside $OUTPUT_DIR become resources")
+
+
+def _remove(path: str) -> None:
+    if _is_real_dir(path):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
 
 
 def _find_outputs(directory: str, prefix: str, found: list[tuple[str, str]]) -> bool:
@@ -1867,7 +1942,9 @@ class FuseCapture:
 # Task execution
 # =============================================================================
 
-STDERR_TAIL_BYTES = 2000  # of a failed task's stderr, stored and shown
+STDERR_TAIL_BYTES = 2000  # of a failed task's stderr, searched for its last line
+ERROR_LINE_CHARS = 300  # of that line, kept as the task's error
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # colors in a script's stderr
 # How long scripts get to exit after SIGTERM before SIGKILL.
 TERMINATE_GRACE_SECONDS = 2.0
 
@@ -1991,7 +2068,10 @@ class LocalExecutor:
         log_out, log_err = slot.stdout, slot.stderr
         log_out.seek(0)
         log_err.seek(0)
-        status = self._spawn_and_wait(spec, env, log_out.fileno(), log_err.fileno())
+        if self.console.verbose:
+            status = self._spawn_streaming(spec, env, log_out.fileno(), log_err.fileno())
+        else:
+            status = self._spawn_and_wait(spec, env, log_out.fileno(), log_err.fileno())
         truncate_here(log_out.fileno())
         truncate_here(log_err.fileno())
         result.duration = time.monotonic() - started
@@ -2004,7 +2084,7 @@ class LocalExecutor:
             if status == 0:
                 result.outputs = self.capture.collect(out)
             else:
-                result.error = describe_exit(status) + stderr_tail(log_err)
+                result.error = describe_exit(status) + last_stderr_line(log_err)
                 self._note_full_disk(result)  # before discarding frees the space
                 # An output refused while the script ran explains its failure best.
                 problem = self.capture.discard(out)
@@ -2018,8 +2098,6 @@ class LocalExecutor:
             self.capture.discard(out)
         result.stdout_hash = self._keep_log(log_out)
         result.stderr_hash = self._keep_log(log_err)
-        if self.console.verbose:
-            self._show_logs(spec, log_out, log_err)
         return result
 
     def _write_input(self, spec: TaskSpec, slot: str) -> str:
@@ -2127,12 +2205,44 @@ class LocalExecutor:
         log.seek(0)
         return self.store.put(log)[0]
 
-    def _show_logs(self, spec: TaskSpec, log_out: IO[bytes], log_err: IO[bytes]) -> None:
-        for label, log in (("stdout", log_out), ("stderr", log_err)):
-            log.seek(0)
-            text = log.read(64 * 1024).decode("utf-8", "replace")
-            for line in text.splitlines():
-                self.console.detail(f"  [{spec.step} #{spec.task_id} {label}] {line}")
+    def _spawn_streaming(self, spec: TaskSpec, env: dict, fd_out: int, fd_err: int) -> int | None:
+        """_spawn_and_wait for -verbose: the script writes into pipes, and a
+        thread per pipe copies what arrives into its log and shows it, line by line."""
+        pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(2)]
+        stop = threading.Event()
+        tees = [threading.Thread(target=self._tee, args=(r, log, f"  [{spec.step} #{spec.task_id} "
+                                                         f"{label}]", stop), daemon=True)
+                for (r, _), log, label in zip(pipes, (fd_out, fd_err), ("stdout", "stderr"))]
+        for tee in tees:
+            tee.start()
+        try:
+            return self._spawn_and_wait(spec, env, pipes[0][1], pipes[1][1])
+        finally:
+            for _, w in pipes:
+                os.close(w)
+            for tee in tees:  # a process the script left outside its group may hold a pipe
+                tee.join(RELEASE_GRACE_SECONDS)
+            stop.set()
+            for tee in tees:
+                tee.join()
+
+    def _tee(self, pipe: int, log: int, prefix: str, stop: threading.Event) -> None:
+        partial = b""
+        while not stop.is_set():
+            if not select.select([pipe], [], [], 0.1)[0]:
+                continue
+            data = os.read(pipe, 65536)
+            if not data:
+                break
+            view = memoryview(data)
+            while view:
+                view = view[os.write(log, view):]
+            *lines, partial = (partial + data).split(b"\n")
+            for line in lines:
+                self.console.detail(f"{prefix} {line.decode('utf-8', 'replace')}")
+        if partial:
+            self.console.detail(f"{prefix} {partial.decode('utf-8', 'replace')}")
+        os.close(pipe)
 
 
 def open_private(path: str) -> int:
@@ -2189,10 +2299,27 @@ def describe_exit(status: int) -> str:
     return f"exit status {status}"
 
 
-def stderr_tail(log: IO[bytes]) -> str:
+def last_stderr_line(log: IO[bytes]) -> str:
+    """": " and the last line of a failed script's stderr that says something
+    (progress meters, colors and blank lines left out), or "" if none;
+    -log shows the rest."""
     log.seek(max(0, os.fstat(log.fileno()).st_size - STDERR_TAIL_BYTES))
-    tail = log.read().decode("utf-8", "replace").strip()
-    return f": {tail}" if tail else ""
+    for line in reversed(re.split(r"[\r\n]", log.read().decode("utf-8", "replace"))):
+        line = ANSI_ESCAPE.sub("", line).strip()
+        if line:  # a long line keeps both ends: a path first, the reason last
+            half = ERROR_LINE_CHARS // 2
+            return ": " + (line if len(line) <= ERROR_LINE_CHARS else
+                           f"{line[:half]} … {line[-half:]}")
+    return ""
+
+
+def error_line(error: str) -> str:
+    """A stored error as one line. Databases before schema 3 kept the whole
+    stderr tail; its last line says most."""
+    lines = [line.strip() for line in error.splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return error.strip()
+    return f"{lines[0].split(': ', 1)[0]}: {lines[-1]}"
 
 
 # =============================================================================
@@ -2379,6 +2506,13 @@ class Scheduler:
                     break
                 spec = state.queue.popleft()
                 state.running += 1
+                limit = state.step.definition.cycle_limit
+                if spec.passes > limit:  # a cycle that does not converge: stop this chain
+                    running[failed_at_once(spec, f"a chain of resources reached step "
+                                                 f"{quote(spec.step)} {spec.passes} times, more "
+                                                 f"than its cycle_limit ({limit}): a cycle that "
+                                                 "does not converge?")] = state
+                    continue
                 if self.console.verbose:
                     self.console.detail(f"start task {spec.task_id} {spec.step}"
                                         + (f" on {spec.input_name} {spec.input_hash[:12]}"
@@ -2476,6 +2610,13 @@ class Scheduler:
         self.console.progress(" | ".join(parts))
 
 
+def failed_at_once(spec: TaskSpec, error: str) -> concurrent.futures.Future:
+    """The result of a task that fails without running."""
+    future: concurrent.futures.Future = concurrent.futures.Future()
+    future.set_result(TaskResult(spec.task_id, error=error, started_at=utc_now()))
+    return future
+
+
 def format_duration(seconds: float) -> str:
     seconds = int(seconds + 0.5)
     hours, rest = divmod(seconds, 3600)
@@ -2509,6 +2650,7 @@ class Database:
 
     def create(self) -> None:
         """The directory; its object store is made once the lock is held."""
+        self._not_a_file()
         try:
             os.makedirs(self.path, mode=0o700, exist_ok=True)
             os.chmod(self.path, 0o700)
@@ -2522,7 +2664,12 @@ class Database:
         if recreate:
             os.mkdir(self.tmp_path, 0o700)
 
+    def _not_a_file(self) -> None:
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise GritError(f"-db {self.path} is not a directory (the database is a directory)")
+
     def require(self) -> None:
+        self._not_a_file()
         if not os.path.isfile(self.metadata_path):
             raise GritError(f"no grit database at {self.path}")
 
@@ -2652,7 +2799,7 @@ def cmd_run(opts: RunOptions, console: Console) -> int:
         return EXIT_OK
     if opts.json:
         raise GritError("-json goes with -run only together with -dry-run")
-    db = Database(opts.db)
+    db = Database(os.path.abspath(opts.db))  # every path a script is handed is absolute
     db.create()
     lock = db.lock()
     warn_if_network_filesystem(db.path, console)
@@ -2931,7 +3078,7 @@ def cmd_status(db_path: str, as_json: bool) -> int:
     if failed:
         print("failed tasks (-log TASK shows one):")
         for f in failed[:STATUS_NAMES_SHOWN]:
-            why = f["error"].splitlines()[0] if f["error"] else ""
+            why = error_line(f["error"]) if f["error"] else ""
             print(f"  {f['task']:>8}  {f['step']} v{f['version']}: {why[:100]}")
         if len(failed) > STATUS_NAMES_SHOWN:
             print(f"  … and {len(failed) - STATUS_NAMES_SHOWN} more (-status -json lists all)")

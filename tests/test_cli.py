@@ -1,8 +1,10 @@
 """Exit codes and one-line errors of the command line."""
 import re
 import shutil
+import subprocess
+import sys
 
-from conftest import EXAMPLES
+from conftest import EXAMPLES, GRIT
 
 
 def one_error(proc, code, pattern):
@@ -38,7 +40,19 @@ def test_database_path_that_is_a_file(grit):
     shutil.copy(EXAMPLES / "quickstart.toml", grit.manifest)
     (grit.path / "afile").write_text("x")
     one_error(grit("-manifest", "workflow.toml", "-db", "afile", "-run"), 2,
-              "cannot create database directory afile")
+              "-db .*afile is not a directory")
+    one_error(grit("-db", "/etc/passwd", "-status"), 2, "-db /etc/passwd is not a directory")
+    assert (grit.path / "afile").read_text() == "x"
+
+
+def test_missing_packages_are_named_with_the_ways_to_get_them(grit):
+    """Without site-packages (python -S) lmdb cannot be imported."""
+    shutil.copy(EXAMPLES / "quickstart.toml", grit.manifest)
+    proc = subprocess.run([sys.executable, "-S", GRIT, "-manifest", "workflow.toml", "-db", "db",
+                           "-run", "-output-mode", "dir", "-quiet"], cwd=grit.path,
+                          capture_output=True, text=True, timeout=60)
+    one_error(proc, 2, r"the Python package lmdb is missing: pip install -r requirements.txt "
+                       r".*or use grit.pyz")
 
 
 def test_not_a_grit_database(grit):

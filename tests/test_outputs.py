@@ -1,4 +1,5 @@
 """What a task may write to $OUTPUT_DIR: bad names and odd files fail that task alone."""
+import re
 import time
 
 import pytest
@@ -167,3 +168,46 @@ def test_timeout_kills_a_script_that_never_ends(grit, output_mode):
     ''')
     proc = grit.run("-output-mode", output_mode, "-timeout", "0.5", check=1, timeout=60)
     assert "(slow) failed: timed out after 0.5 s" in proc.stderr
+
+
+def test_a_relative_db_gives_scripts_absolute_paths(grit, output_mode):
+    """Scripts that cd elsewhere still find $INPUT_FILE and $OUTPUT_DIR."""
+    grit.write('''
+        [[step]]
+        name = "seed"
+        script = 'cd / && echo data > "$OUTPUT_DIR/raw"'
+        [[step]]
+        name = "copy"
+        inputs = ["raw"]
+        script = 'cd /tmp && cat "$INPUT_FILE" > "$OUTPUT_DIR/copy" && echo "$OUTPUT_DIR" > "$OUTPUT_DIR/where"'
+    ''')
+    proc = grit("-manifest", "workflow.toml", "-db", "dbcd", "-run", "-output-mode", output_mode)
+    assert proc.returncode == 0, proc.stderr
+    db = grit.path / "dbcd"
+    assert grit("-db", "dbcd", "-export", "copy", check=0).stdout.count("\tcopy\t") == 1
+    digest = grit("-db", "dbcd", "-export", "where", check=0).stdout.split("\t")[0]
+    where = grit("-db", "dbcd", "-export-hash", digest, check=0).stdout.strip()
+    assert where.startswith(str(db) + "/")
+
+
+def test_dir_mode_fails_a_task_that_writes_next_to_its_output_dir(grit):
+    grit.write('''
+        [[step]]
+        name = "seed"
+        script = "echo ok > $OUTPUT_DIR/fine"
+        [[step]]
+        name = "escape"
+        script = "echo ok > $OUTPUT_DIR/kept; echo x > $OUTPUT_DIR/../escaped"
+        [[step]]
+        name = "escape_dir"
+        script = "mkdir $OUTPUT_DIR/../d && echo x > $OUTPUT_DIR/../d/f; exit 4"
+    ''')
+    proc = grit.run("-output-mode", "dir", check=1)
+    assert re.search(r'\(escape\) failed: the script wrote "escaped" outside \$OUTPUT_DIR',
+                     proc.stderr), proc.stderr
+    assert re.search(r'\(escape_dir\) failed: the script wrote "d" outside \$OUTPUT_DIR .*'
+                     r'\(exit status 4\)', proc.stderr), proc.stderr
+    assert grit.has("fine") and not grit.has("kept") and not grit.has("escaped")
+    # the next run (retrying both) finds a clean scratch directory: the same two failures
+    again = grit.run("-output-mode", "dir", check=1)
+    assert "2 task(s) run, 2 failed" in again.stderr
