@@ -361,6 +361,39 @@ def test_cycle_runs_until_outputs_stop_changing(grit):
     assert count_tasks(grit, "inc") == 6  # the sixth reproduces "5": cut off
 
 
+COUNTER = '''
+[[step]]
+name = "seed"
+script = "echo 0 > $OUTPUT_DIR/n"
+[[step]]
+name = "count"
+inputs = ["n"]
+{limit}
+script = 'echo $(( $(cat $INPUT_FILE) + 1 )) > $OUTPUT_DIR/n'
+'''
+
+
+def test_a_cycle_that_never_converges_stops_at_its_cycle_limit(grit):
+    grit.write(COUNTER.format(limit="cycle_limit = 5"))
+    proc = grit.run(check=1, timeout=60)
+    assert 'a chain of resources reached step "count" 6 times, more than its cycle_limit (5)' \
+        in proc.stderr
+    assert sorted(int(c) for c in grit.contents("n")) == list(range(6))  # 0, then five passes
+    again = grit.run(check=1)  # the same verdict, and nothing new
+    assert "1 task(s) run, 1 failed, 0 resource(s)" in again.stderr
+    grit.write(COUNTER.format(limit="cycle_limit = 7"))  # a scheduling key: no new version
+    raised = grit.run(check=1)
+    assert "new version" not in raised.stderr and "cycle_limit (7)" in raised.stderr
+    assert sorted(int(c) for c in grit.contents("n")) == list(range(8))
+
+
+def test_the_default_cycle_limit_is_100(grit):
+    grit.write(COUNTER.format(limit=""))
+    proc = grit.run(check=1, timeout=120)
+    assert "cycle_limit (100)" in proc.stderr
+    assert len(grit.export("n")) == 101
+
+
 def test_export_lists_oldest_first_with_tabs(grit):
     grit.write(SEED_ITEMS.format(items="1"))
     grit.run()

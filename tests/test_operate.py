@@ -9,7 +9,10 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import threading
 import time
+
+import pytest
 
 from conftest import GRIT, wait_for
 
@@ -305,20 +308,30 @@ def test_options_that_need_another_command_say_so(grit, tmp_path):
     assert grit.run("-json", check=2).stderr.startswith("grit: error: -json goes with -run only")
 
 
-def test_a_schema_1_database_is_upgraded_in_place(grit, tmp_path):
+# Columns each schema version added, newest first: an old database is the
+# current one without them.
+ADDED_COLUMNS = {3: [("task", "passes")], 2: [("resource", "deleted_at")]}
+
+
+@pytest.mark.parametrize("old", [1, 2])
+def test_an_old_database_is_upgraded_in_place(grit, tmp_path, old):
     pipeline(grit, tmp_path, succeed=True)
     import sqlite3
     db = sqlite3.connect(grit.db / "metadata.sqlite")
-    db.execute("ALTER TABLE resource DROP COLUMN deleted_at")
-    db.execute("PRAGMA user_version = 1")
+    for version, columns in ADDED_COLUMNS.items():
+        if version > old:
+            for table, column in columns:
+                db.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+    db.execute(f"PRAGMA user_version = {old}")
     db.commit()
     db.close()
     assert as_json(grit, "-status")["resources"]["count"] == 9   # a read-only command
-    assert grit.sql("PRAGMA user_version") == [(2,)]
+    assert grit.sql("PRAGMA user_version") == [(3,)]
     cmd(grit, "-delete", "rev")
     assert "0 task(s) run" in grit.run().stderr
-
-
+    # tasks made before the upgrade have no passes: their descendants count from there
+    grit.write(PIPELINE.format(ok=tmp_path / "ok").replace("tr a-z A-Z", "tr a-z A-Z | rev"))
+    assert "6 task(s) run, 0 failed" in grit.run().stderr
 
 
 def run_on_a_terminal(grit, env=None) -> str:
@@ -467,3 +480,84 @@ def test_lineage_of_a_long_cycle_is_cut_not_crashed(grit):
     assert "(cut: at most 100 links" in cmd(grit, "-lineage", first, "-descendants").stdout
     short = as_json(grit, "-lineage", grit.export("n")[3][0])
     assert short["truncated"] is False
+
+
+def test_a_failed_task_is_shown_by_its_last_meaningful_stderr_line(grit):
+    grit.write(r"""
+        [[step]]
+        name = "fetch"
+        script = '''
+        echo "exit status 1: 384" >&2
+        for i in $(seq 1 120); do echo "noise $i" >&2; done
+        printf '  %% Total  %% Received\r 50%%\r\033[31m' >&2
+        echo "FATAL: the real reason" >&2
+        printf '\033[0m\n\n' >&2
+        exit 1
+        '''
+    """)
+    run = grit.run(check=1)
+    failed = [line for line in run.stderr.splitlines() if "(fetch) failed" in line]
+    assert failed == ["grit: error: task 1 (fetch) failed: exit status 1: FATAL: the real reason"]
+    assert "noise" not in run.stderr
+    status = cmd(grit, "-status").stdout
+    assert "fetch v1: exit status 1: FATAL: the real reason" in status
+    log = cmd(grit, "-log", "1").stdout
+    assert "noise 1\n" in log and "noise 120\n" in log and "exit status 1: 384" in log
+
+
+def test_verbose_streams_script_output_as_it_arrives(grit, tmp_path):
+    go = tmp_path / "go"
+    grit.write(f'''
+        [[step]]
+        name = "talk"
+        script = """
+        echo first-line
+        echo err-line >&2
+        for i in $(seq 1 200); do [ -e {go} ] && break; sleep 0.1; done
+        echo second-line
+        echo done > $OUTPUT_DIR/done
+        """
+    ''')
+    proc = grit.popen("-verbose")
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")))
+    reader.start()
+    try:
+        # both lines show while the script still waits for us: streamed, not replayed at the end
+        assert wait_for(lambda: any("[talk #1 stdout] first-line" in ln for ln in lines) and
+                        any("[talk #1 stderr] err-line" in ln for ln in lines), timeout=15)
+        assert not any("second-line" in ln for ln in lines)
+    finally:
+        go.touch()
+        proc.wait(timeout=60)
+        reader.join()
+    assert proc.returncode == 0
+    assert any("[talk #1 stdout] second-line" in ln for ln in lines)
+    log = cmd(grit, "-log", "1").stdout
+    assert "first-line\nsecond-line\n" in log and "err-line\n" in log
+
+
+def test_a_closed_stderr_does_not_end_the_run(grit, tmp_path):
+    """`grit -run -verbose 2>&1 | head -3`: the run finishes its work, console
+    output dropped, and exits with the run's status."""
+    grit.write('''
+        [[step]]
+        name = "seed"
+        script = "for i in $(seq 1 30); do echo $i > $OUTPUT_DIR/n-$i; done"
+        [[step]]
+        name = "double"
+        inputs = ["n-*"]
+        script = "echo $(( $(cat $INPUT_FILE) * 2 )) > $OUTPUT_DIR/d; echo chatter"
+    ''')
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before grit writes its first line
+    try:
+        proc = subprocess.run([sys.executable, GRIT, "-manifest", str(grit.manifest), "-db",
+                               str(grit.db), "-run", "-verbose"], stderr=write_end,
+                              stdout=subprocess.DEVNULL, timeout=120)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 0
+    steps = {s["name"]: s["tasks"] for s in as_json(grit, "-status")["steps"]}
+    assert steps["double"] == {"pending": 0, "done": 30, "failed": 0}
+    assert len(grit.export("d")) == 30
