@@ -88,13 +88,19 @@ with tarfile.open(sdist) as t:
 PY
 
 cat > "$stage/__main__.py" <<PY
-"""grit.pyz start-up: make the lmdb C extension importable, then run grit."""
-import importlib.machinery
-import os
-import shutil
+"""grit.pyz start-up: make the lmdb C extension importable, then run grit.
+Plain syntax up to the version check, so that old Pythons reach it."""
 import sys
-import tempfile
-import zipfile
+
+if sys.version_info < (3, 9):
+    sys.exit("grit.pyz needs Python 3.9 or newer; this is Python %d.%d (%s)"
+             % (sys.version_info[0], sys.version_info[1], sys.executable))
+
+import importlib.machinery  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+import zipfile  # noqa: E402
 
 LMDB_VERSION = "$LMDB_VERSION"
 
@@ -106,7 +112,8 @@ def lmdb_dir():
     with zipfile.ZipFile(archive) as z:
         names = z.namelist()
         if "_lmdb/ext/" + so not in names:
-            have = sorted(n.split(".")[1] for n in names if n.startswith("_lmdb/ext/"))
+            have = sorted(n.split(".")[1] for n in names
+                          if n.startswith("_lmdb/ext/") and n.endswith(".so"))
             sys.exit(f"grit.pyz: no lmdb build for this Python ({so}); it has {', '.join(have)}. "
                      "Install lmdb==1.7.5 and fusepy with pip and run grit.py instead.")
         cache = os.environ.get("GRIT_CACHE_DIR") or os.path.join(

@@ -155,9 +155,7 @@ def test_timeout_kills_a_script_that_never_ends(grit, output_mode):
         name = "other"
         script = "sleep 0.2; echo fine > $OUTPUT_DIR/fine"
     ''')
-    started = time.monotonic()
     proc = grit.run("-output-mode", output_mode, check=1, timeout=60)
-    assert time.monotonic() - started < 10
     assert "(forever) failed: timed out after 1 s" in proc.stderr
     assert grit.has("fine") and not grit.has("p")
     # the global -timeout covers steps without their own
