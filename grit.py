@@ -7,14 +7,16 @@ $OUTPUT_DIR becomes a named, SHA-256 content-addressed resource; steps whose
 object content in LMDB, both under one database directory.
 
 Sections, in the order data flows through them:
-    Errors and console → Names → Manifest → Object store → Metadata store
-    → Output capture → Task execution → Scheduler → Commands → CLI
+    Errors and console → Names → Vocabulary → Manifest → Object store
+    → Metadata store → Database → Output capture (plain, FUSE) → Task execution
+    → Scheduler → Commands → Inspecting and managing a database → CLI
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import concurrent.futures
+import contextlib
 import difflib
 import errno
 import fcntl
@@ -58,6 +60,8 @@ EXIT_INTERRUPTED = 130
 # =============================================================================
 # Errors and console
 # =============================================================================
+# How grit speaks to its user: one-line errors with exit codes, and every
+# line on stderr (levels, colors, the live progress line). Knows nothing else.
 
 class GritError(Exception):
     """A problem to report as one line on stderr, then exit with `exit_code`."""
@@ -178,6 +182,8 @@ class Console:
 # =============================================================================
 # Names
 # =============================================================================
+# What a resource name and an input pattern may be, and how names match
+# patterns. Pure functions of strings.
 
 # Longest path segment most Linux filesystems accept, in bytes.
 MAX_SEGMENT_BYTES = 255
@@ -227,10 +233,11 @@ def matches_inputs(name: str, inputs: Sequence[str]) -> bool:
 
 
 # =============================================================================
-# Manifest
+# Vocabulary
 # =============================================================================
+# The words every later section speaks: steps and their versions, tasks, their
+# results and outputs. Plain data; nothing here reaches a store or a process.
 
-STEP_KEYS = ("name", "inputs", "parallel", "script", "start", "timeout", "cycle_limit")
 # A chain of resources may pass through one step this many times (a step that
 # consumes what it, or a step after it, produces); past it the chain stops and
 # the run fails, naming the step. A converging cycle ends long before.
@@ -239,7 +246,7 @@ CYCLE_LIMIT = 100
 
 @dataclass(frozen=True)
 class StepDef:
-    """One [[step]] of the manifest."""
+    """One [[step]] of the manifest: what a step does and how it is scheduled."""
 
     name: str
     script: str
@@ -255,6 +262,8 @@ class StepDef:
 
 @dataclass
 class Manifest:
+    """A loaded manifest: its steps, in file order."""
+
     path: str
     steps: list[StepDef]
 
@@ -264,6 +273,72 @@ class Manifest:
                 return s
         raise GritError(f"unknown step {quote(name)} in {self.path}"
                         f"{did_you_mean(name, [s.name for s in self.steps])}")
+
+
+@dataclass
+class StepVersion:
+    """A step of this run: the manifest's definition and its stored version."""
+
+    id: int
+    definition: StepDef
+    version: int
+    scanned_resource_id: int
+    is_new: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.definition.name
+
+
+@dataclass
+class TaskSpec:
+    """Everything needed to run one task; no database access needed."""
+
+    task_id: int
+    step: str
+    script: str
+    input_name: str = ""
+    input_hash: str = ""
+    timeout: float = 0  # seconds; 0 = no limit
+    previous_start: str = ""  # seed tasks: when the step last succeeded (GRIT_PREVIOUS_START)
+    passes: int = 1  # times the chain of resources that led here passed through this step
+
+
+@dataclass
+class Output:
+    """A file a task emitted: a resource to record, its object already stored."""
+
+    name: str
+    hash: str
+    size: int
+
+
+@dataclass
+class TaskResult:
+    """How a task ended: its outputs, or why it failed, or that it was interrupted."""
+
+    task_id: int
+    exit_code: int | None = None
+    error: str | None = None  # set when the task failed
+    outputs: list[Output] = field(default_factory=list)
+    stdout_hash: str | None = None
+    stderr_hash: str | None = None
+    started_at: str = ""
+    duration: float = 0.0
+    interrupted: bool = False  # killed by grit's shutdown: stays pending
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and not self.interrupted
+
+
+# =============================================================================
+# Manifest
+# =============================================================================
+# The TOML manifest to StepDefs: every mistake is one line naming the file,
+# the step and the key. Reads the file, nothing else.
+
+STEP_KEYS = ("name", "inputs", "parallel", "script", "start", "timeout", "cycle_limit")
 
 
 def load_manifest(path: str) -> Manifest:
@@ -369,6 +444,8 @@ def _toml_type(value: object) -> str:
 # =============================================================================
 # Object store (LMDB)
 # =============================================================================
+# Objects by hash: put a stream, open a hash, has, delete. Knows nothing of
+# names, steps or tasks (the metadata's business).
 
 # LMDB value size for object chunks. Big enough to amortise per-key cost, small
 # enough that LMDB finds contiguous free pages for it and memory stays bounded.
@@ -577,6 +654,10 @@ class ObjectStore:
                     found.add(key[:32].hex())
         return found
 
+    def copy_compacted(self, target: str) -> None:
+        """Write a copy of the store without its free pages into directory `target`."""
+        self.env.copy(target, compact=True)
+
     def delete(self, digest: str) -> None:
         key = bytes.fromhex(digest)
 
@@ -593,6 +674,8 @@ class ObjectStore:
 # =============================================================================
 # Metadata store (SQLite)
 # =============================================================================
+# Steps and their versions, tasks and resources, in SQLite: the schema and
+# the queries. Knows nothing of object bytes.
 
 SCHEMA_VERSION = 3
 SCHEMA = """
@@ -654,59 +737,6 @@ MIGRATIONS = {1: ["ALTER TABLE resource ADD COLUMN deleted_at TEXT"],
 def utc_now() -> str:
     t = time.time()
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
-
-
-@dataclass
-class StepVersion:
-    """A step of this run: the manifest's definition and its stored version."""
-
-    id: int
-    definition: StepDef
-    version: int
-    scanned_resource_id: int
-    is_new: bool = False
-
-    @property
-    def name(self) -> str:
-        return self.definition.name
-
-
-@dataclass
-class TaskSpec:
-    """Everything needed to run one task; no database access needed."""
-
-    task_id: int
-    step: str
-    script: str
-    input_name: str = ""
-    input_hash: str = ""
-    timeout: float = 0  # seconds; 0 = no limit
-    previous_start: str = ""  # seed tasks: when the step last succeeded (GRIT_PREVIOUS_START)
-    passes: int = 1  # times the chain of resources that led here passed through this step
-
-
-@dataclass
-class Output:
-    name: str
-    hash: str
-    size: int
-
-
-@dataclass
-class TaskResult:
-    task_id: int
-    exit_code: int | None = None
-    error: str | None = None  # set when the task failed
-    outputs: list[Output] = field(default_factory=list)
-    stdout_hash: str | None = None
-    stderr_hash: str | None = None
-    started_at: str = ""
-    duration: float = 0.0
-    interrupted: bool = False  # killed by grit's shutdown: stays pending
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None and not self.interrupted
 
 
 def one_more_pass(passes: str | None, step_name: str) -> str:
@@ -774,18 +804,32 @@ class Metadata:
     def close(self) -> None:
         self.db.close()
 
-    def transaction(self) -> "_Transaction":
-        return _Transaction(self.db)
+    def transaction(self, commit: bool = True) -> "_Transaction":
+        """BEGIN IMMEDIATE … COMMIT; commit=False rolls back (a dry run)."""
+        return _Transaction(self.db, commit)
+
+    def integrity_problems(self) -> list[str]:
+        """What SQLite's integrity and foreign key checks find, one line each."""
+        problems = [row[0] for row in self.db.execute("PRAGMA integrity_check") if row[0] != "ok"]
+        return problems + [f"{table} row {rowid} refers to a missing {parent}" for table, rowid,
+                           parent, _ in self.db.execute("PRAGMA foreign_key_check")]
 
     # -- steps ---------------------------------------------------------------
 
-    def register(self, definition: StepDef) -> StepVersion:
-        """The stored latest version of this step, adding one if the definition changed."""
-        inputs = json.dumps(list(definition.inputs))
+    def stored_version(self, definition: StepDef) -> tuple[StepVersion | None, int]:
+        """(the stored version that has this definition, or None; the number a
+        new version would get). The rule for new versions, for -run and -dry-run."""
         row = self.latest_step(definition.name)
         if row and is_current(row, definition):
-            return StepVersion(row[0], definition, row[1], row[4])
-        version = row[1] + 1 if row else 1
+            return StepVersion(row[0], definition, row[1], row[4]), row[1]
+        return None, row[1] + 1 if row else 1
+
+    def register(self, definition: StepDef) -> StepVersion:
+        """The stored latest version of this step, adding one if the definition changed."""
+        current, version = self.stored_version(definition)
+        if current:
+            return current
+        inputs = json.dumps(list(definition.inputs))
         with self.transaction():
             cur = self.db.execute(
                 "INSERT INTO step (name, version, script, inputs, created_at) VALUES (?,?,?,?,?)",
@@ -1022,11 +1066,276 @@ class _Transaction:
 
 
 # =============================================================================
+# Database
+# =============================================================================
+# The database directory (-db): the metadata and object stores, the run lock
+# and scratch space. The scheduler and the commands see state only through a
+# Database; nothing above this section touches sqlite3 or LMDB.
+
+DISK_WARN_FRACTION = 0.85  # warn before a run when the database's disk is fuller
+
+# Filesystems on which LMDB's memory map and locks, and SQLite's WAL, are not
+# safe (both projects say: use a local disk).
+NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "afs", "9p", "lustre", "gpfs",
+                       "beegfs", "ceph", "glusterfs", "fuse.sshfs", "fuse.glusterfs",
+                       "fuse.ceph-fuse"}
+
+
+def warn_if_network_filesystem(path: str, console: Console) -> None:
+    kind = filesystem_type(path, mounts())
+    if kind in NETWORK_FILESYSTEMS:
+        console.warn(f"the database {path} is on a network filesystem ({kind}), where LMDB "
+                     "and SQLite cannot lock and sync safely: keep -db on a local disk "
+                     "(-export and -export-tar copy results anywhere)")
+
+
+def warn_if_disk_full(path: str, console: Console) -> None:
+    usage = shutil.disk_usage(path)
+    if usage.total and usage.used / usage.total > DISK_WARN_FRACTION:
+        console.warn(f"the disk holding {path} is {usage.used / usage.total:.0%} full "
+                     f"({usage.free // 2**20} MiB free)")
+
+
+
+
+class Database:
+    """One -db directory: metadata.sqlite, objects/, lock and tmp/."""
+
+    def __init__(self, path: str, readonly: bool = True) -> None:
+        self.path = path
+        self.readonly = readonly
+        self._meta: Metadata | None = None
+        self._objects: ObjectStore | None = None
+
+    # -- opening -----------------------------------------------------------------
+
+    @classmethod
+    def for_reading(cls, path: str) -> "Database":
+        """An existing database, for commands that only look."""
+        db = cls(path)
+        db.require()
+        return db
+
+    @classmethod
+    @contextlib.contextmanager
+    def for_run(cls, path: str, console: Console) -> Iterator["Database"]:
+        """Created if missing, locked, its scratch space fresh; on leaving, objects
+        synced, stores closed, scratch space removed and the lock released.
+        The path is made absolute: every path grit hands a script is."""
+        db = cls(os.path.abspath(path), readonly=False)
+        db.create()
+        with db.locked():
+            warn_if_network_filesystem(db.path, console)
+            warn_if_disk_full(db.path, console)
+            db.clear_tmp()
+            try:
+                yield db
+            finally:
+                db.close()
+                db.clear_tmp(recreate=False)
+
+    @classmethod
+    @contextlib.contextmanager
+    def for_change(cls, path: str) -> Iterator["Database"]:
+        """An existing database, locked, for commands that change it (-gc, -delete)."""
+        db = cls(path, readonly=False)
+        db.require()
+        with db.locked():
+            try:
+                yield db
+            finally:
+                db.close()
+
+    @property
+    def meta(self) -> "Metadata":
+        if self._meta is None:
+            self._meta = Metadata(self.metadata_path, readonly=self.readonly)
+        return self._meta
+
+    @property
+    def objects(self) -> ObjectStore:
+        if self._objects is None:
+            self._objects = ObjectStore(self.objects_path, readonly=self.readonly)
+        return self._objects
+
+    def close_objects(self) -> None:
+        """Close the object store (-gc replaces its files)."""
+        if self._objects is not None:
+            if not self.readonly:
+                self._objects.sync()
+            self._objects.close()
+            self._objects = None
+
+    def close(self) -> None:
+        self.close_objects()
+        if self._meta is not None:
+            self._meta.close()
+            self._meta = None
+
+    # -- what the scheduler asks ---------------------------------------------------
+
+    def register(self, definition: StepDef) -> StepVersion:
+        return self.meta.register(definition)
+
+    def retry_failed(self, step: StepVersion) -> int:
+        return self.meta.retry_failed(step.id)
+
+    def count_pending(self, step: StepVersion) -> int:
+        return self.meta.count_tasks(step.id, "pending")
+
+    def pending(self, step: StepVersion, after_task_id: int, limit: int) -> list[TaskSpec]:
+        """Pending tasks of a step version, in id order, after `after_task_id`."""
+        return self.meta.pending(step, after_task_id, limit)
+
+    def transaction(self) -> "_Transaction":
+        return self.meta.transaction()
+
+    def record(self, results: list[TaskResult]) -> list[int]:
+        """Record finished tasks and their outputs (call inside a transaction);
+        returns the resources each created. Their objects reach the disk first,
+        so a committed row never names a missing object."""
+        self.objects.sync()
+        return [self.meta.record(result) for result in results]
+
+    def scan(self, step: StepVersion, limit: int) -> int:
+        """Make tasks of `step` for every resource it has not seen (call inside a
+        transaction); returns how many."""
+        newest = self.meta.max_resource_id()
+        created, more = 0, step.scanned_resource_id < newest
+        while more:
+            made, more = self.meta.scan(step, newest, limit)
+            created += made
+        return created
+
+    def names_produced_by(self, step_name: str) -> set[str]:
+        return self.meta.names_produced_by(step_name)
+
+    def has_tasks(self, step: StepVersion) -> bool:
+        return self.meta.has_tasks(step.id)
+
+    # -- the directory -------------------------------------------------------------
+
+    @property
+    def metadata_path(self) -> str:
+        return os.path.join(self.path, "metadata.sqlite")
+
+    @property
+    def objects_path(self) -> str:
+        return os.path.join(self.path, "objects")
+
+    @property
+    def tmp_path(self) -> str:
+        return os.path.join(self.path, "tmp")
+
+    def create(self) -> None:
+        """The directory; its object store is made once the lock is held."""
+        self._not_a_file()
+        try:
+            os.makedirs(self.path, mode=0o700, exist_ok=True)
+            os.chmod(self.path, 0o700)
+        except OSError as e:
+            raise GritError(f"cannot create database directory {self.path}: {e.strerror}") from None
+
+    def clear_tmp(self, recreate: bool = True) -> None:
+        """Remove scratch space, and any FUSE mount a killed run left in it."""
+        unmount_stale(self.tmp_path)
+        shutil.rmtree(self.tmp_path, ignore_errors=True)
+        if recreate:
+            os.mkdir(self.tmp_path, 0o700)
+
+    def _not_a_file(self) -> None:
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise GritError(f"-db {self.path} is not a directory (the database is a directory)")
+
+    def require(self) -> None:
+        self._not_a_file()
+        if not os.path.isfile(self.metadata_path):
+            raise GritError(f"no grit database at {self.path}")
+
+    def sizes(self) -> dict[str, int]:
+        def size(*names: str) -> int:
+            return sum(os.path.getsize(p) for p in (os.path.join(self.path, n) for n in names)
+                       if os.path.exists(p))
+        return {"metadata": size("metadata.sqlite", "metadata.sqlite-wal"),
+                "objects": size("objects/data.mdb")}
+
+    def run_in_progress(self) -> int | None:
+        """The pid of the process holding the run lock, read from /proc/locks
+        (taking the lock to test it could make a run starting now fail)."""
+        try:
+            st = os.stat(os.path.join(self.path, "lock"))
+            with open("/proc/locks") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            return None
+        device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        for line in lines:
+            fields = line.split()
+            if "FLOCK" in fields and device in fields:
+                return int(fields[fields.index(device) - 1])
+        return None
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold an exclusive lock while inside; the kernel drops it when the
+        process dies, so a killed run never blocks the next one."""
+        with open(os.path.join(self.path, "lock"), "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "unknown"
+                raise GritError(f"database {self.path} is in use by another grit run "
+                                f"(pid {holder}); wait for it or stop it") from None
+            f.seek(0)
+            f.truncate()
+            f.write(str(os.getpid()))
+            f.flush()
+            self._finish_compaction()
+            yield
+
+    def _finish_compaction(self) -> None:
+        """Complete or undo what a -gc killed while compacting left (see compact_objects)."""
+        objects, fresh, old = (self.objects_path + s for s in ("", ".compact", ".old"))
+        if not os.path.exists(objects) and os.path.exists(fresh) and os.path.exists(old):
+            os.rename(fresh, objects)  # the copy was complete: it was being swapped in
+        if os.path.exists(objects):
+            shutil.rmtree(fresh, ignore_errors=True)  # a copy cut short
+            shutil.rmtree(old, ignore_errors=True)    # swapped out, not yet removed
+        os.makedirs(objects, mode=0o700, exist_ok=True)
+
+
+# =============================================================================
 # Output capture
 # =============================================================================
+# What a task's $OUTPUT_DIR is, and how the files a script writes there become
+# outputs with their objects stored. Knows the object store, nothing of the
+# metadata, the scheduler or how scripts are started.
 
 class OutputError(Exception):
     """A task's outputs cannot become resources (bad name, symlink, …)."""
+
+
+class OutputCapture(Protocol):
+    """How $OUTPUT_DIR captures a task's files: a context manager for the run
+    (the FUSE server lives as long as it), then three verbs per task."""
+
+    mode: str  # "fuse" or "dir"
+    description: str  # for -verbose
+
+    def __enter__(self) -> "OutputCapture": ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+    def prepare(self, slot: str, task_id: int) -> str:
+        """An empty $OUTPUT_DIR for the task, given its worker's scratch directory."""
+
+    def collect(self, out: str, store: ObjectStore) -> list[Output]:
+        """The task succeeded: store its files as objects; OutputError if they cannot be."""
+
+    def discard(self, out: str) -> str | None:
+        """The task failed or was stopped: drop its files; returns a problem that
+        may explain the failure (a refused write), or None."""
 
 
 class DirCapture:
@@ -1037,10 +1346,16 @@ class DirCapture:
     """
 
     mode = "dir"
+    description = "dir (rewriting one name in a task yields only its final content)"
 
-    def __init__(self, store: ObjectStore) -> None:
-        self.store = store
+    def __init__(self) -> None:
         self._previous: dict[str, str] = {}  # worker slot -> its last output directory
+
+    def __enter__(self) -> "DirCapture":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
 
     def prepare(self, slot: str, task_id: int) -> str:
         """An empty output directory for the task: the worker's previous one,
@@ -1057,7 +1372,7 @@ class DirCapture:
         os.mkdir(out, 0o700)
         return out
 
-    def collect(self, out: str) -> list[Output]:
+    def collect(self, out: str, store: ObjectStore) -> list[Output]:
         """Store every file as an object and empty the directory."""
         if not _is_real_dir(out):
             raise OutputError("$OUTPUT_DIR was replaced by something other than a directory")
@@ -1068,7 +1383,7 @@ class DirCapture:
         has_dirs = _find_outputs(out, "", found)
         outputs = []
         for name, path in found:
-            digest, size = self.store.put_file(path)
+            digest, size = store.put_file(path)
             outputs.append(Output(name, digest, size))
             os.unlink(path)
         if has_dirs:
@@ -1146,7 +1461,7 @@ def _is_real_dir(path: str) -> bool:
 # =============================================================================
 #
 # One write-only FUSE filesystem per run, served by a child process forked
-# before grit opens its databases or starts threads: the FUSE handlers then
+# before grit opens its stores or starts threads: the FUSE handlers then
 # never wait for the GIL behind busy scheduler threads, and libfuse's signal
 # handlers stay out of grit's own process. Each task's $OUTPUT_DIR is an
 # unguessable subdirectory of the mount (the root cannot be listed). The child
@@ -1903,13 +2218,20 @@ class FuseServer:
 
 
 class FuseCapture:
-    """$OUTPUT_DIR as a task's directory in the run's FUSE mount."""
+    """$OUTPUT_DIR as a task's directory in the run's FUSE mount. Starting it
+    mounts (FuseUnavailable if FUSE cannot be used); leaving it unmounts."""
 
     mode = "fuse"
 
-    def __init__(self, server: FuseServer, store: ObjectStore) -> None:
-        self.server = server
-        self.store = store
+    def __init__(self, run_dir: str, workers: int) -> None:
+        self.server = FuseServer(run_dir, workers)
+        self.description = f"fuse, mounted at {self.server.mount}"
+
+    def __enter__(self) -> "FuseCapture":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.close()  # every script has ended by now: unmount
 
     def prepare(self, slot: str, task_id: int) -> str:
         """The task's directory: the one this worker's previous request registered
@@ -1917,7 +2239,7 @@ class FuseCapture:
         token = self.server.request_begin()
         return os.path.join(self.server.mount, token)
 
-    def collect(self, out: str) -> list[Output]:
+    def collect(self, out: str, store: ObjectStore) -> list[Output]:
         reply = self.server.request({"op": "end", "token": os.path.basename(out), "keep": True})
         if reply["error"]:
             raise OutputError(reply["error"])
@@ -1925,10 +2247,10 @@ class FuseCapture:
         for item in reply["outputs"]:
             if "spool" in item:
                 with open(item["spool"], "rb") as f:
-                    self.store.put(f, item["hash"])
+                    store.put(f, item["hash"])
                 os.unlink(item["spool"])
             else:
-                self.store.put(io.BytesIO(bytes.fromhex(item["data"])))
+                store.put(io.BytesIO(bytes.fromhex(item["data"])))
             outputs.append(Output(item["name"], item["hash"], item["size"]))
         return outputs
 
@@ -1938,15 +2260,42 @@ class FuseCapture:
         return reply["error"]
 
 
+def open_capture(mode: str, run_dir: str, workers: int, console: Console) -> OutputCapture:
+    """The capture `-output-mode` asks for: FUSE where it can be used (auto, fuse),
+    else plain directories, saying why once."""
+    if mode != "dir":
+        try:
+            return FuseCapture(run_dir, workers)
+        except FuseUnavailable as e:
+            if mode == "fuse":
+                raise GritError(f"-output-mode fuse: FUSE cannot be used here: {e}") from None
+            console.info(f"notice: FUSE is not available ({e}); using plain output directories, "
+                         "where rewriting one name in a loop yields only its last content")
+    return DirCapture()
+
+
 # =============================================================================
 # Task execution
 # =============================================================================
+# Executors run tasks somewhere and hand back TaskResults. LocalExecutor runs
+# scripts here: input copies, process groups, timeouts, logs, and the output
+# capture. Knows the object store; never the metadata or the schedule.
 
 STDERR_TAIL_BYTES = 2000  # of a failed task's stderr, searched for its last line
 ERROR_LINE_CHARS = 300  # of that line, kept as the task's error
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # colors in a script's stderr
 # How long scripts get to exit after SIGTERM before SIGKILL.
 TERMINATE_GRACE_SECONDS = 2.0
+
+
+# Worker threads per -parallel slot: -parallel bounds the scripts running at once,
+# and the extra workers prepare inputs and collect outputs meanwhile, so grit's
+# own per-task work overlaps the scripts instead of leaving a slot idle.
+WORKERS_PER_SCRIPT = 2
+
+
+def workers_for(parallel: int) -> int:
+    return parallel * WORKERS_PER_SCRIPT
 
 
 # Below this much free space a task failure is reported as probably disk-full.
@@ -1965,18 +2314,27 @@ class TaskTimeout(Exception):
 
 
 class Executor(Protocol):
-    """Runs tasks somewhere and hands back their outputs, already in the object
-    store. The scheduler needs nothing else: LocalExecutor runs scripts on this
-    machine; an executor for a cluster scheduler can take its place."""
+    """Runs tasks somewhere and hands back their results, outputs already in the
+    object store. The scheduler needs nothing else: LocalExecutor runs scripts
+    on this machine; an executor for a cluster can take its place. It is a
+    context manager that owns what it needs (scratch space, output capture)."""
 
-    def run(self, spec: TaskSpec) -> TaskResult:
-        """Run one task to its end (called from many threads at once)."""
+    capacity: int  # most tasks in flight at once
+    description: str  # where and how tasks run, for -verbose
 
-    def terminate_all(self, sig: int = signal.SIGTERM) -> None:
-        """Stop starting tasks and signal those running (SIGTERM, then SIGKILL)."""
+    def __enter__(self) -> "Executor": ...
 
-    def running_scripts(self) -> collections.Counter:
-        """How many tasks are running now, per step name (for the progress line)."""
+    def __exit__(self, *exc: object) -> None: ...
+
+    def submit(self, spec: TaskSpec) -> "concurrent.futures.Future[TaskResult]":
+        """Start a task; returns at once."""
+
+    def cancel(self) -> None:
+        """Stop everything; tasks not finished end as interrupted and stay pending.
+        How to stop them (signals, a cluster's cancel command) is the executor's."""
+
+    def running(self) -> collections.Counter:
+        """Tasks running now, per step name (for the progress line)."""
 
 
 @dataclass
@@ -2001,14 +2359,21 @@ class _Slot:
 
 
 class LocalExecutor:
-    """The Executor that runs each task's script on this machine."""
+    """The Executor that runs each task's script on this machine.
 
-    def __init__(self, store: ObjectStore, capture: DirCapture | FuseCapture, workroot: str,
-                 console: Console, parallel: int) -> None:
-        self.store = store
-        self.capture = capture
-        self.workroot = workroot
+    Worker threads (WORKERS_PER_SCRIPT per -parallel slot) copy inputs, run
+    scripts and collect outputs; at most -parallel scripts run at once, and
+    the thread that sees one exit starts the next waiting one itself.
+    """
+
+    def __init__(self, db: Database, console: Console, parallel: int, output_mode: str = "auto",
+                 timeout: float = 0) -> None:
+        self.db = db
+        self.workroot = db.tmp_path
         self.console = console
+        self.output_mode = output_mode
+        self.capacity = workers_for(parallel)
+        self.timeout = timeout  # -timeout: seconds for steps without their own; 0 = no limit
         self.shell = shutil.which("sh") or "/bin/sh"
         self._running: dict[int, tuple[int, str]] = {}  # task id -> (process group, step)
         self._lock = threading.Lock()
@@ -2018,7 +2383,34 @@ class LocalExecutor:
         self._free = parallel  # script slots (-parallel) not in use
         self._waiting: collections.deque[_Launch] = collections.deque()  # for a slot
         self._environ = dict(os.environ)  # copied once: os.environ decodes on every copy
-        self.timeout = 0.0  # -timeout: seconds for steps without their own; 0 = no limit
+
+    def __enter__(self) -> "LocalExecutor":
+        # The FUSE server forks before this process opens a store or starts a thread.
+        self.capture = open_capture(self.output_mode, self.workroot, self.capacity, self.console)
+        self.capture.__enter__()
+        self.description = f"output mode: {self.capture.description}"
+        self.store = self.db.objects
+        self._pool = concurrent.futures.ThreadPoolExecutor(self.capacity, "grit-task")
+        return self
+
+    def __exit__(self, kind: object, *exc: object) -> None:
+        if kind is not None:  # the run failed: stop what runs rather than wait for it
+            self.cancel()
+        self._pool.shutdown(wait=True)
+        self.capture.__exit__(kind, *exc)
+
+    def submit(self, spec: TaskSpec) -> "concurrent.futures.Future[TaskResult]":
+        return self._pool.submit(self.run, spec)
+
+    def cancel(self) -> None:
+        """SIGTERM to running scripts now; SIGKILL to those still running after
+        TERMINATE_GRACE_SECONDS (a script may ignore or trap SIGTERM)."""
+        if self._stopping:
+            return
+        self._terminate_all(signal.SIGTERM)
+        kill = threading.Timer(TERMINATE_GRACE_SECONDS, self._terminate_all, (signal.SIGKILL,))
+        kill.daemon = True
+        kill.start()
 
     def _slot(self) -> "_Slot":
         """This worker thread's scratch directory. Its files are rewritten in
@@ -2082,7 +2474,7 @@ class LocalExecutor:
         result.exit_code = status
         try:
             if status == 0:
-                result.outputs = self.capture.collect(out)
+                result.outputs = self.capture.collect(out, self.store)
             else:
                 result.error = describe_exit(status) + last_stderr_line(log_err)
                 self._note_full_disk(result)  # before discarding frees the space
@@ -2183,7 +2575,7 @@ class LocalExecutor:
             raise TaskTimeout(f"timed out after {timeout:g} s (its process group was killed)")
         return status
 
-    def terminate_all(self, sig: int = signal.SIGTERM) -> None:
+    def _terminate_all(self, sig: int) -> None:
         """Stop starting scripts and signal the process groups of those running."""
         with self._lock:
             self._stopping = True
@@ -2194,7 +2586,7 @@ class LocalExecutor:
         for pgid in groups:
             _kill_group(pgid, sig)
 
-    def running_scripts(self) -> collections.Counter:
+    def running(self) -> collections.Counter:
         """How many scripts are running now, per step name."""
         with self._lock:
             return collections.Counter(step for _, step in self._running.values())
@@ -2325,6 +2717,9 @@ def error_line(error: str) -> str:
 # =============================================================================
 # Scheduler
 # =============================================================================
+# Which task runs when: pending tasks to the executor, finished ones committed
+# in batches, new resources into tasks, progress. Sees only a Database and an
+# Executor.
 
 # Tasks read from the database per step at a time, and resources matched per
 # scan: bounds memory when a new step version has millions of tasks to do.
@@ -2332,19 +2727,11 @@ QUEUE_BATCH = 1000
 SCAN_BATCH = 10000
 PROGRESS_INTERVAL = 0.2  # seconds between live progress updates
 RATE_WINDOW_SECONDS = 10.0  # the progress line's rate is over this recent window
-# Worker threads per -parallel slot: -parallel bounds the scripts running at once,
-# and the extra workers prepare inputs and collect outputs meanwhile, so grit's
-# own per-task work overlaps the scripts instead of leaving a slot idle.
-WORKERS_PER_SCRIPT = 2
 
 
 # Failure lines a run prints in normal mode; then one line says how many more
 # (-verbose prints every one; -status lists them all).
 FAILURES_SHOWN = 20
-
-
-def workers_for(parallel: int) -> int:
-    return parallel * WORKERS_PER_SCRIPT
 
 
 # Longest a finished task waits for its commit while other work keeps every
@@ -2381,19 +2768,18 @@ class RunSummary:
 class Scheduler:
     """Runs tasks as soon as their input resources are committed.
 
-    The main thread owns SQLite: it dispatches tasks to a pool of workers,
-    commits each batch of finished tasks in one transaction (every task's
-    outputs with its status), then matches the new resources to steps.
+    It takes pending tasks from the Database, hands them to the Executor (up
+    to its capacity and each step's `parallel`), commits each batch of finished
+    tasks in one transaction (every task's outputs with its status), then turns
+    the new resources into tasks. It starts no process and sends no signal:
+    how tasks run and stop is the executor's business.
     """
 
-    def __init__(self, meta: Metadata, store: ObjectStore, executor: Executor,
-                 steps: list[StepVersion], console: Console, parallel: int,
-                 start: str | None = None) -> None:
-        self.meta = meta
-        self.store = store
+    def __init__(self, db: Database, executor: Executor, steps: list[StepVersion],
+                 console: Console, start: str | None = None) -> None:
+        self.db = db
         self.executor = executor
         self.console = console
-        self.workers = workers_for(parallel)
         self.all_steps = steps
         self.position = {s.id: i for i, s in enumerate(steps)}  # manifest order
         self.start = start
@@ -2406,40 +2792,30 @@ class Scheduler:
         self._rate_window: collections.deque = collections.deque()  # (time, tasks finished)
 
     def request_stop(self) -> None:
-        """SIGTERM to running scripts now; SIGKILL to those still running after
-        TERMINATE_GRACE_SECONDS (a script may ignore or trap SIGTERM)."""
-        if self._stop.is_set():
-            return
-        self._stop.set()
-        self.executor.terminate_all()
-        kill = threading.Timer(TERMINATE_GRACE_SECONDS, self.executor.terminate_all,
-                               (signal.SIGKILL,))
-        kill.daemon = True
-        kill.start()
+        """Start nothing more and cancel what runs; finished tasks are still committed."""
+        if not self._stop.is_set():
+            self._stop.set()
+            self.executor.cancel()
 
     # -- which steps run -----------------------------------------------------
 
     def _activate(self, step: StepVersion) -> None:
         if step.id in self.states:
             return
-        retried = self.meta.retry_failed(step.id)
+        retried = self.db.retry_failed(step)
         if retried:
             self.console.detail(f"{step.name}: retrying {retried} failed task(s)")
-        self.states[step.id] = StepState(step, pending=self.meta.count_tasks(step.id, "pending"))
+        self.states[step.id] = StepState(step, pending=self.db.count_pending(step))
 
     def _activate_downstream(self) -> None:
         """With -start: activate steps fed, transitively, by active steps' outputs."""
-        changed = True
-        while changed:
-            changed = False
-            names = set().union(*(self.produced.get(s.step.name, set())
-                                  for s in self.states.values()))
-            for step in self.all_steps:
-                if step.id not in self.states and not step.definition.is_seed and any(
-                        matches_inputs(n, step.definition.inputs) for n in names):
-                    self.console.detail(f"{step.name}: downstream of -start, activated")
-                    self._activate(step)
-                    changed = True
+        wanted = steps_fed_by([s.definition for s in self.all_steps],
+                              {s.step.name for s in self.states.values()},
+                              lambda name: self.produced.get(name, set()))
+        for step in self.all_steps:
+            if step.name in wanted and step.id not in self.states:
+                self.console.detail(f"{step.name}: downstream of -start, activated")
+                self._activate(step)
 
     # -- the loop --------------------------------------------------------------
 
@@ -2447,36 +2823,34 @@ class Scheduler:
         for step in active:
             self._activate(step)
         if self.start:
-            self.produced = {s.name: self.meta.names_produced_by(s.name) for s in self.all_steps}
+            self.produced = {s.name: self.db.names_produced_by(s.name) for s in self.all_steps}
             self._activate_downstream()
-        with self.meta.transaction():
+        with self.db.transaction():
             self._scan_all()
         running: dict[concurrent.futures.Future, StepState] = {}
         finished: list[tuple[TaskResult, StepState]] = []
         last_commit = time.monotonic()
-        with concurrent.futures.ThreadPoolExecutor(self.workers, "grit-task") as pool:
-            while True:
-                if not self._stop.is_set():
-                    self._dispatch(pool, running)
-                # Commit when workers would otherwise idle waiting for the new
-                # resources, or after COMMIT_INTERVAL: many tasks per transaction
-                # (and per LMDB sync) when throughput is high, no wait when not.
-                idle = len(running) < self.workers
-                if finished and (idle or time.monotonic() - last_commit >= COMMIT_INTERVAL):
-                    self._commit_or_stop(finished)
-                    finished = []
-                    last_commit = time.monotonic()
-                    continue
-                if not running:
-                    break
-                done, _ = concurrent.futures.wait(
-                    running, timeout=PROGRESS_INTERVAL,
-                    return_when=concurrent.futures.FIRST_COMPLETED)
-                for future in done:
-                    state = running.pop(future)
-                    state.running -= 1
-                    finished.append((future.result(), state))
-                self._show_progress()
+        while True:
+            if not self._stop.is_set():
+                self._dispatch(running)
+            # Commit when the executor would otherwise idle waiting for the new
+            # resources, or after COMMIT_INTERVAL: many tasks per transaction
+            # (and per object sync) when throughput is high, no wait when not.
+            idle = len(running) < self.executor.capacity
+            if finished and (idle or time.monotonic() - last_commit >= COMMIT_INTERVAL):
+                self._commit_or_stop(finished)
+                finished = []
+                last_commit = time.monotonic()
+                continue
+            if not running:
+                break
+            done, _ = concurrent.futures.wait(running, timeout=PROGRESS_INTERVAL,
+                                              return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in done:
+                state = running.pop(future)
+                state.running -= 1
+                finished.append((future.result(), state))
+            self._show_progress()
         self.console.end_progress()
         if self.fatal:
             raise GritError(self.fatal)
@@ -2495,34 +2869,34 @@ class Scheduler:
                          "unrecorded tasks run again next time"
             self.request_stop()
 
-    def _dispatch(self, pool: concurrent.futures.ThreadPoolExecutor,
-                  running: dict[concurrent.futures.Future, StepState]) -> None:
+    def _dispatch(self, running: dict[concurrent.futures.Future, StepState]) -> None:
         # Downstream steps first: results reach the end of the pipeline sooner
         # and the queue of intermediate resources stays short.
         order = sorted(self.states.values(), key=lambda s: -self.position[s.step.id])
         for state in order:
-            while len(running) < self.workers and state.running < state.cap:
+            while len(running) < self.executor.capacity and state.running < state.cap:
                 if not state.queue and not self._refill(state):
                     break
                 spec = state.queue.popleft()
                 state.running += 1
-                limit = state.step.definition.cycle_limit
-                if spec.passes > limit:  # a cycle that does not converge: stop this chain
-                    running[failed_at_once(spec, f"a chain of resources reached step "
-                                                 f"{quote(spec.step)} {spec.passes} times, more "
-                                                 f"than its cycle_limit ({limit}): a cycle that "
-                                                 "does not converge?")] = state
-                    continue
-                if self.console.verbose:
-                    self.console.detail(f"start task {spec.task_id} {spec.step}"
-                                        + (f" on {spec.input_name} {spec.input_hash[:12]}"
-                                           if spec.input_hash else " (seed)"))
-                running[pool.submit(self.executor.run, spec)] = state
+                running[self._submit(spec, state)] = state
+
+    def _submit(self, spec: TaskSpec, state: StepState) -> concurrent.futures.Future:
+        limit = state.step.definition.cycle_limit
+        if spec.passes > limit:  # a cycle that does not converge: stop this chain
+            return failed_at_once(spec, f"a chain of resources reached step {quote(spec.step)} "
+                                        f"{spec.passes} times, more than its cycle_limit "
+                                        f"({limit}): a cycle that does not converge?")
+        if self.console.verbose:
+            self.console.detail(f"start task {spec.task_id} {spec.step}"
+                                + (f" on {spec.input_name} {spec.input_hash[:12]}"
+                                   if spec.input_hash else " (seed)"))
+        return self.executor.submit(spec)
 
     def _refill(self, state: StepState) -> bool:
         if state.exhausted:
             return False
-        batch = self.meta.pending(state.step, state.loaded_upto, QUEUE_BATCH)
+        batch = self.db.pending(state.step, state.loaded_upto, QUEUE_BATCH)
         if len(batch) < QUEUE_BATCH:
             state.exhausted = True
         if batch:
@@ -2535,13 +2909,12 @@ class Scheduler:
         results = [(r, s) for r, s in finished if not r.interrupted]
         if not results:
             return
-        self.store.sync()  # objects reach disk before the rows that name them
-        with self.meta.transaction():
-            for result, state in results:
-                created = self.meta.record(result)
-                self.summary.resources += created
+        with self.db.transaction():
+            created = self.db.record([r for r, _ in results])
+            for (result, state), new in zip(results, created):
+                self.summary.resources += new
                 self.summary.tasks += 1
-                self._report(result, state, created)
+                self._report(result, state, new)
                 if self.start and result.ok:
                     self.produced.setdefault(state.step.name, set()).update(
                         o.name for o in result.outputs)
@@ -2568,19 +2941,16 @@ class Scheduler:
                                    f"{result.error}")
 
     def _scan_all(self) -> None:
-        """Create tasks for new resources; call inside a transaction."""
-        newest = self.meta.max_resource_id()
+        """Make tasks for new resources; call inside a transaction."""
         for state in self.states.values():
             if state.step.definition.is_seed:
                 continue
-            more = state.step.scanned_resource_id < newest
-            while more:
-                created, more = self.meta.scan(state.step, newest, SCAN_BATCH)
-                if created:
-                    state.exhausted = False
-                    state.pending += created
-                    self.console.detail(f"{state.step.name}: {created} new task(s) for "
-                                        f"resources matching {list(state.step.definition.inputs)}")
+            created = self.db.scan(state.step, SCAN_BATCH)
+            if created:
+                state.exhausted = False
+                state.pending += created
+                self.console.detail(f"{state.step.name}: {created} new task(s) for "
+                                    f"resources matching {list(state.step.definition.inputs)}")
 
     def _show_progress(self) -> None:
         now = time.monotonic()
@@ -2588,7 +2958,7 @@ class Scheduler:
             return
         self._last_progress = now
         parts = []
-        scripts = self.executor.running_scripts()
+        scripts = self.executor.running()
         states = sorted(self.states.values(), key=lambda s: self.position[s.step.id])
         for state in states:
             part = f"{state.step.name} {state.done}/{state.done + state.failed + state.pending}"
@@ -2610,6 +2980,24 @@ class Scheduler:
         self.console.progress(" | ".join(parts))
 
 
+def steps_fed_by(steps: Sequence[StepDef], chosen: set[str],
+                 produced: Callable[[str], set[str]]) -> set[str]:
+    """`chosen` and the steps fed, transitively, by names that chosen steps
+    produced: what -start runs. The run and -dry-run both ask this."""
+    chosen = set(chosen)
+    names = set().union(*(produced(n) for n in chosen))
+    changed = True
+    while changed:
+        changed = False
+        for d in steps:
+            if d.name not in chosen and not d.is_seed and any(
+                    matches_inputs(n, d.inputs) for n in names):
+                chosen.add(d.name)
+                names |= produced(d.name)
+                changed = True
+    return chosen
+
+
 def failed_at_once(spec: TaskSpec, error: str) -> concurrent.futures.Future:
     """The result of a task that fails without running."""
     future: concurrent.futures.Future = concurrent.futures.Future()
@@ -2626,105 +3014,9 @@ def format_duration(seconds: float) -> str:
 # =============================================================================
 # Commands
 # =============================================================================
-
-DISK_WARN_FRACTION = 0.85  # SPEC 7: warn before a run when the disk is fuller
-
-
-@dataclass
-class Database:
-    """The database directory: metadata, objects, lock and scratch space."""
-
-    path: str
-
-    @property
-    def metadata_path(self) -> str:
-        return os.path.join(self.path, "metadata.sqlite")
-
-    @property
-    def objects_path(self) -> str:
-        return os.path.join(self.path, "objects")
-
-    @property
-    def tmp_path(self) -> str:
-        return os.path.join(self.path, "tmp")
-
-    def create(self) -> None:
-        """The directory; its object store is made once the lock is held."""
-        self._not_a_file()
-        try:
-            os.makedirs(self.path, mode=0o700, exist_ok=True)
-            os.chmod(self.path, 0o700)
-        except OSError as e:
-            raise GritError(f"cannot create database directory {self.path}: {e.strerror}") from None
-
-    def clear_tmp(self, recreate: bool = True) -> None:
-        """Remove scratch space, and any FUSE mount a killed run left in it."""
-        unmount_stale(self.tmp_path)
-        shutil.rmtree(self.tmp_path, ignore_errors=True)
-        if recreate:
-            os.mkdir(self.tmp_path, 0o700)
-
-    def _not_a_file(self) -> None:
-        if os.path.exists(self.path) and not os.path.isdir(self.path):
-            raise GritError(f"-db {self.path} is not a directory (the database is a directory)")
-
-    def require(self) -> None:
-        self._not_a_file()
-        if not os.path.isfile(self.metadata_path):
-            raise GritError(f"no grit database at {self.path}")
-
-    def sizes(self) -> dict[str, int]:
-        def size(*names: str) -> int:
-            return sum(os.path.getsize(p) for p in (os.path.join(self.path, n) for n in names)
-                       if os.path.exists(p))
-        return {"metadata": size("metadata.sqlite", "metadata.sqlite-wal"),
-                "objects": size("objects/data.mdb")}
-
-    def run_in_progress(self) -> int | None:
-        """The pid of the process holding the run lock, read from /proc/locks
-        (taking the lock to test it could make a run starting now fail)."""
-        try:
-            st = os.stat(os.path.join(self.path, "lock"))
-            with open("/proc/locks") as f:
-                lines = f.read().splitlines()
-        except OSError:
-            return None
-        device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-        for line in lines:
-            fields = line.split()
-            if "FLOCK" in fields and device in fields:
-                return int(fields[fields.index(device) - 1])
-        return None
-
-    def lock(self) -> IO[str]:
-        """Hold an exclusive lock for this process's lifetime; the kernel drops
-        it when the process dies, so a killed run never blocks the next one."""
-        f = open(os.path.join(self.path, "lock"), "a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "unknown"
-            f.close()
-            raise GritError(f"database {self.path} is in use by another grit run "
-                            f"(pid {holder}); wait for it or stop it") from None
-        f.seek(0)
-        f.truncate()
-        f.write(str(os.getpid()))
-        f.flush()
-        self._finish_compaction()
-        return f
-
-    def _finish_compaction(self) -> None:
-        """Complete or undo what a -gc killed while compacting left (see compact_objects)."""
-        objects, fresh, old = (self.objects_path + s for s in ("", ".compact", ".old"))
-        if not os.path.exists(objects) and os.path.exists(fresh) and os.path.exists(old):
-            os.rename(fresh, objects)  # the copy was complete: it was being swapped in
-        if os.path.exists(objects):
-            shutil.rmtree(fresh, ignore_errors=True)  # a copy cut short
-            shutil.rmtree(old, ignore_errors=True)    # swapped out, not yet removed
-        os.makedirs(objects, mode=0o700, exist_ok=True)
-
+# -run as a story (database, executor, scheduler), -dry-run on the same rules,
+# and the commands that read or maintain objects. They use the sections above
+# and never sqlite3 or LMDB directly.
 
 @dataclass
 class RunOptions:
@@ -2739,114 +3031,60 @@ class RunOptions:
     json: bool = False
 
 
-# Filesystems on which LMDB's memory map and locks, and SQLite's WAL, are not
-# safe (both projects say: use a local disk).
-NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "afs", "9p", "lustre", "gpfs",
-                       "beegfs", "ceph", "glusterfs", "fuse.sshfs", "fuse.glusterfs",
-                       "fuse.ceph-fuse"}
-
-
-def warn_if_network_filesystem(path: str, console: Console) -> None:
-    kind = filesystem_type(path, mounts())
-    if kind in NETWORK_FILESYSTEMS:
-        console.warn(f"the database {path} is on a network filesystem ({kind}), where LMDB "
-                     "and SQLite cannot lock and sync safely: keep -db on a local disk "
-                     "(-export and -export-tar copy results anywhere)")
-
-
-def warn_if_disk_full(path: str, console: Console) -> None:
-    usage = shutil.disk_usage(path)
-    if usage.total and usage.used / usage.total > DISK_WARN_FRACTION:
-        console.warn(f"the disk holding {path} is {usage.used / usage.total:.0%} full "
-                     f"({usage.free // 2**20} MiB free)")
-
-
-def start_fuse(mode: str, run_dir: str, workers: int, console: Console) -> FuseServer | None:
-    """The FUSE server for `-output-mode` auto or fuse, or None for plain directories."""
-    if mode == "dir":
-        return None
-    try:
-        return FuseServer(run_dir, workers)
-    except FuseUnavailable as e:
-        if mode == "fuse":
-            raise GritError(f"-output-mode fuse: FUSE cannot be used here: {e}") from None
-        console.info(f"notice: FUSE is not available ({e}); using plain output directories, "
-                     "where rewriting one name in a loop yields only its last content")
-        return None
-
-
-def choose_active(manifest: Manifest, versions: list[StepVersion],
-                  opts: RunOptions) -> list[StepVersion]:
-    by_name = {v.name: v for v in versions}
+def selected_steps(manifest: Manifest, opts: RunOptions) -> list[str]:
+    """The steps -start or -step name (checked against the manifest), else all.
+    With -start, the steps downstream join as the run finds them."""
+    if opts.start and opts.steps:
+        raise GritError("use -start or -step, not both")
     if opts.start:
-        return [by_name[manifest.step(opts.start).name]]
+        return [manifest.step(opts.start).name]
     if opts.steps:
-        return [by_name[manifest.step(n).name] for n in dict.fromkeys(opts.steps)]
-    return versions
+        return [manifest.step(n).name for n in dict.fromkeys(opts.steps)]
+    return [d.name for d in manifest.steps]
 
 
 def cmd_run(opts: RunOptions, console: Console) -> int:
     started = time.monotonic()
     manifest = load_manifest(opts.manifest)
-    if opts.start and opts.steps:
-        raise GritError("use -start or -step, not both")
-    for name in [opts.start] if opts.start else opts.steps:
-        manifest.step(name)
+    selected = selected_steps(manifest, opts)
     if opts.dry_run:
-        plan = plan_run(opts, manifest)
-        emit_json({"dry_run": True, "steps": plan, "tasks": sum(p["tasks"] for p in plan)}) \
-            if opts.json else print_plan(plan)
-        return EXIT_OK
+        return cmd_dry_run(opts, manifest, selected)
     if opts.json:
         raise GritError("-json goes with -run only together with -dry-run")
-    db = Database(os.path.abspath(opts.db))  # every path a script is handed is absolute
-    db.create()
-    lock = db.lock()
-    warn_if_network_filesystem(db.path, console)
-    warn_if_disk_full(db.path, console)
-    db.clear_tmp()
-    # The FUSE server is forked before any database is opened or thread started.
-    server = start_fuse(opts.output_mode, db.tmp_path, workers_for(opts.parallel), console)
-    meta = Metadata(db.metadata_path)
-    store = ObjectStore(db.objects_path)
-    console.info(f"manifest {opts.manifest}: {len(manifest.steps)} step(s)")
-    try:
-        versions = [meta.register(s) for s in manifest.steps]
-        new = [f"{v.name} v{v.version}" for v in versions if v.is_new]
-        console.info(f"registered {len(versions)} step(s)"
-                     + (f"; new version: {', '.join(new)}" if new else ""))
-        for v in versions:
-            console.detail(f"step {v.name} v{v.version} (id {v.id}), inputs "
-                           f"{list(v.definition.inputs) or '(seed)'}")
-        active = choose_active(manifest, versions, opts)
-        capture: DirCapture | FuseCapture
-        if server:
-            capture = FuseCapture(server, store)
-            console.detail(f"output mode: fuse, mounted at {server.mount}")
-        else:
-            capture = DirCapture(store)
-            console.detail("output mode: dir (rewriting one name in a task yields only its "
-                           "final content)")
-        executor = LocalExecutor(store, capture, db.tmp_path, console, opts.parallel)
-        executor.timeout = opts.timeout
-        scheduler = Scheduler(meta, store, executor, versions, console, opts.parallel,
-                              start=opts.start)
+    with Database.for_run(opts.db, console) as db, \
+            LocalExecutor(db, console, opts.parallel, opts.output_mode, opts.timeout) as executor:
+        versions = register_steps(db, manifest, console)
+        console.detail(executor.description)
+        scheduler = Scheduler(db, executor, versions, console, start=opts.start)
         with stop_on_signals(scheduler.request_stop):
-            summary = scheduler.run(active)
-        for state in scheduler.states.values():
-            step = state.step
-            if not step.definition.is_seed and not meta.has_tasks(step.id):
-                console.warn(f"step \"{step.name}\": no resource matches its inputs "
-                             f"{list(step.definition.inputs)}")
-    finally:
-        if server:
-            server.close()  # every script has ended by now: unmount
-        store.sync()
-        store.close()
-        meta.close()
-        db.clear_tmp(recreate=False)
-        lock.close()
-    elapsed = time.monotonic() - started
+            summary = scheduler.run([v for v in versions if v.name in selected])
+        warn_unmatched(db, scheduler, console)
+    return report_run(summary, time.monotonic() - started, console)
+
+
+def register_steps(db: Database, manifest: Manifest, console: Console) -> list[StepVersion]:
+    """The stored version of every step, new ones added; says which are new."""
+    console.info(f"manifest {manifest.path}: {len(manifest.steps)} step(s)")
+    versions = [db.register(s) for s in manifest.steps]
+    new = [f"{v.name} v{v.version}" for v in versions if v.is_new]
+    console.info(f"registered {len(versions)} step(s)"
+                 + (f"; new version: {', '.join(new)}" if new else ""))
+    for v in versions:
+        console.detail(f"step {v.name} v{v.version} (id {v.id}), inputs "
+                       f"{list(v.definition.inputs) or '(seed)'}")
+    return versions
+
+
+def warn_unmatched(db: Database, scheduler: Scheduler, console: Console) -> None:
+    for state in scheduler.states.values():
+        step = state.step
+        if not step.definition.is_seed and not db.has_tasks(step):
+            console.warn(f"step \"{step.name}\": no resource matches its inputs "
+                         f"{list(step.definition.inputs)}")
+
+
+def report_run(summary: RunSummary, elapsed: float, console: Console) -> int:
+    """The run's last line, and its exit status."""
     if summary.interrupted:
         console.error(f"interrupted: {summary.tasks} task(s) finished; the rest stay "
                       "pending for the next -run")
@@ -2879,15 +3117,8 @@ class stop_on_signals:
             signal.signal(sig, handler)  # type: ignore[arg-type]
 
 
-def open_readonly(db_path: str) -> tuple[Metadata, Database]:
-    db = Database(db_path)
-    db.require()
-    return Metadata(db.metadata_path, readonly=True), db
-
-
 def cmd_export(db_path: str, name: str) -> int:
-    meta, _ = open_readonly(db_path)
-    rows = meta.live_resources_named(name)
+    rows = Database.for_reading(db_path).meta.live_resources_named(name)
     if not rows:
         raise NotFoundError(f"no resource named {quote(name)} in {db_path}")
     sys.stdout.write("".join(f"{r['hash']}\t{r['name']}\t{r['created_at']}\n" for r in rows))
@@ -2918,12 +3149,12 @@ def one_object(hashes: list[str], prefix: str) -> list[str]:
 
 def cmd_export_hash(db_path: str, prefix: str) -> int:
     prefix = check_hash_prefix(prefix, "-export-hash")
-    meta, db = open_readonly(db_path)
-    found = one_object([r["hash"] for r in meta.resources_with_hash(prefix)
+    db = Database.for_reading(db_path)
+    found = one_object([r["hash"] for r in db.meta.resources_with_hash(prefix)
                         if not r["deleted_at"]], prefix)
     if not found:
         raise NotFoundError(f"no object with hash {prefix} in {db_path}")
-    store = ObjectStore(db.objects_path, readonly=True)
+    store = db.objects
     try:
         problem = store.check(found[0])  # a first pass: never emit damaged content
         if problem:
@@ -2933,7 +3164,7 @@ def cmd_export_hash(db_path: str, prefix: str) -> int:
             out.write(chunk)
         out.flush()
     finally:
-        store.close()
+        db.close()
     return EXIT_OK
 
 
@@ -2941,24 +3172,12 @@ def cmd_gc(db_path: str, console: Console) -> int:
     """Remove objects no resource or task log refers to (those of deleted
     resources, of tasks killed or failed after storing outputs), then give
     the free space back to the filesystem. Holds the run lock."""
-    db = Database(db_path)
-    db.require()
-    lock = db.lock()
-    meta = Metadata(db.metadata_path)
-    try:
-        store = ObjectStore(db.objects_path)
-        try:
-            every = store.hashes()
-        finally:
-            store.close()
-        removed = unreferenced(meta, dict.fromkeys(every, 0))
+    with Database.for_change(db_path) as db:
+        removed = unreferenced(db.meta, dict.fromkeys(db.objects.hashes(), 0))
         remove_objects(db, removed, console)
         before = db.sizes()["objects"]
         compacted = compact_objects(db)
         after = db.sizes()["objects"]
-    finally:
-        meta.close()
-        lock.close()
     console.info(f"removed {len(removed)} unreferenced object(s); object store "
                  + (f"compacted from {human_bytes(before)} to {human_bytes(after)}" if compacted
                     else f"{human_bytes(after)}, little free space: not compacted"))
@@ -2969,16 +3188,16 @@ def compact_objects(db: Database) -> bool:
     """Rewrite the LMDB file without its free pages, when they are worth it.
     The copy is made beside the store and swapped in by two renames; a crash
     at any point is completed or undone by the next lock holder."""
-    store = ObjectStore(db.objects_path)
     try:
-        if store.free_bytes() < max(COMPACT_MIN_BYTES, db.sizes()["objects"] * COMPACT_MIN_FRACTION):
+        if db.objects.free_bytes() < max(COMPACT_MIN_BYTES,
+                                         db.sizes()["objects"] * COMPACT_MIN_FRACTION):
             return False
         fresh = db.objects_path + ".compact"
         shutil.rmtree(fresh, ignore_errors=True)
         os.mkdir(fresh, 0o700)
-        store.env.copy(fresh, compact=True)
+        db.objects.copy_compacted(fresh)
     finally:
-        store.close()
+        db.close_objects()
     for name in os.listdir(fresh):
         fd = os.open(os.path.join(fresh, name), os.O_RDONLY)
         os.fchmod(fd, 0o600)
@@ -2998,18 +3217,14 @@ COMPACT_MIN_FRACTION = 0.1
 def cmd_verify(db_path: str, console: Console) -> int:
     """Check the metadata's integrity and that every object it names is present
     and matches its hash. Problems go to stderr, one per line; exit 1 if any."""
-    meta, db = open_readonly(db_path)
-    store = ObjectStore(db.objects_path, readonly=True)
-    problems = [f"metadata: {row[0]}" for row in meta.db.execute("PRAGMA integrity_check")
-                if row[0] != "ok"]
-    problems += [f"metadata: {table} row {rowid} refers to a missing {parent}"
-                 for table, rowid, parent, _ in meta.db.execute("PRAGMA foreign_key_check")]
-    hashes = meta.referenced_hashes()
+    db = Database.for_reading(db_path)
+    problems = [f"metadata: {p}" for p in db.meta.integrity_problems()]
+    hashes = db.meta.referenced_hashes()
     for digest in hashes:
-        problem = store.check(digest)
+        problem = db.objects.check(digest)
         if problem:
             problems.append(f"object {digest} {problem}")
-    store.close()
+    db.close()
     for problem in problems:
         console.error(problem)
     summary = f"verified {len(hashes)} object(s): {len(problems)} problem(s)"
@@ -3023,6 +3238,8 @@ def cmd_verify(db_path: str, console: Console) -> int:
 # =============================================================================
 # Inspecting and managing a database
 # =============================================================================
+# -status, -log, -lineage, -delete, -prune, -export-tar: what a database
+# holds, shown or changed through the Database.
 
 STATUS_NAMES_SHOWN = 20  # names and failed tasks listed by -status in text (-json lists all)
 LINEAGE_LIMIT = 10000    # most resources -lineage -descendants walks
@@ -3053,7 +3270,8 @@ def resources_for_hash(meta: Metadata, prefix: str, db_path: str, flag: str) -> 
 
 
 def cmd_status(db_path: str, as_json: bool) -> int:
-    meta, db = open_readonly(db_path)
+    db = Database.for_reading(db_path)
+    meta = db.meta
     totals = meta.resource_totals()
     data = {"database": db.path, "run_in_progress": db.run_in_progress(),
             "size_bytes": db.sizes(), "steps": meta.step_counts(),
@@ -3094,7 +3312,8 @@ def cmd_status(db_path: str, as_json: bool) -> int:
 
 def cmd_log(db_path: str, ref: str, as_json: bool) -> int:
     """A task by id, or the task that produced a resource (by hash)."""
-    meta, db = open_readonly(db_path)
+    db = Database.for_reading(db_path)
+    meta = db.meta
     if ref.isdigit() and len(ref) < HASH_PREFIX_MIN:
         task_id = int(ref)
     else:
@@ -3102,7 +3321,7 @@ def cmd_log(db_path: str, ref: str, as_json: bool) -> int:
     task = meta.task(task_id) if task_id else None
     if task is None:
         raise NotFoundError(f"no task {ref} in {db_path}")
-    store = ObjectStore(db.objects_path, readonly=True)
+    store = db.objects
     try:
         if as_json:
             for label in ("stdout", "stderr"):
@@ -3113,7 +3332,7 @@ def cmd_log(db_path: str, ref: str, as_json: bool) -> int:
         else:
             print_task(task, store)
     finally:
-        store.close()
+        db.close()
     return EXIT_OK
 
 
@@ -3213,7 +3432,7 @@ def print_descendants(consumers: list[dict], depth: int) -> None:
 
 
 def cmd_lineage(db_path: str, ref: str, with_descendants: bool, as_json: bool) -> int:
-    meta, _ = open_readonly(db_path)
+    meta = Database.for_reading(db_path).meta
     cut = [False]
     chains = [ancestry(meta, r, cut) for r in resources_for_hash(meta, ref, db_path, "-lineage")]
     budget = [LINEAGE_LIMIT]
@@ -3239,18 +3458,15 @@ def delete_resources(db_path: str, pick: Callable[[Metadata], list[dict]], dry_r
                      console: Console) -> int:
     """Mark resources deleted and remove the objects nothing else refers to;
     report what was derived from them (kept: it is data in its own right)."""
-    db = Database(db_path)
-    db.require()
-    lock = db.lock()
-    meta = Metadata(db.metadata_path)
-    try:
+    with Database.for_change(db_path) as db:
+        meta = db.meta
         victims = pick(meta)
         budget = [LINEAGE_LIMIT]
         derived = sum(count_live(tree) for r in victims
                       for tree in descendants(meta, r["id"], budget))
         verb = "would delete" if dry_run else "deleted"
         # A dry run makes the same change, sees what it frees, and rolls it back.
-        with _Transaction(meta.db, commit=not dry_run):
+        with meta.transaction(commit=not dry_run):
             meta.mark_deleted([r["id"] for r in victims])
             freed = unreferenced(meta, {r["hash"]: r["size"] for r in victims})
         if not dry_run:
@@ -3261,9 +3477,6 @@ def delete_resources(db_path: str, pick: Callable[[Metadata], list[dict]], dry_r
                      f"({human_bytes(sum(freed.values()))})"
                      + (f"; {derived} resource(s) derived from them are kept "
                         "(-lineage HASH -descendants shows them)" if derived else ""))
-    finally:
-        meta.close()
-        lock.close()
     return EXIT_OK
 
 
@@ -3277,15 +3490,11 @@ def unreferenced(meta: Metadata, candidates: dict[str, int]) -> dict[str, int]:
     return {h: candidates[h] for h in sorted(set(candidates) - set(meta.referenced_hashes()))}
 
 
-def remove_objects(db: "Database", hashes: Iterable[str], console: Console) -> None:
-    store = ObjectStore(db.objects_path)
-    try:
-        for digest in hashes:
-            console.detail(f"removing object {digest}")
-            store.delete(digest)
-        store.sync()
-    finally:
-        store.close()
+def remove_objects(db: Database, hashes: Iterable[str], console: Console) -> None:
+    for digest in hashes:
+        console.detail(f"removing object {digest}")
+        db.objects.delete(digest)
+    db.objects.sync()
 
 
 def cmd_delete(db_path: str, ref: str, dry_run: bool, console: Console) -> int:
@@ -3342,7 +3551,8 @@ def cmd_export_tar(db_path: str, pattern: str, target: str, newest: bool,
                    console: Console) -> int:
     """Resources as a tar stream: every one of the names matching `pattern` as
     NAME/HASH, or with -newest the newest of each as NAME."""
-    meta, db = open_readonly(db_path)
+    db = Database.for_reading(db_path)
+    meta = db.meta
     if newest:
         chosen = [(r, r["name"]) for r in meta.newest_per_name(pattern)]
     else:
@@ -3350,7 +3560,7 @@ def cmd_export_tar(db_path: str, pattern: str, target: str, newest: bool,
     if not chosen:
         raise NotFoundError(f"no resource named {quote(pattern)} in {db_path}")
     partial = "" if target == "-" else f"{target}.partial"
-    store = ObjectStore(db.objects_path, readonly=True)
+    store = db.objects
     try:
         out = open(partial, "wb") if partial else sys.stdout.buffer
         try:
@@ -3370,7 +3580,7 @@ def cmd_export_tar(db_path: str, pattern: str, target: str, newest: bool,
     except OSError as e:
         raise GritError(f"cannot write {target}: {e.strerror or e}") from None
     finally:
-        store.close()
+        db.close()
         if partial and os.path.exists(partial):
             os.unlink(partial)
     console.info(f"exported {len(chosen)} resource(s) to {target if partial else 'stdout'}")
@@ -3396,57 +3606,46 @@ def parse_utc(text: str) -> float:
     return calendar.timegm(time.strptime(text[:19], "%Y-%m-%dT%H:%M:%S"))
 
 
-def plan_run(opts: "RunOptions", manifest: Manifest) -> list[dict]:
-    """What a -run would start now, per step, and why; reads, never writes."""
-    db = Database(opts.db)
-    meta = Metadata(db.metadata_path, readonly=True) \
-        if os.path.isfile(db.metadata_path) else None
-    names = {d.name for d in manifest.steps}
-    if opts.start:
-        names = steps_downstream_of(manifest, opts.start, meta)
-    elif opts.steps:
-        names = {manifest.step(n).name for n in opts.steps}
-    plan = []
-    for definition in manifest.steps:
-        if definition.name not in names:
-            continue
-        row = meta.latest_step(definition.name) if meta else None
-        reasons: dict[str, int] = {}
-        if row is None or not is_current(row, definition):
-            why = "new_step_version" if row else "new_step"
-            reasons[why] = 1 if definition.is_seed else \
-                meta.count_matching(definition.inputs, 0) if meta else 0
-            version = row[1] + 1 if row else 1
-        else:
-            version = row[1]
-            reasons["retry_failed"] = meta.count_tasks(row[0], "failed")
-            reasons["left_pending"] = meta.count_tasks(row[0], "pending")
-            if not definition.is_seed:
-                reasons["new_resource"] = meta.count_matching(definition.inputs, row[4])
-        reasons = {k: v for k, v in reasons.items() if v}
-        plan.append({"name": definition.name, "version": version,
-                     "new_version": row is None or not is_current(row, definition),
-                     "tasks": sum(reasons.values()), "reasons": reasons})
-    if meta:
-        meta.close()
+def cmd_dry_run(opts: RunOptions, manifest: Manifest, selected: list[str]) -> int:
+    plan = plan_run(opts.db, manifest, selected, opts.start)
+    if opts.json:
+        emit_json({"dry_run": True, "steps": plan, "tasks": sum(p["tasks"] for p in plan)})
+    else:
+        print_plan(plan)
+    return EXIT_OK
+
+
+def plan_run(db_path: str, manifest: Manifest, selected: list[str],
+             start: str | None) -> list[dict]:
+    """What a -run would start now, per step, and why; reads, never writes.
+    Versions and -start's downstream steps come from the functions the run uses."""
+    db = Database(db_path)
+    meta = db.meta if os.path.isfile(db.metadata_path) else None
+    names = set(selected)
+    if start:
+        names = steps_fed_by(manifest.steps, names,
+                             meta.names_produced_by if meta else lambda name: set())
+    plan = [plan_step(meta, d) for d in manifest.steps if d.name in names]
+    db.close()
     return plan
 
 
-def steps_downstream_of(manifest: Manifest, start: str, meta: Metadata | None) -> set[str]:
-    """START and the steps fed, transitively, by names its chain produced before
-    (as -start activates them during a run)."""
-    chosen = {manifest.step(start).name}
-    produced = meta.names_produced_by(start) if meta else set()
-    changed = True
-    while changed:
-        changed = False
-        for d in manifest.steps:
-            if d.name not in chosen and not d.is_seed and any(
-                    matches_inputs(n, d.inputs) for n in produced):
-                chosen.add(d.name)
-                produced |= meta.names_produced_by(d.name) if meta else set()
-                changed = True
-    return chosen
+def plan_step(meta: Metadata | None, definition: StepDef) -> dict:
+    """One step of the plan: its version and the tasks a run would start, by reason."""
+    current, version = meta.stored_version(definition) if meta else (None, 1)
+    reasons: dict[str, int] = {}
+    if current is None:
+        reasons["new_step_version" if version > 1 else "new_step"] = 1 if definition.is_seed \
+            else meta.count_matching(definition.inputs, 0) if meta else 0
+    else:
+        reasons["retry_failed"] = meta.count_tasks(current.id, "failed")
+        reasons["left_pending"] = meta.count_tasks(current.id, "pending")
+        if not definition.is_seed:
+            reasons["new_resource"] = meta.count_matching(definition.inputs,
+                                                          current.scanned_resource_id)
+    reasons = {k: v for k, v in reasons.items() if v}
+    return {"name": definition.name, "version": version, "new_version": current is None,
+            "tasks": sum(reasons.values()), "reasons": reasons}
 
 
 REASON_TEXT = {"new_step": "new step", "new_step_version": "new step version",
@@ -3467,6 +3666,7 @@ def print_plan(plan: list[dict]) -> None:
 # =============================================================================
 # CLI
 # =============================================================================
+# Flags to a command: parsing, the one-command rule, and the handler table.
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
@@ -3537,50 +3737,51 @@ MODIFIERS = {"dry_run": ("run", "delete", "prune"), "json": ("run", "status", "l
              "descendants": ("lineage",), "keep": ("prune",), "newest": ("export_tar",)}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    console = Console(0 if args.quiet else 2 if args.verbose else 1)
+def run_options(args: argparse.Namespace) -> RunOptions:
+    if not args.manifest:
+        raise GritError("-run needs -manifest PATH")
+    if args.parallel < 1:
+        raise GritError(f"-parallel must be 1 or more, not {args.parallel}")
+    if not 0 <= args.timeout < float("inf"):
+        raise GritError(f"-timeout must be 0 (no limit) or more seconds, not {args.timeout}")
+    return RunOptions(args.manifest, args.db, args.parallel, args.start, args.step,
+                      args.output_mode, args.timeout, args.dry_run, args.json)
+
+
+# What each command calls, with the parsed arguments and the console.
+HANDLERS: dict[str, Callable[[argparse.Namespace, Console], int]] = {
+    "run": lambda a, c: cmd_run(run_options(a), c),
+    "export": lambda a, c: cmd_export(a.db, a.export),
+    "export_hash": lambda a, c: cmd_export_hash(a.db, a.export_hash),
+    "verify": lambda a, c: cmd_verify(a.db, c),
+    "gc": lambda a, c: cmd_gc(a.db, c),
+    "status": lambda a, c: cmd_status(a.db, a.json),
+    "log": lambda a, c: cmd_log(a.db, a.log, a.json),
+    "lineage": lambda a, c: cmd_lineage(a.db, a.lineage, a.descendants, a.json),
+    "delete": lambda a, c: cmd_delete(a.db, a.delete, a.dry_run, c),
+    "prune": lambda a, c: cmd_prune(a.db, a.prune, a.keep, a.dry_run, c),
+    "export_tar": lambda a, c: cmd_export_tar(a.db, *a.export_tar, a.newest, c),
+}
+
+
+def chosen_command(args: argparse.Namespace) -> str:
+    """The one command given, its modifiers checked."""
     commands = [c for c in COMMANDS if getattr(args, c) not in (None, False)]
+    if len(commands) != 1:
+        raise GritError("give exactly one of " + ", ".join(COMMANDS.values())
+                        + " (see grit --help)")
+    for option, allowed in MODIFIERS.items():
+        if getattr(args, option) not in (None, False) and commands[0] not in allowed:
+            raise GritError(f"-{option.replace('_', '-')} goes with "
+                            + " or ".join(COMMANDS[c].split()[0] for c in allowed))
+    return commands[0]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console(0 if args.quiet else 2 if args.verbose else 1)
     try:
-        if len(commands) != 1:
-            raise GritError("give exactly one of " + ", ".join(COMMANDS.values())
-                            + " (see grit --help)")
-        for option, allowed in MODIFIERS.items():
-            if getattr(args, option) not in (None, False) and commands[0] not in allowed:
-                raise GritError(f"-{option.replace('_', '-')} goes with "
-                                + " or ".join(COMMANDS[c].split()[0] for c in allowed))
-        if args.run:
-            if not args.manifest:
-                raise GritError("-run needs -manifest PATH")
-            if args.parallel < 1:
-                raise GritError(f"-parallel must be 1 or more, not {args.parallel}")
-            if not 0 <= args.timeout < float("inf"):
-                raise GritError(f"-timeout must be 0 (no limit) or more seconds, not {args.timeout}")
-            return cmd_run(RunOptions(args.manifest, args.db, args.parallel, args.start,
-                                      args.step, args.output_mode, args.timeout,
-                                      args.dry_run, args.json), console)
-        command = commands[0]
-        if command == "export":
-            return cmd_export(args.db, args.export)
-        if command == "export_hash":
-            return cmd_export_hash(args.db, args.export_hash)
-        if command == "verify":
-            return cmd_verify(args.db, console)
-        if command == "gc":
-            return cmd_gc(args.db, console)
-        if command == "status":
-            return cmd_status(args.db, args.json)
-        if command == "log":
-            return cmd_log(args.db, args.log, args.json)
-        if command == "lineage":
-            return cmd_lineage(args.db, args.lineage, args.descendants, args.json)
-        if command == "delete":
-            return cmd_delete(args.db, args.delete, args.dry_run, console)
-        if command == "prune":
-            return cmd_prune(args.db, args.prune, args.keep, args.dry_run, console)
-        return cmd_export_tar(args.db, args.export_tar[0], args.export_tar[1], args.newest,
-                              console)
+        return HANDLERS[chosen_command(args)](args, console)
     except GritError as e:
         console.end_progress()
         console.error(str(e))

@@ -1,6 +1,8 @@
 """Helpers shared by the tests: run grit as a user would, in a temp directory."""
 from __future__ import annotations
 
+import fnmatch
+import json
 import os
 import sqlite3
 import subprocess
@@ -81,7 +83,28 @@ class Grit:
     def has(self, name: str) -> bool:
         return self("-db", str(self.db), "-export", name).returncode == 0
 
+    def status(self) -> dict:
+        """What `-status -json` says."""
+        return json.loads(self("-db", str(self.db), "-status", "-json", check=0).stdout)
+
+    def tasks(self, step: str, version: int | None = None) -> dict:
+        """{"pending", "done", "failed"} task counts of a step's latest version
+        (or of `version`), from -status -json."""
+        [row] = [s for s in self.status()["steps"] if s["name"] == step and (
+            s["latest"] if version is None else s["version"] == version)]
+        return row["tasks"]
+
+    def count(self, pattern: str) -> int:
+        """Resources whose name is or matches `pattern`, from -status -json."""
+        names = self.status()["resources"]["names"]
+        return sum(n for name, n in names.items() if fnmatch.fnmatchcase(name, pattern))
+
+    def log(self, task_id: int) -> dict:
+        """What `-log TASK -json` says."""
+        return json.loads(self("-db", str(self.db), "-log", str(task_id), "-json", check=0).stdout)
+
     def sql(self, query: str, *params) -> list[tuple]:
+        """Raw SQL, for what no grit command shows (crash tests checking the database itself)."""
         db = sqlite3.connect(f"file:{self.db / 'metadata.sqlite'}?mode=ro", uri=True)
         try:
             return db.execute(query, params).fetchall()

@@ -102,9 +102,10 @@ def test_kill_9_then_resume_gives_a_clean_runs_resources(grit, tmp_path, kill_af
     grit.run()
     assert grit.resources() == clean_resources(grit, tmp_path, manifest)
     # every task of each step done exactly once
-    assert grit.sql("SELECT s.name, count(*) FROM task t JOIN step s ON s.id = t.step_id "
-                    "WHERE t.status = 'done' GROUP BY s.name ORDER BY s.name") == [
-        ("more", 12), ("seed", 1), ("work", 12)]
+    assert [(s["name"], s["tasks"]) for s in grit.status()["steps"]] == [
+        ("seed", {"pending": 0, "done": 1, "failed": 0}),
+        ("work", {"pending": 0, "done": 12, "failed": 0}),
+        ("more", {"pending": 0, "done": 12, "failed": 0})]
     for _, digest in grit.resources():  # every object readable
         grit.content(digest)
 
@@ -123,12 +124,12 @@ def test_signal_stops_scripts_exits_130_and_next_run_resumes(grit, tmp_path, sig
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
     assert not any(alive(p) for p in script_pids)
-    assert grit.sql("SELECT count(*) FROM task WHERE status = 'pending'") == [(6,)]
-    assert grit.sql("SELECT count(*) FROM resource WHERE name LIKE 'w-%'") == [(0,)]
+    assert grit.tasks("work")["pending"] == 6
+    assert grit.count("w-*") == 0
     # resume with a fast script: the same tasks finish (a new version would re-run all)
     grit.write(SLOW.format(n=6, delay=0, pids=pids))
-    proc = grit.run()
-    assert grit.sql("SELECT count(*) FROM resource WHERE name LIKE 'w-%'") == [(6,)]
+    grit.run()
+    assert grit.count("w-*") == 6
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -149,12 +150,12 @@ script = "cat $INPUT_FILE > $OUTPUT_DIR/copy"
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=15)  # the seed would take 3 s more
     assert proc.returncode == 130, err
-    assert grit.sql("SELECT status FROM task") == [("pending",)]  # the seed stays pending
-    assert grit.sql("SELECT count(*) FROM resource") == [(0,)]
+    assert grit.tasks("seed") == {"pending": 1, "done": 0, "failed": 0}
+    assert grit.status()["resources"]["count"] == 0
     with open("/proc/self/mountinfo") as f:
         assert str(grit.db) not in f.read()
     grit.run("-output-mode", output_mode)  # resumes: the seed runs again, then the rest
-    assert grit.sql("SELECT count(*) FROM resource WHERE name LIKE 'n-%'") == [(300,)]
+    assert grit.count("n-*") == 300
 
 
 def test_scripts_that_ignore_sigterm_are_killed_after_the_grace(grit, tmp_path):
@@ -169,4 +170,4 @@ script = "trap '' TERM; touch {started_marker}; sleep 60; echo x > $OUTPUT_DIR/x
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=30)  # it sleeps 60 s: SIGKILL came after the grace
     assert proc.returncode == 130, err
-    assert grit.sql("SELECT status FROM task") == [("pending",)]
+    assert grit.tasks("stubborn") == {"pending": 1, "done": 0, "failed": 0}

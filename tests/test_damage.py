@@ -100,12 +100,13 @@ def test_disk_full_fails_cleanly_and_the_next_run_completes(tmp_path, small_disk
     assert "is full]" in proc.stderr or "database or disk is full" in proc.stderr
     verify = grit("-db", str(grit.db), "-verify", check=0)  # consistent afterwards
     assert "0 problem(s)" in verify.stderr
-    stored = grit.sql("SELECT count(*) FROM resource WHERE name = 'blob'")[0][0]
+    stored = grit.count("blob")
     assert stored < 12
     ballast.unlink()  # space is freed: the next run completes the rest
     grit.run("-output-mode", mode)
-    assert grit.sql("SELECT count(*) FROM resource WHERE name = 'blob'") == [(12,)]
-    assert grit.sql("SELECT count(*) FROM task WHERE status != 'done'") == [(0,)]
+    assert grit.count("blob") == 12
+    assert grit.status()["failed_tasks"] == [] and all(
+        s["tasks"]["pending"] == 0 for s in grit.status()["steps"])
     assert "0 problem(s)" in grit("-db", str(grit.db), "-verify", check=0).stderr
 
 

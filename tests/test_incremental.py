@@ -21,8 +21,8 @@ tr a-z A-Z < $INPUT_FILE > $OUTPUT_DIR/upper
 
 
 def count_tasks(grit, step):
-    return grit.sql("SELECT count(*) FROM task t JOIN step s ON s.id = t.step_id "
-                    "WHERE s.name = ? AND t.status = 'done'", step)[0][0]
+    """Done tasks of every version of a step."""
+    return sum(s["tasks"]["done"] for s in grit.status()["steps"] if s["name"] == step)
 
 
 def test_noop_rerun_runs_nothing(grit):
@@ -51,8 +51,7 @@ def test_changed_script_is_new_version_that_reprocesses_everything(grit):
     grit.write(SEED_ITEMS.format(items="1 2").replace("tr a-z A-Z", "tr a-z A-Z | rev"))
     proc = grit.run()
     assert "new version: upper v2" in proc.stderr and "2 task(s) run" in proc.stderr
-    assert grit.sql("SELECT version, count(*) FROM task t JOIN step s ON s.id=t.step_id "
-                    "WHERE s.name='upper' GROUP BY version") == [(1, 2), (2, 2)]
+    assert grit.tasks("upper", 1)["done"] == 2 and grit.tasks("upper", 2)["done"] == 2
 
 
 def test_changed_inputs_is_new_version_but_parallel_or_order_is_not(grit):
@@ -75,7 +74,7 @@ def test_changed_inputs_is_new_version_but_parallel_or_order_is_not(grit):
     assert "new version: use v2" in proc.stderr
     grit.write(base.format(inputs='["a", "b"]', extra=""))
     assert "new version" not in grit.run().stderr
-    assert grit.sql("SELECT max(version) FROM step WHERE name='use'") == [(2,)]
+    assert max(s["version"] for s in grit.status()["steps"] if s["name"] == "use") == 2
 
 
 def test_identical_content_is_stored_once_and_cuts_off_downstream(grit):
@@ -124,7 +123,8 @@ def test_failed_task_keeps_no_outputs_others_finish_and_retry_next_run(grit, tmp
     assert "1 failed" in proc.stderr
     assert sorted(grit.contents("result")) == [b"done 1\n", b"done 3\n"]
     assert not grit.has("partial-2")  # the failed task's outputs are not kept
-    assert grit.sql("SELECT status, exit_code FROM task WHERE status != 'done'") == [("failed", 3)]
+    [failed] = grit.status()["failed_tasks"]
+    assert failed["exit_code"] == 3
     flag.touch()
     proc = grit.run()
     assert "1 task(s) run, 0 failed" in proc.stderr
@@ -277,7 +277,7 @@ def test_seed_copies_only_files_changed_since_it_last_succeeded(grit, tmp_path):
     grit.write(seed.format(bump=1))
     grit.run()
     assert grit.contents("since") == [b"[]\n"]               # first run: copy everything
-    started = grit.sql("SELECT started_at FROM task WHERE input_resource_id IS NULL")[0][0]
+    started = grit.log(1)["started_at"]  # the seed task
     (inputs / "in-4").write_text("new 4\n")
     (inputs / "in-2").write_text("changed 2\n")
     grit.write(seed.format(bump=2))                        # a new seed version runs it again
@@ -307,13 +307,13 @@ def overlap_manifest(lock_dir, cap):
 def test_step_parallel_cap_is_respected(grit, tmp_path):
     grit.write(overlap_manifest(tmp_path / "lock", 1))
     grit.run("-parallel", "4")
-    assert grit.sql("SELECT count(*) FROM resource WHERE name LIKE 'overlap-%'") == [(0,)]
+    assert grit.count("overlap-*") == 0
 
 
 def test_tasks_run_in_parallel_without_cap(grit, tmp_path):
     grit.write(overlap_manifest(tmp_path / "lock", 0))
     grit.run("-parallel", "3")
-    assert grit.sql("SELECT count(*) FROM resource WHERE name LIKE 'overlap-%'")[0][0] >= 1
+    assert grit.count("overlap-*") >= 1
 
 
 def test_downstream_starts_before_upstream_step_finishes(grit, tmp_path):
@@ -479,13 +479,10 @@ def test_reused_scratch_files_never_keep_stale_bytes(grit, output_mode):
     grit.run("-output-mode", output_mode, "-parallel", "1")
     for n in (4000, 3000, 2000, 1000, 500, 100, 10, 1):
         assert grit.contents(f"out-in-{n}") == [b"x" * n]
-    logs = grit.sql("SELECT t.stdout_hash, t.stderr_hash, r.name FROM task t "
-                    "JOIN resource r ON r.id = t.input_resource_id")
-    assert len(logs) == 8
-    for stdout_hash, stderr_hash, name in logs:
-        n = int(name.split("-")[1])
-        assert grit.content(stdout_hash) == b"x" * n
-        assert grit.content(stderr_hash) == b"x" * n
+    logs = [grit.log(task) for task in range(2, 10)]  # the seed is task 1
+    for log in logs:
+        n = int(log["input"]["name"].split("-")[1])
+        assert log["stdout"] == log["stderr"] == "x" * n
 
 
 def test_each_task_starts_with_an_empty_output_directory(grit, output_mode):
