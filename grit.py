@@ -3064,8 +3064,8 @@ def cmd_run(opts: RunOptions, console: Console) -> int:
 
 def register_steps(db: Database, manifest: Manifest, console: Console) -> list[StepVersion]:
     """The stored version of every step, new ones added; says which are new."""
-    console.info(f"manifest {manifest.path}: {len(manifest.steps)} step(s)")
     versions = [db.register(s) for s in manifest.steps]
+    console.info(f"manifest {manifest.path}: {len(manifest.steps)} step(s)")
     new = [f"{v.name} v{v.version}" for v in versions if v.is_new]
     console.info(f"registered {len(versions)} step(s)"
                  + (f"; new version: {', '.join(new)}" if new else ""))

@@ -51,8 +51,10 @@ def test_kill_9_at_many_moments(tmp_path, mode):
             hit["early"] += 1  # registration, the seed, or just after its commit
         elif unfinished:
             hit["middle"] += 1  # tasks running, exiting, committing
-    # the kills really hit unfinished work, spread over the run
-    assert hit["early"] >= 1 and hit["middle"] >= 10 and sum(hit.values()) >= 15, hit
+    # the kills really hit unfinished work, spread over the run (how many land
+    # before the seed's first commit depends on how fast this machine starts
+    # a run: 3 of 20 on one day, 13 on another)
+    assert hit["early"] >= 1 and hit["middle"] >= 5 and sum(hit.values()) >= 15, hit
     wait_for(lambda: not mounts_under(grit.db), timeout=10)
     grit.run("-output-mode", mode, "-parallel", "2")
 
