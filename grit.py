@@ -21,8 +21,10 @@ import difflib
 import errno
 import fcntl
 import fnmatch
+import glob
 import hashlib
 import io
+import itertools
 import json
 import os
 import queue
@@ -254,9 +256,12 @@ class StepDef:
     parallel: int = 0  # most concurrent tasks of this step; 0 = unlimited
     timeout: float = 0  # seconds a task may run before it is killed; 0 = no limit
     cycle_limit: int = CYCLE_LIMIT  # times one chain of resources may pass through this step
+    files: tuple[str, ...] = ()  # a source step's file patterns, absolute (no script then)
+    rerun: bool = False  # a seed that runs on every -run (rerun = "always")
 
     @property
     def is_seed(self) -> bool:
+        """No inputs: a seed (script) or a source (files)."""
         return not self.inputs
 
 
@@ -282,7 +287,6 @@ class StepVersion:
     id: int
     definition: StepDef
     version: int
-    scanned_resource_id: int
     is_new: bool = False
 
     @property
@@ -338,7 +342,8 @@ class TaskResult:
 # The TOML manifest to StepDefs: every mistake is one line naming the file,
 # the step and the key. Reads the file, nothing else.
 
-STEP_KEYS = ("name", "inputs", "parallel", "script", "start", "timeout", "cycle_limit")
+STEP_KEYS = ("name", "inputs", "parallel", "script", "start", "timeout", "cycle_limit", "files",
+             "rerun")
 
 
 def load_manifest(path: str) -> Manifest:
@@ -396,43 +401,76 @@ def _parse_step(table: dict, where: str) -> StepDef:
     if not STEP_NAME_RE.match(name):
         raise GritError(f"{where}: invalid step name {quote(name)}: "
                         "use letters, digits, '_', '.' and '-'")
-    script = table.get("script")
-    if script is None:
-        raise GritError(f"{where}: missing key \"script\"")
-    if not isinstance(script, str):
-        raise GritError(f"{where}: \"script\" must be a string, not {_toml_type(script)}")
-    if not script.strip():
-        raise GritError(f"{where}: \"script\" is empty")
-    inputs = table.get("inputs", [])
-    if not isinstance(inputs, list) or not all(isinstance(i, str) for i in inputs):
-        raise GritError(f"{where}: \"inputs\" must be an array of strings, "
-                        f"like inputs = [\"data\"], not {_toml_type(inputs)}")
+    inputs = _strings(table, "inputs", where, 'inputs = ["data"]')
     for pattern in inputs:
         problem = input_pattern_problem(pattern)
         if problem:
             raise GritError(f"{where}: input {quote(pattern)} {problem}")
-    parallel = table.get("parallel", 0)
-    if isinstance(parallel, bool) or not isinstance(parallel, int):
-        raise GritError(f"{where}: \"parallel\" must be an integer, not {_toml_type(parallel)}")
-    if parallel < 0:
-        raise GritError(f"{where}: \"parallel\" must be 0 (unlimited) or more, not {parallel}")
-    timeout = table.get("timeout", 0)
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (
-            0 <= timeout < float("inf")):
-        raise GritError(f"{where}: \"timeout\" must be a number of seconds (0 = no limit), "
-                        f"not {quote(str(timeout))}")
-    cycle_limit = table.get("cycle_limit", CYCLE_LIMIT)
-    if isinstance(cycle_limit, bool) or not isinstance(cycle_limit, int) or cycle_limit < 1:
-        raise GritError(f"{where}: \"cycle_limit\" must be a whole number of 1 or more, "
-                        f"not {quote(str(cycle_limit))}")
+    script, files = _parse_work(table, where, inputs)
     start = table.get("start", False)
     if not isinstance(start, bool):
         raise GritError(f"{where}: \"start\" must be true or false, not {_toml_type(start)}")
     if start and inputs:
         raise GritError(f"{where}: a start step has no inputs: remove \"start\" or \"inputs\"")
     # Sorted and deduplicated: reordering inputs is not a new definition.
-    return StepDef(name=name, script=script, inputs=tuple(sorted(set(inputs))), parallel=parallel,
-                   timeout=float(timeout), cycle_limit=cycle_limit)
+    return StepDef(name=name, script=script, inputs=tuple(sorted(set(inputs))),
+                   parallel=_number(table, "parallel", where, 0, "0 (unlimited) or more"),
+                   timeout=float(_number(table, "timeout", where, 0, "a number of seconds "
+                                         "(0 = no limit)", floats=True)),
+                   cycle_limit=_number(table, "cycle_limit", where, CYCLE_LIMIT, "1 or more",
+                                       least=1),
+                   files=tuple(files), rerun=_parse_rerun(table, where, inputs, files))
+
+
+def _parse_work(table: dict, where: str, inputs: list[str]) -> tuple[str, list[str]]:
+    """What the step does: (script, []) or, for a source step, ("", file patterns)."""
+    files = _strings(table, "files", where, 'files = ["data/*.csv"]')
+    script = table.get("script")
+    if "files" in table:
+        if not files:
+            raise GritError(f"{where}: \"files\" is empty: give at least one file pattern")
+        if script is not None or inputs:
+            raise GritError(f"{where}: a source step (\"files\") has no \"script\" and no "
+                            "\"inputs\": it imports files")
+        return "", files
+    if script is None:
+        raise GritError(f"{where}: missing key \"script\" (or \"files\", to import files)")
+    if not isinstance(script, str):
+        raise GritError(f"{where}: \"script\" must be a string, not {_toml_type(script)}")
+    if not script.strip():
+        raise GritError(f"{where}: \"script\" is empty")
+    return script, []
+
+
+def _parse_rerun(table: dict, where: str, inputs: list[str], files: list[str]) -> bool:
+    rerun = table.get("rerun", "never")
+    if rerun not in ("always", "never"):
+        raise GritError(f"{where}: \"rerun\" must be \"always\" or \"never\", not "
+                        f"{quote(str(rerun))}")
+    if rerun == "always" and (inputs or files):
+        raise GritError(f"{where}: only a seed step (a script without inputs) can have "
+                        "rerun = \"always\"")
+    return rerun == "always"
+
+
+def _strings(table: dict, key: str, where: str, example: str) -> list[str]:
+    value = table.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise GritError(f"{where}: \"{key}\" must be an array of strings, like {example}, "
+                        f"not {_toml_type(value)}")
+    return value
+
+
+def _number(table: dict, key: str, where: str, default: int, what: str, least: int = 0,
+            floats: bool = False) -> int | float:
+    """A whole number (or, with floats, any number) of at least `least`."""
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float) if floats else int):
+        kind = what if floats else "an integer"
+        raise GritError(f"{where}: \"{key}\" must be {kind}, not {_toml_type(value)}")
+    if not least <= value < float("inf"):
+        raise GritError(f"{where}: \"{key}\" must be {what}, not {value}")
+    return value
 
 
 def _toml_type(value: object) -> str:
@@ -677,18 +715,19 @@ class ObjectStore:
 # Steps and their versions, tasks and resources, in SQLite: the schema and
 # the queries. Knows nothing of object bytes.
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 SCHEMA = """
--- One row per version of a step definition (script, inputs). A changed
+-- One row per version of a step definition (script, inputs, files). A changed
 -- definition adds a version; old versions stay as history.
 CREATE TABLE step (
     id          INTEGER PRIMARY KEY,
     name        TEXT NOT NULL,
     version     INTEGER NOT NULL,
-    script      TEXT NOT NULL,
-    inputs      TEXT NOT NULL,              -- JSON array of names/patterns; [] = seed step
+    script      TEXT NOT NULL,              -- "" for a source step
+    inputs      TEXT NOT NULL,              -- JSON array of names/patterns; [] = seed or source
+    files       TEXT,                       -- a source step's JSON array of file patterns
     created_at  TEXT NOT NULL,
-    scanned_resource_id INTEGER NOT NULL DEFAULT 0,  -- resources up to this id were matched
+    current     INTEGER NOT NULL DEFAULT 0, -- 1: what the last -run's manifest says this step is
     UNIQUE (name, version)
 );
 
@@ -701,18 +740,22 @@ CREATE TABLE resource (
     task_id     INTEGER REFERENCES task(id),  -- the task that first produced it
     created_at  TEXT NOT NULL,
     deleted_at  TEXT,                       -- set by -delete/-prune: content gone, record kept
+    live        INTEGER NOT NULL DEFAULT 0, -- 1: a clean run would make it (the live view)
     UNIQUE (name, hash)
 );
 CREATE INDEX resource_name ON resource(name);   -- name lookups in id order
 CREATE INDEX resource_hash ON resource(hash);
+CREATE INDEX resource_live ON resource(name) WHERE live = 1;
 
 -- One unit of work: a step version applied to one input resource (NULL for a
--- seed task). Outputs and status='done' commit in one transaction.
+-- seed or source task). Outputs and status='done' commit in one transaction.
 CREATE TABLE task (
     id          INTEGER PRIMARY KEY,
     step_id     INTEGER NOT NULL REFERENCES step(id),
     input_resource_id INTEGER REFERENCES resource(id),
+    run         INTEGER NOT NULL DEFAULT 0, -- a seed's run number (rerun = "always"), else 0
     status      TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'done', 'failed')),
+    live        INTEGER NOT NULL DEFAULT 0, -- 1: current step version, live input (or newest seed run)
     exit_code   INTEGER,
     error       TEXT,                       -- why it failed: exit status, last line of stderr
     stdout_hash TEXT,                       -- objects holding its output, NULL when empty
@@ -724,14 +767,58 @@ CREATE TABLE task (
                                             -- that led here passed through it, this task included}
     UNIQUE (step_id, input_resource_id)
 );
--- NULLs are distinct in UNIQUE, so seed tasks need their own rule: one per step version.
-CREATE UNIQUE INDEX task_seed ON task(step_id) WHERE input_resource_id IS NULL;
+-- NULLs are distinct in UNIQUE, so seed tasks need their own rule: one per step version and run.
+CREATE UNIQUE INDEX task_seed ON task(step_id, run) WHERE input_resource_id IS NULL;
 -- Pending and failed tasks of a step, in id order, without reading its done ones.
 CREATE INDEX task_status ON task(step_id, status);
+CREATE INDEX task_input ON task(input_resource_id);  -- the consumers of a resource
+
+-- Every resource every task emitted (a resource may come from several tasks:
+-- dedup and early cutoff); a resource is live while a live task emits it.
+CREATE TABLE emission (
+    task_id     INTEGER NOT NULL REFERENCES task(id),
+    resource_id INTEGER NOT NULL REFERENCES resource(id),
+    PRIMARY KEY (task_id, resource_id)
+) WITHOUT ROWID;
+CREATE INDEX emission_resource ON emission(resource_id);
+
+-- The files a source step imported: a file whose stat signature is unchanged is not read again.
+CREATE TABLE source_file (
+    step        TEXT NOT NULL,              -- the source step's name
+    path        TEXT NOT NULL,
+    resource_id INTEGER NOT NULL REFERENCES resource(id),
+    dev INTEGER NOT NULL, ino INTEGER NOT NULL, size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL,
+    PRIMARY KEY (step, path)
+) WITHOUT ROWID;
 """
 # Statements that bring a database of schema N to N + 1.
 MIGRATIONS = {1: ["ALTER TABLE resource ADD COLUMN deleted_at TEXT"],
-              2: ["ALTER TABLE task ADD COLUMN passes TEXT"]}
+              2: ["ALTER TABLE task ADD COLUMN passes TEXT"],
+              3: ["ALTER TABLE step ADD COLUMN files TEXT",
+                  "ALTER TABLE step ADD COLUMN current INTEGER NOT NULL DEFAULT 0",
+                  "ALTER TABLE resource ADD COLUMN live INTEGER NOT NULL DEFAULT 0",
+                  "ALTER TABLE task ADD COLUMN run INTEGER NOT NULL DEFAULT 0",
+                  "ALTER TABLE task ADD COLUMN live INTEGER NOT NULL DEFAULT 0",
+                  "DROP INDEX task_seed",
+                  "CREATE UNIQUE INDEX task_seed ON task(step_id, run) "
+                  "WHERE input_resource_id IS NULL",
+                  "CREATE INDEX task_input ON task(input_resource_id)",
+                  "CREATE INDEX resource_live ON resource(name) WHERE live = 1",
+                  "CREATE TABLE emission (task_id INTEGER NOT NULL REFERENCES task(id), "
+                  "resource_id INTEGER NOT NULL REFERENCES resource(id), "
+                  "PRIMARY KEY (task_id, resource_id)) WITHOUT ROWID",
+                  "CREATE INDEX emission_resource ON emission(resource_id)",
+                  "CREATE TABLE source_file (step TEXT NOT NULL, path TEXT NOT NULL, "
+                  "resource_id INTEGER NOT NULL REFERENCES resource(id), dev INTEGER NOT NULL, "
+                  "ino INTEGER NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, "
+                  "ctime_ns INTEGER NOT NULL, PRIMARY KEY (step, path)) WITHOUT ROWID",
+                  # what was known of emissions: each resource's first producer
+                  "INSERT INTO emission SELECT task_id, id FROM resource WHERE task_id IS NOT NULL",
+                  "UPDATE step SET current = (version = (SELECT max(version) FROM step s "
+                  "WHERE s.name = step.name))"]}
+# Schemas before 4 had no live view: it is computed once, after the upgrade.
+LIVE_VIEW_SINCE = 4
 
 
 def utc_now() -> str:
@@ -747,9 +834,14 @@ def one_more_pass(passes: str | None, step_name: str) -> str:
     return json.dumps(counts, separators=(",", ":"))
 
 
+def files_json(definition: StepDef) -> str | None:
+    return json.dumps(list(definition.files)) if definition.files else None
+
+
 def is_current(row: tuple, definition: StepDef) -> bool:
     """Whether a stored step version (see Metadata.latest_step) has this definition."""
-    return row[2] == definition.script and row[3] == json.dumps(list(definition.inputs))
+    return row[2] == definition.script and row[3] == json.dumps(list(definition.inputs)) \
+        and row[4] == files_json(definition)
 
 
 class Metadata:
@@ -773,6 +865,7 @@ class Metadata:
             self.db.execute("PRAGMA busy_timeout=5000")
             self.db.execute("PRAGMA foreign_keys=ON")
             self._migrate(readonly)
+            self.live = LiveView(self.db)
         except sqlite3.DatabaseError as e:
             raise GritError(f"cannot use metadata database {path}: {e}") from None
 
@@ -797,6 +890,8 @@ class Metadata:
             for v in range(version, SCHEMA_VERSION):
                 for statement in MIGRATIONS[v]:
                     db.execute(statement)
+            if version < LIVE_VIEW_SINCE:
+                LiveView(db).recompute()
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         if readonly:
             db.close()
@@ -821,42 +916,75 @@ class Metadata:
         new version would get). The rule for new versions, for -run and -dry-run."""
         row = self.latest_step(definition.name)
         if row and is_current(row, definition):
-            return StepVersion(row[0], definition, row[1], row[4]), row[1]
+            return StepVersion(row[0], definition, row[1]), row[1]
         return None, row[1] + 1 if row else 1
 
-    def register(self, definition: StepDef) -> StepVersion:
-        """The stored latest version of this step, adding one if the definition changed."""
+    def register(self, definitions: Sequence[StepDef]) -> list[StepVersion]:
+        """Make these the current steps: a new version for each changed
+        definition, and the live view follows (in one transaction): the tasks of
+        versions no longer current retire, versions that became current adopt
+        what is live."""
+        with self.transaction():
+            versions = [self._register(d) for d in definitions]
+            ids = [v.id for v in versions]
+            marks = ",".join("?" * len(ids))
+            retired = [r[0] for r in self.db.execute(
+                f"SELECT id FROM step WHERE current = 1 AND id NOT IN ({marks})", ids)]
+            adopted = [r[0] for r in self.db.execute(
+                f"SELECT id FROM step WHERE current = 0 AND id IN ({marks}) ORDER BY id", ids)]
+            self.db.execute(f"UPDATE step SET current = (id IN ({marks}))", ids)
+            self.live.load_steps()
+            for step_id in retired:
+                self.live.retire(tasks=[r[0] for r in self.db.execute(
+                    "SELECT id FROM task WHERE step_id = ? AND live = 1", (step_id,))])
+            for step_id in adopted:
+                self.live.adopt(step_id)
+        return versions
+
+    def _register(self, definition: StepDef) -> StepVersion:
         current, version = self.stored_version(definition)
         if current:
             return current
-        inputs = json.dumps(list(definition.inputs))
+        step_id = self.db.execute(
+            "INSERT INTO step (name, version, script, inputs, files, created_at) "
+            "VALUES (?,?,?,?,?,?)", (definition.name, version, definition.script,
+                                     json.dumps(list(definition.inputs)), files_json(definition),
+                                     utc_now())).lastrowid
+        if definition.is_seed:  # a source's one task is done at once: it runs no script
+            self.db.execute("INSERT INTO task (step_id, status) VALUES (?, ?)",
+                            (step_id, "done" if definition.files else "pending"))
+        return StepVersion(step_id, definition, version, is_new=True)
+
+    def rerun_seed(self, step: StepVersion) -> bool:
+        """A seed with rerun = "always": a new run (task) of it, unless one is
+        still to run. Its previous run's outputs stay live until it succeeds."""
+        if self.db.execute("SELECT 1 FROM task WHERE step_id = ? AND input_resource_id IS NULL "
+                           "AND status != 'done'", (step.id,)).fetchone():
+            return False
         with self.transaction():
-            cur = self.db.execute(
-                "INSERT INTO step (name, version, script, inputs, created_at) VALUES (?,?,?,?,?)",
-                (definition.name, version, definition.script, inputs, utc_now()))
-            step_id = cur.lastrowid
-            if definition.is_seed:
-                self.db.execute("INSERT INTO task (step_id) VALUES (?)", (step_id,))
-        return StepVersion(step_id, definition, version, 0, is_new=True)
+            self.db.execute("INSERT INTO task (step_id, run, live) SELECT ?, max(run) + 1, 1 "
+                            "FROM task WHERE step_id = ?", (step.id, step.id))
+        return True
 
     def retry_failed(self, step_id: int) -> int:
         return self.db.execute("UPDATE task SET status = 'pending' WHERE step_id = ? "
                                "AND status = 'failed'", (step_id,)).rowcount
 
     def count_tasks(self, step_id: int, status: str) -> int:
-        return self.db.execute("SELECT count(*) FROM task WHERE step_id = ? AND status = ?",
-                               (step_id, status)).fetchone()[0]
+        """Live tasks of a step version in that status."""
+        return self.db.execute("SELECT count(*) FROM task WHERE step_id = ? AND status = ? "
+                               "AND live = 1", (step_id, status)).fetchone()[0]
 
     def latest_step(self, name: str) -> tuple | None:
-        """(id, version, script, inputs JSON, scanned_resource_id) of the newest version."""
+        """(id, version, script, inputs JSON, files JSON) of the newest version."""
         return self.db.execute(
-            "SELECT id, version, script, inputs, scanned_resource_id FROM step "
+            "SELECT id, version, script, inputs, files FROM step "
             "WHERE name = ? ORDER BY version DESC LIMIT 1", (name,)).fetchone()
 
-    def count_matching(self, inputs: Sequence[str], after_id: int) -> int:
-        """Live resources newer than `after_id` whose names match `inputs`."""
-        rows = self.db.execute("SELECT name, count(*) FROM resource WHERE id > ? AND "
-                               "deleted_at IS NULL GROUP BY name", (after_id,))
+    def count_matching(self, inputs: Sequence[str]) -> int:
+        """Live resources whose names match `inputs` (what a new version gets tasks for)."""
+        rows = self.db.execute("SELECT name, count(*) FROM resource WHERE live = 1 "
+                               "GROUP BY name")
         return sum(n for name, n in rows if matches_inputs(name, inputs))
 
     def has_tasks(self, step_id: int) -> bool:
@@ -871,46 +999,12 @@ class Metadata:
 
     # -- scheduling ----------------------------------------------------------
 
-    def max_resource_id(self) -> int:
-        return self.db.execute("SELECT coalesce(max(id), 0) FROM resource").fetchone()[0]
-
-    def scan(self, step: StepVersion, newest: int, limit: int) -> tuple[int, bool]:
-        """Create tasks for resources newer than the step's cursor (up to `newest`,
-        the highest resource id) that match its inputs; returns (tasks created,
-        more to scan). Call inside a transaction.
-
-        Exact input names use the name index; patterns look at each new
-        resource once. Either way a rerun with nothing new reads nothing.
-        """
-        inputs = step.definition.inputs
-        # Each row: resource id, name, deleted_at, passes of the task that made it.
-        select = ("SELECT r.id, r.name, r.deleted_at, t.passes FROM resource r "
-                  "LEFT JOIN task t ON t.id = r.task_id WHERE ")
-        if any(is_pattern(p) for p in inputs):
-            rows = self.db.execute(select + "r.id > ? ORDER BY r.id LIMIT ?",
-                                   (step.scanned_resource_id, limit)).fetchall()
-        else:
-            marks = ",".join("?" * len(inputs))
-            rows = self.db.execute(select + f"r.name IN ({marks}) AND r.id > ? ORDER BY r.id "
-                                   "LIMIT ?", (*inputs, step.scanned_resource_id, limit)).fetchall()
-        more = len(rows) == limit
-        last = rows[-1][0] if more else newest  # everything up to newest was seen
-        created = 0
-        for rid, name, deleted_at, passes in rows:
-            if deleted_at is None and matches_inputs(name, inputs):
-                created += self.db.execute(
-                    "INSERT OR IGNORE INTO task (step_id, input_resource_id, passes) "
-                    "VALUES (?, ?, ?)", (step.id, rid, one_more_pass(passes, step.name))).rowcount
-        if last != step.scanned_resource_id:
-            self.db.execute("UPDATE step SET scanned_resource_id = ? WHERE id = ?", (last, step.id))
-            step.scanned_resource_id = last
-        return created, more
-
     def pending(self, step: StepVersion, after_task_id: int, limit: int) -> list[TaskSpec]:
         rows = self.db.execute(
             "SELECT t.id, r.name, r.hash, t.passes FROM task t LEFT JOIN resource r "
             "ON r.id = t.input_resource_id WHERE t.step_id = ? AND t.status = 'pending' "
-            "AND t.id > ? ORDER BY t.id LIMIT ?", (step.id, after_task_id, limit)).fetchall()
+            "AND t.live = 1 AND t.id > ? ORDER BY t.id LIMIT ?",
+            (step.id, after_task_id, limit)).fetchall()
         since = self.previous_start(step.name) if step.definition.is_seed else ""
         return [TaskSpec(tid, step.name, step.definition.script, name or "", digest or "",
                          step.definition.timeout, since,
@@ -927,50 +1021,125 @@ class Metadata:
         return row[0] or ""
 
     def record(self, result: TaskResult) -> int:
-        """Store a finished task and its outputs; returns resources created.
-        Call inside a transaction so both commit together."""
-        created = 0
-        if result.ok:
-            now = utc_now()
-            for out in result.outputs:
-                # New, or made again after -delete: visible again, with its content.
-                created += self.db.execute(
-                    "INSERT INTO resource (name, hash, size, task_id, created_at) "
-                    "VALUES (?,?,?,?,?) ON CONFLICT (name, hash) DO UPDATE SET "
-                    "deleted_at = NULL WHERE deleted_at IS NOT NULL",
-                    (out.name, out.hash, out.size, result.task_id, now)).rowcount
+        """Store a finished task and what it emitted; returns resources created.
+        A live task's outputs are live and get their tasks; a seed run that
+        succeeds retires the run before it. Call inside a transaction, so that
+        all of it commits together."""
         self.db.execute(
             "UPDATE task SET status = ?, exit_code = ?, error = ?, stdout_hash = ?, "
             "stderr_hash = ?, started_at = ?, finished_at = ?, duration = ? WHERE id = ?",
             ("done" if result.ok else "failed", result.exit_code, result.error,
              result.stdout_hash, result.stderr_hash, result.started_at, utc_now(),
              result.duration, result.task_id))
+        if not result.ok:
+            return 0
+        live, step_id, input_id = self.db.execute(
+            "SELECT live, step_id, input_resource_id FROM task WHERE id = ?",
+            (result.task_id,)).fetchone()
+        created = self.emit(result.task_id, result.outputs, live)
+        if live and input_id is None:  # done before the older run retires, so what it
+            self.live.retire(tasks=[r[0] for r in self.db.execute(  # re-emitted stays
+                "SELECT id FROM task WHERE step_id = ? AND input_resource_id IS NULL "
+                "AND live = 1 AND status = 'done' AND id != ?", (step_id, result.task_id))])
         return created
+
+    def emit(self, task_id: int, outputs: Iterable[Output], live: int) -> int:
+        """Record what a task emitted; a live task's outputs are live and get
+        their tasks. Returns the resources created (or back after -delete)."""
+        created = 0
+        revive: list[int] = []
+        for out in outputs:
+            rid, inserted, new = self._emit(task_id, out, live)
+            created += new
+            if live and inserted:  # live already: its tasks come next
+                revive += self.live.spread(rid, out.name, task_id)
+            elif live and new:  # back after -delete: it gets the tasks it missed meanwhile
+                revive += self.live.spread(rid, out.name, task_id)
+                revive.append(rid)
+            elif live:
+                revive.append(rid)  # made before: live again if it was not
+        self.live.make_live(revive)
+        return created
+
+    def _emit(self, task_id: int, out: Output, live: int) -> tuple[int, bool, int]:
+        """Record that a task emitted `out`: (resource id, whether this inserted
+        it (live with a live task), 1 if it is new or back after -delete)."""
+        cur = self.db.execute("INSERT OR IGNORE INTO resource (name, hash, size, task_id, "
+                              "created_at, live) VALUES (?,?,?,?,?,?)",
+                              (out.name, out.hash, out.size, task_id, utc_now(), live))
+        inserted = cur.rowcount == 1
+        if inserted:
+            rid, new = cur.lastrowid, 1
+        else:
+            rid, deleted = self.db.execute("SELECT id, deleted_at FROM resource WHERE name = ? "
+                                           "AND hash = ?", (out.name, out.hash)).fetchone()
+            new = 0
+            if deleted:  # made again after -delete: visible again, with its content
+                self.db.execute("UPDATE resource SET deleted_at = NULL WHERE id = ?", (rid,))
+                new = 1
+        self.db.execute("INSERT OR IGNORE INTO emission VALUES (?, ?)", (task_id, rid))
+        return rid, inserted, new
+
+    # -- source steps ------------------------------------------------------------
+
+    def source_task(self, step_id: int) -> tuple[int, bool]:
+        """A source step version's one task, and whether it emitted anything yet."""
+        task_id = self.db.execute("SELECT id FROM task WHERE step_id = ? AND "
+                                  "input_resource_id IS NULL", (step_id,)).fetchone()[0]
+        return task_id, self.db.execute("SELECT 1 FROM emission WHERE task_id = ? LIMIT 1",
+                                        (task_id,)).fetchone() is not None
+
+    def source_files(self, step_name: str) -> dict[str, tuple[int, str, tuple]]:
+        """path -> (resource id, resource name, stat signature) of each file
+        the step imported."""
+        rows = self.db.execute("SELECT f.path, f.resource_id, r.name, f.dev, f.ino, f.size, "
+                               "f.mtime_ns, f.ctime_ns FROM source_file f JOIN resource r "
+                               "ON r.id = f.resource_id WHERE f.step = ?", (step_name,))
+        return {path: (rid, name, tuple(sig)) for path, rid, name, *sig in rows}
+
+    def resource_id(self, name: str, digest: str) -> int | None:
+        row = self.db.execute("SELECT id FROM resource WHERE name = ? AND hash = ?",
+                              (name, digest)).fetchone()
+        return row[0] if row else None
+
+    def output_of(self, resource_id: int) -> Output:
+        return Output(*self.db.execute("SELECT name, hash, size FROM resource WHERE id = ?",
+                                       (resource_id,)).fetchone())
+
+    def set_source_file(self, step_name: str, path: str, resource_id: int, sig: tuple) -> None:
+        self.db.execute("INSERT OR REPLACE INTO source_file VALUES (?,?,?,?,?,?,?,?)",
+                        (step_name, path, resource_id, *sig))
+
+    def drop_source_file(self, step_name: str, path: str) -> None:
+        self.db.execute("DELETE FROM source_file WHERE step = ? AND path = ?", (step_name, path))
 
     # -- export, inspection and data management ------------------------------
 
     def resources(self, where: str, *params: object) -> list[dict]:
         """Resources as dicts (the shape -json shows), selected by a WHERE clause."""
-        rows = self.db.execute("SELECT id, name, hash, size, task_id, created_at, deleted_at "
-                               f"FROM resource WHERE {where}", params).fetchall()
-        return [dict(zip(("id", "name", "hash", "size", "task", "created_at", "deleted_at"), row))
-                for row in rows]
+        rows = self.db.execute("SELECT id, name, hash, size, task_id, created_at, deleted_at, "
+                               f"live = 1 FROM resource WHERE {where}", params).fetchall()
+        keys = ("id", "name", "hash", "size", "task", "created_at", "deleted_at")
+        return [{**dict(zip(keys, row)), "live": bool(row[-1])} for row in rows]
 
-    def live_resources_named(self, name: str) -> list[dict]:
-        """Resources of that name, oldest first."""
-        return self.resources("name = ? AND deleted_at IS NULL ORDER BY id", name)
+    def resources_named(self, name: str, live_only: bool = False) -> list[dict]:
+        """Resources of that name (not deleted), oldest first; only live ones if asked."""
+        return self.resources("name = ? AND deleted_at IS NULL" + (" AND live = 1" if live_only
+                                                                   else "") + " ORDER BY id", name)
 
-    def live_resources_matching(self, pattern: str) -> list[dict]:
+    def resources_matching(self, pattern: str, live_only: bool = False) -> list[dict]:
         """Resources whose name is `pattern` or matches it, oldest first."""
         if not is_pattern(pattern):
-            return self.live_resources_named(pattern)
-        return [r for r in self.resources("deleted_at IS NULL ORDER BY id")
+            return self.resources_named(pattern, live_only)
+        return [r for r in self.resources("deleted_at IS NULL" + (" AND live = 1" if live_only
+                                                                   else "") + " ORDER BY id")
                 if matches_inputs(r["name"], [pattern])]
 
-    def newest_per_name(self, pattern: str) -> list[dict]:
-        """The newest live resource of each name matching `pattern`, by name."""
-        newest = self.resources("id IN (SELECT max(id) FROM resource WHERE deleted_at IS NULL "
-                                "GROUP BY name) ORDER BY name")
+    def newest_per_name(self, pattern: str, live_only: bool = False) -> list[dict]:
+        """The newest resource of each name matching `pattern`, by name."""
+        live = " AND live = 1" if live_only else ""
+        newest = self.resources("id IN (SELECT max(id) FROM resource WHERE deleted_at IS NULL"
+                                f"{live} GROUP BY name) ORDER BY name")
         return [r for r in newest if matches_inputs(r["name"], [pattern])]
 
     def resources_with_hash(self, prefix: str) -> list[dict]:
@@ -986,7 +1155,8 @@ class Metadata:
     def step_counts(self) -> list[dict]:
         """Tasks pending / done / failed per step version, in registration order."""
         rows = self.db.execute(
-            "SELECT s.id, s.name, s.version, s.inputs, coalesce(sum(t.status = 'pending'), 0), "
+            "SELECT s.id, s.name, s.version, s.inputs, "
+            "coalesce(sum(t.status = 'pending' AND t.live = 1), 0), "
             "coalesce(sum(t.status = 'done'), 0), coalesce(sum(t.status = 'failed'), 0) "
             "FROM step s LEFT JOIN task t ON t.step_id = s.id GROUP BY s.id ORDER BY s.id")
         latest = dict(self.db.execute("SELECT name, max(version) FROM step GROUP BY name"))
@@ -1002,19 +1172,21 @@ class Metadata:
             "JOIN step s ON s.id = t.step_id WHERE t.status = 'failed' ORDER BY t.id")
         return [dict(zip(("task", "step", "version", "exit_code", "error"), row)) for row in rows]
 
-    def name_counts(self) -> dict[str, int]:
+    def name_counts(self, live_only: bool = False) -> dict[str, int]:
         """Resources per name (deleted ones left out), by name."""
+        live = " AND live = 1" if live_only else ""
         return dict(self.db.execute("SELECT name, count(*) FROM resource WHERE deleted_at "
-                                    "IS NULL GROUP BY name ORDER BY name"))
+                                    f"IS NULL{live} GROUP BY name ORDER BY name"))
 
     def resource_totals(self) -> dict:
-        live, deleted = self.db.execute("SELECT coalesce(sum(deleted_at IS NULL), 0), "
-                                        "coalesce(sum(deleted_at IS NOT NULL), 0) FROM resource"
-                                        ).fetchone()
+        count, live, deleted = self.db.execute(
+            "SELECT coalesce(sum(deleted_at IS NULL), 0), coalesce(sum(deleted_at IS NULL AND "
+            "live = 1), 0), coalesce(sum(deleted_at IS NOT NULL), 0) FROM resource").fetchone()
         objects, size = self.db.execute(
             "SELECT count(*), coalesce(sum(size), 0) FROM (SELECT DISTINCT hash, size "
             "FROM resource WHERE deleted_at IS NULL)").fetchone()
-        return {"count": live, "deleted": deleted, "objects": objects, "bytes": size}
+        return {"count": count, "live": live, "deleted": deleted, "objects": objects,
+                "bytes": size}
 
     def task(self, task_id: int) -> dict | None:
         row = self.db.execute(
@@ -1027,7 +1199,8 @@ class Metadata:
                 "started_at", "finished_at", "stdout_hash", "stderr_hash")
         task = dict(zip(keys, row))
         task["input"] = self.resources("id = ?", row[11])[0] if row[11] else None
-        task["outputs"] = self.resources("task_id = ? ORDER BY id", task_id)
+        task["outputs"] = self.resources("id IN (SELECT resource_id FROM emission "
+                                          "WHERE task_id = ?) ORDER BY id", task_id)
         return task
 
     def consumers(self, resource_id: int) -> list[dict]:
@@ -1036,7 +1209,8 @@ class Metadata:
             "SELECT t.id, s.name, s.version, t.status FROM task t JOIN step s "
             "ON s.id = t.step_id WHERE t.input_resource_id = ? ORDER BY t.id", (resource_id,))
         return [{"task": tid, "step": name, "version": version, "status": status,
-                 "outputs": self.resources("task_id = ? ORDER BY id", tid)}
+                 "outputs": self.resources("id IN (SELECT resource_id FROM emission WHERE "
+                                            "task_id = ?) ORDER BY id", tid)}
                 for tid, name, version, status in rows.fetchall()]
 
     def mark_deleted(self, resource_ids: list[int]) -> None:
@@ -1063,6 +1237,210 @@ class _Transaction:
 
     def __exit__(self, kind: object, *_: object) -> None:
         self.db.execute("COMMIT" if kind is None and self.commit else "ROLLBACK")
+
+
+# =============================================================================
+# Live view
+# =============================================================================
+# Which tasks and resources are live: what a clean run on the current manifest
+# and files would make. Kept incrementally in the metadata's own connection
+# and transaction; knows the schema, nothing of objects or processes.
+
+@dataclass
+class Consumer:
+    """A current step version with inputs: the tasks a live resource gets."""
+
+    step_id: int
+    name: str
+    inputs: tuple[str, ...]
+
+
+class LiveView:
+    """Keeps task.live and resource.live true to the rule: a seed's newest run
+    and a source's current files are live; a task of a current step version is
+    live while its input is; a resource is live while a live task emits it.
+
+    A resource that becomes live makes (or revives) the tasks of current
+    versions that match it, so nothing is found by scanning. Retiring is
+    delete and re-derive: everything that depended on what went is retired,
+    then what is still emitted by a live task comes back. Both cost what they
+    touch, and a cycle cannot keep itself alive.
+    """
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self.new_tasks: collections.Counter = collections.Counter()  # step id -> made since taken
+        self.load_steps()
+
+    def load_steps(self) -> None:
+        """Read the current step versions (after registration changes them)."""
+        rows = self.db.execute("SELECT id, name, inputs FROM step WHERE current = 1 "
+                               "AND inputs != '[]'").fetchall()
+        self.exact: dict[str, list[Consumer]] = collections.defaultdict(list)
+        self.patterned: list[Consumer] = []
+        for step_id, name, inputs in rows:
+            consumer = Consumer(step_id, name, tuple(json.loads(inputs)))
+            for pattern in consumer.inputs:
+                if is_pattern(pattern):
+                    self.patterned.append(consumer)
+                    break
+            else:
+                for exact in consumer.inputs:
+                    self.exact[exact].append(consumer)
+
+    def consumers_of(self, name: str) -> list[Consumer]:
+        return self.exact.get(name, []) + [c for c in self.patterned
+                                           if matches_inputs(name, c.inputs)]
+
+    def emitted(self, task_id: int) -> list[int]:
+        return [r for (r,) in self.db.execute("SELECT resource_id FROM emission WHERE task_id = ?",
+                                              (task_id,))]
+
+    # -- becoming live -----------------------------------------------------------
+
+    def make_live(self, resource_ids: Iterable[int]) -> None:
+        """These resources are emitted by a live task now: they, and what
+        depends on them, are live."""
+        stack = list(resource_ids)
+        while stack:
+            rid = stack.pop()
+            name, live, producer, deleted = self.db.execute(
+                "SELECT name, live, task_id, deleted_at FROM resource WHERE id = ?",
+                (rid,)).fetchone()
+            if not live:
+                self.db.execute("UPDATE resource SET live = 1 WHERE id = ?", (rid,))
+                if not deleted:  # no task reads a resource whose content -delete removed
+                    stack.extend(self.spread(rid, name, producer))
+
+    def spread(self, rid: int, name: str, producer: int | None) -> list[int]:
+        """Give a newly live resource its tasks in every current version that
+        matches it; returns what revived done tasks emitted (live in turn)."""
+        consumers = self.consumers_of(name)
+        passes = self.passes_of(producer) if consumers else None
+        return [r for consumer in consumers for r in self.task_for(consumer, rid, passes)]
+
+    def passes_of(self, task_id: int | None) -> str | None:
+        row = self.db.execute("SELECT passes FROM task WHERE id = ?",
+                              (task_id,)).fetchone() if task_id else None
+        return row[0] if row else None
+
+    def task_for(self, consumer: Consumer, rid: int, passes: str | None) -> list[int]:
+        """The live task of `consumer` on resource `rid`: made, or revived (then
+        what it emitted, if it is done)."""
+        made = self.db.execute(
+            "INSERT OR IGNORE INTO task (step_id, input_resource_id, passes, live) "
+            "VALUES (?, ?, ?, 1)", (consumer.step_id, rid,
+                                    one_more_pass(passes, consumer.name))).rowcount
+        if made:
+            self.new_tasks[consumer.step_id] += 1
+            return []
+        task_id, live, status = self.db.execute(
+            "SELECT id, live, status FROM task WHERE step_id = ? AND input_resource_id = ?",
+            (consumer.step_id, rid)).fetchone()
+        if live:
+            return []
+        return self.revive(task_id, consumer.step_id, status)
+
+    def revive(self, task_id: int, step_id: int, status: str) -> list[int]:
+        """A task is live again: what it emitted, if it is done and all of that
+        is still stored; otherwise it is to run (again)."""
+        self.db.execute("UPDATE task SET live = 1 WHERE id = ?", (task_id,))
+        if status == "done" and not self.db.execute(
+                "SELECT 1 FROM emission e JOIN resource r ON r.id = e.resource_id WHERE "
+                "e.task_id = ? AND r.deleted_at IS NOT NULL LIMIT 1", (task_id,)).fetchone():
+            return self.emitted(task_id)
+        if status == "done":  # -gc -retired deleted some of its outputs: make them again
+            self.db.execute("UPDATE task SET status = 'pending' WHERE id = ?", (task_id,))
+        self.new_tasks[step_id] += 1
+        return []
+
+    # -- retiring ------------------------------------------------------------------
+
+    def retire(self, tasks: Iterable[int] = (), emissions: Iterable[tuple[int, int]] = ()) -> int:
+        """Tasks no longer live (an old version, a replaced seed run) and
+        emissions that no longer hold (a source's changed or gone file), with
+        everything that depended only on them. Returns resources retired."""
+        doubtful: list[int] = []
+        for task_id in tasks:
+            self.db.execute("UPDATE task SET live = 0 WHERE id = ?", (task_id,))
+            doubtful += self.emitted(task_id)
+        for task_id, rid in emissions:
+            self.db.execute("DELETE FROM emission WHERE task_id = ? AND resource_id = ?",
+                            (task_id, rid))
+            doubtful.append(rid)
+        gone_resources, gone_tasks = self.reachable(doubtful)
+        self.db.executemany("UPDATE resource SET live = 0 WHERE id = ?",
+                            ((r,) for r in gone_resources))
+        self.db.executemany("UPDATE task SET live = 0 WHERE id = ?", ((t,) for t in gone_tasks))
+        # Re-derive: what a live task outside the retired part still emits stays.
+        still = [r for r in gone_resources if self.db.execute(
+            "SELECT 1 FROM emission e JOIN task t ON t.id = e.task_id WHERE e.resource_id = ? "
+            "AND t.live = 1 AND t.status = 'done' LIMIT 1", (r,)).fetchone()]
+        self.make_live(still)
+        return sum(self.db.execute("SELECT live = 0 FROM resource WHERE id = ?", (r,)).fetchone()[0]
+                   for r in gone_resources)
+
+    def reachable(self, resources: list[int]) -> tuple[set[int], set[int]]:
+        """The live resources among these and every live task and resource that
+        depends on them, following inputs and emissions."""
+        gone_resources: set[int] = set()
+        gone_tasks: set[int] = set()
+        stack = list(resources)
+        while stack:
+            rid = stack.pop()
+            if rid in gone_resources or not self.db.execute(
+                    "SELECT live FROM resource WHERE id = ?", (rid,)).fetchone()[0]:
+                continue
+            gone_resources.add(rid)
+            for task_id, status in self.db.execute(
+                    "SELECT id, status FROM task WHERE input_resource_id = ? AND live = 1",
+                    (rid,)).fetchall():
+                gone_tasks.add(task_id)
+                if status == "done":
+                    stack += self.emitted(task_id)
+        return gone_resources, gone_tasks
+
+    # -- whole steps ---------------------------------------------------------------
+
+    def adopt(self, step_id: int) -> None:
+        """A step version just became current: its root task (a seed's or a
+        source's) is live, and it has a live task for every live resource its
+        inputs match (made, or revived when it ran before)."""
+        inputs = json.loads(self.db.execute("SELECT inputs FROM step WHERE id = ?",
+                                            (step_id,)).fetchone()[0])
+        if not inputs:  # its newest successful run, and a newer one still to run
+            for done in ("status = 'done'", "status != 'done'"):
+                for task_id, status in self.db.execute(
+                        "SELECT id, status FROM task WHERE step_id = ? AND input_resource_id IS "
+                        f"NULL AND {done} ORDER BY run DESC LIMIT 1", (step_id,)).fetchall():
+                    self.make_live(self.revive(task_id, step_id, status))
+            return
+        name = self.db.execute("SELECT name FROM step WHERE id = ?", (step_id,)).fetchone()[0]
+        consumer = Consumer(step_id, name, tuple(inputs))
+        live = "live = 1 AND deleted_at IS NULL"
+        rows = self.db.execute(f"SELECT id, name, task_id FROM resource WHERE {live}").fetchall() \
+            if any(map(is_pattern, inputs)) else self.db.execute(
+            f"SELECT id, name, task_id FROM resource WHERE {live} AND name IN (%s)"
+            % ",".join("?" * len(inputs)), inputs).fetchall()
+        self.make_live([r for rid, rname, producer in rows if matches_inputs(rname, inputs)
+                        for r in self.task_for(consumer, rid, self.passes_of(producer))])
+
+    def recompute(self) -> None:
+        """The whole live view from the roots (after an upgrade from a schema
+        without one): cost proportional to the database, once."""
+        self.db.execute("UPDATE task SET live = 0")
+        self.db.execute("UPDATE resource SET live = 0 WHERE live = 1")
+        for (step_id,) in self.db.execute("SELECT id FROM step WHERE current = 1 AND "
+                                          "inputs = '[]' ORDER BY id").fetchall():
+            self.adopt(step_id)
+        for (step_id,) in self.db.execute("SELECT id FROM step WHERE current = 1 AND "
+                                          "inputs != '[]' ORDER BY id").fetchall():
+            self.adopt(step_id)
+
+    def take_new_tasks(self) -> collections.Counter:
+        """Tasks made (or revived to run) since the last call, per step id."""
+        made, self.new_tasks = self.new_tasks, collections.Counter()
+        return made
 
 
 # =============================================================================
@@ -1174,8 +1552,13 @@ class Database:
 
     # -- what the scheduler asks ---------------------------------------------------
 
-    def register(self, definition: StepDef) -> StepVersion:
-        return self.meta.register(definition)
+    def register(self, definitions: Sequence[StepDef]) -> list[StepVersion]:
+        """The manifest's steps as stored versions (new ones added); the live
+        view follows the versions that stopped or started being current."""
+        return self.meta.register(definitions)
+
+    def rerun_seed(self, step: StepVersion) -> bool:
+        return self.meta.rerun_seed(step)
 
     def retry_failed(self, step: StepVersion) -> int:
         return self.meta.retry_failed(step.id)
@@ -1197,15 +1580,10 @@ class Database:
         self.objects.sync()
         return [self.meta.record(result) for result in results]
 
-    def scan(self, step: StepVersion, limit: int) -> int:
-        """Make tasks of `step` for every resource it has not seen (call inside a
-        transaction); returns how many."""
-        newest = self.meta.max_resource_id()
-        created, more = 0, step.scanned_resource_id < newest
-        while more:
-            made, more = self.meta.scan(step, newest, limit)
-            created += made
-        return created
+    def take_new_tasks(self) -> collections.Counter:
+        """Tasks made ready to run since the last call (new live resources get
+        theirs as they are recorded), per step version id."""
+        return self.meta.live.take_new_tasks()
 
     def names_produced_by(self, step_name: str) -> set[str]:
         return self.meta.names_produced_by(step_name)
@@ -1303,6 +1681,115 @@ class Database:
             shutil.rmtree(fresh, ignore_errors=True)  # a copy cut short
             shutil.rmtree(old, ignore_errors=True)    # swapped out, not yet removed
         os.makedirs(objects, mode=0o700, exist_ok=True)
+
+
+# =============================================================================
+# Sources
+# =============================================================================
+# Files on disk as resources: a source step's patterns are walked on every
+# -run and each file stat'ed; only new or changed files are read, hashed and
+# stored. Uses the Database; knows nothing of the scheduler or executors.
+
+@dataclass
+class SourceScan:
+    """What one walk of a source step's files found (or, for -dry-run, would)."""
+
+    new: int = 0
+    changed: int = 0
+    gone: int = 0
+    failed: list[str] = field(default_factory=list)  # one line per file not imported
+    names: list[str] = field(default_factory=list)   # resources new or changed
+
+
+def fixed_prefix(pattern: str) -> str:
+    """The folder a pattern's names are relative to: its segments before the
+    first one with a pattern character (a plain path: its folder)."""
+    parts = pattern.split("/")
+    fixed = list(itertools.takewhile(lambda p: not is_pattern(p), parts))
+    return "/".join(fixed if len(fixed) < len(parts) else fixed[:-1]) or "/"
+
+
+def stat_signature(st: os.stat_result) -> tuple:
+    """What says a file may have changed (a file that keeps it is not read again)."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def match_files(step: StepDef, base_dir: str) -> dict[str, tuple[str, os.stat_result]]:
+    """Every regular file the step's patterns match: name -> (path, stat)."""
+    found: dict[str, tuple[str, os.stat_result]] = {}
+    for pattern in step.files:
+        full = os.path.normpath(os.path.join(base_dir, pattern))
+        prefix = fixed_prefix(full)
+        for path in glob.iglob(full, recursive=True):
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue  # gone between listing and stat: as if not there
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            name = os.path.relpath(path, prefix)
+            if name in found and found[name][0] != path:
+                raise GritError(f"step {quote(step.name)}: files {found[name][0]} and {path} "
+                                f"would both be the resource {quote(name)}")
+            found[name] = (path, st)
+    return found
+
+
+def import_source(db: Database, step: StepVersion, base_dir: str) -> SourceScan:
+    """Bring a source step's resources up to date with its files, in one
+    transaction: a changed or gone file retires what was made from it."""
+    scan = SourceScan()
+    found = match_files(step.definition, base_dir)
+    known = db.meta.source_files(step.name)
+    task, emitted = db.meta.source_task(step.id)
+    with db.transaction():
+        for name, (path, st) in sorted(found.items()):
+            old = known.pop(path, None)  # (resource id, name, signature) when imported before
+            if old and old[1:] == (name, stat_signature(st)):
+                if not emitted:  # a new version of the step: its task emits what is there
+                    db.meta.emit(task, [db.meta.output_of(old[0])], live=1)
+                continue
+            out = read_source_file(db, step.name, name, path, scan)
+            if out is None or (old and db.meta.resource_id(name, out.hash) == old[0]):
+                if old and out is None:  # unreadable now: a clean run would not have it
+                    forget_source_file(db, step.name, path, task, old[0])
+                elif old:  # touched: same content, nothing to do
+                    db.meta.set_source_file(step.name, path, old[0], stat_signature(st))
+                continue
+            if old:
+                db.meta.live.retire(emissions=[(task, old[0])])
+            scan.changed += bool(old)
+            scan.new += not old
+            scan.names.append(name)
+            db.meta.emit(task, [out], live=1)
+            db.meta.set_source_file(step.name, path, db.meta.resource_id(name, out.hash),
+                                    stat_signature(st))
+        for path, (rid, _, _) in known.items():  # not there any more
+            forget_source_file(db, step.name, path, task, rid)
+            scan.gone += 1
+        db.objects.sync()  # the objects reach the disk before the rows that name them
+    return scan
+
+
+def read_source_file(db: Database, step_name: str, name: str, path: str,
+                     scan: SourceScan) -> Output | None:
+    """The file stored as an object (streamed and hashed), or None and a line
+    in scan.failed saying why not."""
+    problem = resource_name_problem(name)
+    if problem:
+        scan.failed.append(f"{step_name}: file {path}: name {quote(name)} {problem}")
+        return None
+    try:
+        digest, size = db.objects.put_file(path)
+    except OSError as e:
+        scan.failed.append(f"{step_name}: cannot read {path}: {e.strerror or e}")
+        return None
+    return Output(name, digest, size)
+
+
+def forget_source_file(db: Database, step_name: str, path: str, task: int, rid: int) -> None:
+    db.meta.live.retire(emissions=[(task, rid)])
+    db.meta.drop_source_file(step_name, path)
 
 
 # =============================================================================
@@ -2721,10 +3208,9 @@ def error_line(error: str) -> str:
 # in batches, new resources into tasks, progress. Sees only a Database and an
 # Executor.
 
-# Tasks read from the database per step at a time, and resources matched per
-# scan: bounds memory when a new step version has millions of tasks to do.
+# Tasks read from the database per step at a time: bounds memory when a new
+# step version has millions of tasks to do.
 QUEUE_BATCH = 1000
-SCAN_BATCH = 10000
 PROGRESS_INTERVAL = 0.2  # seconds between live progress updates
 RATE_WINDOW_SECONDS = 10.0  # the progress line's rate is over this recent window
 
@@ -2759,10 +3245,13 @@ class StepState:
 
 @dataclass
 class RunSummary:
+    """What a run did, for its last line and exit status."""
+
     tasks: int = 0
     failed: int = 0
     resources: int = 0
     interrupted: bool = False
+    not_imported: int = 0  # source files that could not be read
 
 
 class Scheduler:
@@ -2825,8 +3314,7 @@ class Scheduler:
         if self.start:
             self.produced = {s.name: self.db.names_produced_by(s.name) for s in self.all_steps}
             self._activate_downstream()
-        with self.db.transaction():
-            self._scan_all()
+        self.db.take_new_tasks()  # counted by _activate already
         running: dict[concurrent.futures.Future, StepState] = {}
         finished: list[tuple[TaskResult, StepState]] = []
         last_commit = time.monotonic()
@@ -2920,7 +3408,7 @@ class Scheduler:
                         o.name for o in result.outputs)
             if self.start:
                 self._activate_downstream()
-            self._scan_all()
+        self._note_new_tasks()
 
     def _report(self, result: TaskResult, state: StepState, created: int) -> None:
         state.pending -= 1
@@ -2940,13 +3428,11 @@ class Scheduler:
                 self.console.error(f"task {result.task_id} ({state.step.name}) failed: "
                                    f"{result.error}")
 
-    def _scan_all(self) -> None:
-        """Make tasks for new resources; call inside a transaction."""
-        for state in self.states.values():
-            if state.step.definition.is_seed:
-                continue
-            created = self.db.scan(state.step, SCAN_BATCH)
-            if created:
+    def _note_new_tasks(self) -> None:
+        """Tasks that the new live resources got: the active steps' are to run."""
+        for step_id, created in self.db.take_new_tasks().items():
+            state = self.states.get(step_id)
+            if state:
                 state.exhausted = False
                 state.pending += created
                 self.console.detail(f"{state.step.name}: {created} new task(s) for "
@@ -3054,17 +3540,20 @@ def cmd_run(opts: RunOptions, console: Console) -> int:
     with Database.for_run(opts.db, console) as db, \
             LocalExecutor(db, console, opts.parallel, opts.output_mode, opts.timeout) as executor:
         versions = register_steps(db, manifest, console)
+        active = [v for v in versions if v.name in selected]
+        not_imported = start_roots(db, active, manifest, console)
         console.detail(executor.description)
         scheduler = Scheduler(db, executor, versions, console, start=opts.start)
         with stop_on_signals(scheduler.request_stop):
-            summary = scheduler.run([v for v in versions if v.name in selected])
+            summary = scheduler.run(active)
+        summary.not_imported = not_imported
         warn_unmatched(db, scheduler, console)
     return report_run(summary, time.monotonic() - started, console)
 
 
 def register_steps(db: Database, manifest: Manifest, console: Console) -> list[StepVersion]:
     """The stored version of every step, new ones added; says which are new."""
-    versions = [db.register(s) for s in manifest.steps]
+    versions = db.register(manifest.steps)
     console.info(f"manifest {manifest.path}: {len(manifest.steps)} step(s)")
     new = [f"{v.name} v{v.version}" for v in versions if v.is_new]
     console.info(f"registered {len(versions)} step(s)"
@@ -3073,6 +3562,25 @@ def register_steps(db: Database, manifest: Manifest, console: Console) -> list[S
         console.detail(f"step {v.name} v{v.version} (id {v.id}), inputs "
                        f"{list(v.definition.inputs) or '(seed)'}")
     return versions
+
+
+def start_roots(db: Database, active: list[StepVersion], manifest: Manifest,
+                console: Console) -> int:
+    """Import the source steps' new and changed files, and start a new run of
+    each seed with rerun = "always". Returns how many files failed to import."""
+    base_dir = os.path.dirname(os.path.abspath(manifest.path))
+    failed = 0
+    for step in active:
+        if step.definition.files:
+            scan = import_source(db, step, base_dir)
+            line = f"{step.name}: {scan.new} new, {scan.changed} changed, {scan.gone} gone"
+            console.info(line) if scan.new or scan.changed or scan.gone else console.detail(line)
+            for problem in scan.failed:
+                console.error(problem)
+            failed += len(scan.failed)
+        elif step.definition.rerun and db.rerun_seed(step):
+            console.detail(f"{step.name}: a new run (rerun = \"always\")")
+    return failed
 
 
 def warn_unmatched(db: Database, scheduler: Scheduler, console: Console) -> None:
@@ -3090,8 +3598,9 @@ def report_run(summary: RunSummary, elapsed: float, console: Console) -> int:
                       "pending for the next -run")
         return EXIT_INTERRUPTED
     line = (f"{summary.tasks} task(s) run, {summary.failed} failed, "
-            f"{summary.resources} resource(s) created in {elapsed:.2f}s")
-    if summary.failed:
+            f"{summary.resources} resource(s) created in {elapsed:.2f}s"
+            + (f"; {summary.not_imported} file(s) not imported" if summary.not_imported else ""))
+    if summary.failed or summary.not_imported:
         if summary.failed > FAILURES_SHOWN and not console.verbose:
             console.error(f"{summary.failed - FAILURES_SHOWN} more failed task(s) not shown "
                           "(-status lists them, -log TASK shows one, -verbose shows all)")
@@ -3117,10 +3626,11 @@ class stop_on_signals:
             signal.signal(sig, handler)  # type: ignore[arg-type]
 
 
-def cmd_export(db_path: str, name: str) -> int:
-    rows = Database.for_reading(db_path).meta.live_resources_named(name)
+def cmd_export(db_path: str, name: str, live_only: bool) -> int:
+    rows = Database.for_reading(db_path).meta.resources_named(name, live_only)
     if not rows:
-        raise NotFoundError(f"no resource named {quote(name)} in {db_path}")
+        raise NotFoundError(f"no {'live ' if live_only else ''}resource named {quote(name)} "
+                            f"in {db_path}")
     sys.stdout.write("".join(f"{r['hash']}\t{r['name']}\t{r['created_at']}\n" for r in rows))
     return EXIT_OK
 
@@ -3168,11 +3678,17 @@ def cmd_export_hash(db_path: str, prefix: str) -> int:
     return EXIT_OK
 
 
-def cmd_gc(db_path: str, console: Console) -> int:
+def cmd_gc(db_path: str, retired: bool, console: Console) -> int:
     """Remove objects no resource or task log refers to (those of deleted
     resources, of tasks killed or failed after storing outputs), then give
-    the free space back to the filesystem. Holds the run lock."""
+    the free space back to the filesystem. With -retired, first delete the
+    content of every resource that is not live. Holds the run lock."""
     with Database.for_change(db_path) as db:
+        if retired:
+            with db.transaction():
+                gone = db.meta.resources("live = 0 AND deleted_at IS NULL")
+                db.meta.mark_deleted([r["id"] for r in gone])
+            console.info(f"deleted the content of {len(gone)} retired resource(s)")
         removed = unreferenced(db.meta, dict.fromkeys(db.objects.hashes(), 0))
         remove_objects(db, removed, console)
         before = db.sizes()["objects"]
@@ -3276,7 +3792,8 @@ def cmd_status(db_path: str, as_json: bool) -> int:
     data = {"database": db.path, "run_in_progress": db.run_in_progress(),
             "size_bytes": db.sizes(), "steps": meta.step_counts(),
             "failed_tasks": meta.failed_tasks(),
-            "resources": {**totals, "names": meta.name_counts()}}
+            "resources": {**totals, "names": meta.name_counts(),
+                          "live_names": meta.name_counts(live_only=True)}}
     if as_json:
         emit_json(data)
         return EXIT_OK
@@ -3300,11 +3817,13 @@ def cmd_status(db_path: str, as_json: bool) -> int:
             print(f"  {f['task']:>8}  {f['step']} v{f['version']}: {why[:100]}")
         if len(failed) > STATUS_NAMES_SHOWN:
             print(f"  … and {len(failed) - STATUS_NAMES_SHOWN} more (-status -json lists all)")
-    names = data["resources"]["names"]
-    print(f"resources: {totals['count']} in {len(names)} name(s), {totals['deleted']} deleted; "
-          f"{totals['objects']} object(s), {human_bytes(totals['bytes'])}")
+    names, live = data["resources"]["names"], data["resources"]["live_names"]
+    print(f"resources: {totals['count']} in {len(names)} name(s), {totals['live']} live, "
+          f"{totals['deleted']} deleted; {totals['objects']} object(s), "
+          f"{human_bytes(totals['bytes'])}")
     for name, count in list(names.items())[:STATUS_NAMES_SHOWN]:
-        print(f"  {count:>8}  {name}")
+        print(f"  {count:>8}  {name}" + (f" ({live.get(name, 0)} live)"
+                                         if live.get(name, 0) != count else ""))
     if len(names) > STATUS_NAMES_SHOWN:
         print(f"  … and {len(names) - STATUS_NAMES_SHOWN} more name(s) (-status -json lists all)")
     return EXIT_OK
@@ -3505,7 +4024,7 @@ def cmd_delete(db_path: str, ref: str, dry_run: bool, console: Console) -> int:
             one_object([r["hash"] for r in found], ref)
             if found:
                 return found
-        found = meta.live_resources_named(ref)
+        found = meta.resources_named(ref)
         if not found:
             raise NotFoundError(f"no resource named or with hash {quote(ref)} in {db_path}")
         return found
@@ -3518,7 +4037,7 @@ def cmd_prune(db_path: str, name: str, keep: int | None, dry_run: bool,
         raise GritError("-prune NAME needs -keep N (how many of the newest to keep, 0 or more)")
 
     def pick(meta: Metadata) -> list[dict]:
-        found = meta.live_resources_named(name)
+        found = meta.resources_named(name)
         if not found:
             raise NotFoundError(f"no resource named {quote(name)} in {db_path}")
         return found[:max(0, len(found) - keep)]  # all but the newest `keep`
@@ -3547,16 +4066,17 @@ class _ObjectReader(io.RawIOBase):
         return n
 
 
-def cmd_export_tar(db_path: str, pattern: str, target: str, newest: bool,
+def cmd_export_tar(db_path: str, pattern: str, target: str, newest: bool, history: bool,
                    console: Console) -> int:
     """Resources as a tar stream: every one of the names matching `pattern` as
     NAME/HASH, or with -newest the newest of each as NAME."""
     db = Database.for_reading(db_path)
     meta = db.meta
     if newest:
-        chosen = [(r, r["name"]) for r in meta.newest_per_name(pattern)]
+        chosen = [(r, r["name"]) for r in meta.newest_per_name(pattern, not history)]
     else:
-        chosen = [(r, f"{r['name']}/{r['hash']}") for r in meta.live_resources_matching(pattern)]
+        chosen = [(r, f"{r['name']}/{r['hash']}")
+                  for r in meta.resources_matching(pattern, not history)]
     if not chosen:
         raise NotFoundError(f"no resource named {quote(pattern)} in {db_path}")
     partial = "" if target == "-" else f"{target}.partial"
@@ -3625,31 +4145,77 @@ def plan_run(db_path: str, manifest: Manifest, selected: list[str],
     if start:
         names = steps_fed_by(manifest.steps, names,
                              meta.names_produced_by if meta else lambda name: set())
-    plan = [plan_step(meta, d) for d in manifest.steps if d.name in names]
+    base_dir = os.path.dirname(os.path.abspath(manifest.path))
+    plan = [plan_step(meta, d, base_dir) for d in manifest.steps if d.name in names]
+    for entry in plan:  # what new and changed files start downstream
+        names = entry.pop("source_names", [])
+        for other in plan:
+            count = sum(matches_inputs(n, manifest.step(other["name"]).inputs) for n in names)
+            if count:
+                entry["source"]["tasks"][other["name"]] = count
+                other["reasons"]["new_resource"] = other["reasons"].get("new_resource", 0) + count
+                other["tasks"] += count
     db.close()
     return plan
 
 
-def plan_step(meta: Metadata | None, definition: StepDef) -> dict:
+def plan_step(meta: Metadata | None, definition: StepDef, base_dir: str) -> dict:
     """One step of the plan: its version and the tasks a run would start, by reason."""
     current, version = meta.stored_version(definition) if meta else (None, 1)
     reasons: dict[str, int] = {}
     if current is None:
-        reasons["new_step_version" if version > 1 else "new_step"] = 1 if definition.is_seed \
-            else meta.count_matching(definition.inputs, 0) if meta else 0
+        reasons["new_step_version" if version > 1 else "new_step"] = \
+            int(definition.is_seed and not definition.files) if definition.is_seed \
+            else meta.count_matching(definition.inputs) if meta else 0
     else:
         reasons["retry_failed"] = meta.count_tasks(current.id, "failed")
         reasons["left_pending"] = meta.count_tasks(current.id, "pending")
-        if not definition.is_seed:
-            reasons["new_resource"] = meta.count_matching(definition.inputs,
-                                                          current.scanned_resource_id)
-    reasons = {k: v for k, v in reasons.items() if v}
-    return {"name": definition.name, "version": version, "new_version": current is None,
-            "tasks": sum(reasons.values()), "reasons": reasons}
+        reasons["rerun_always"] = int(definition.rerun and not reasons["left_pending"])
+    entry = {"name": definition.name, "version": version, "new_version": current is None,
+             "reasons": {k: v for k, v in reasons.items() if v}}
+    entry["tasks"] = sum(entry["reasons"].values())
+    if definition.files:
+        scan = preview_source(meta, definition, base_dir)
+        entry["source"] = {"new": scan.new, "changed": scan.changed, "gone": scan.gone,
+                           "failed": scan.failed, "tasks": {}}
+        entry["source_names"] = scan.names
+    return entry
+
+
+def preview_source(meta: Metadata | None, step: StepDef, base_dir: str) -> SourceScan:
+    """What import_source would find: changed files are read and hashed, and
+    nothing is stored."""
+    scan = SourceScan()
+    known = meta.source_files(step.name) if meta else {}
+    for name, (path, st) in sorted(match_files(step, base_dir).items()):
+        old = known.pop(path, None)
+        if old and old[1:] == (name, stat_signature(st)):
+            continue
+        try:
+            digest = file_hash(path)
+        except OSError as e:
+            scan.failed.append(f"{step.name}: cannot read {path}: {e.strerror or e}")
+            continue
+        if old and meta and meta.resource_id(name, digest) == old[0]:
+            continue  # touched: same content
+        scan.changed += bool(old)
+        scan.new += not old
+        scan.names.append(name)
+    scan.gone = len(known)
+    return scan
+
+
+def file_hash(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK_SIZE), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 REASON_TEXT = {"new_step": "new step", "new_step_version": "new step version",
                "new_resource": "new resource(s)", "retry_failed": "failed task(s) to retry",
+               "rerun_always": "rerun = \"always\"",
                "left_pending": "left pending by an earlier run"}
 
 
@@ -3661,6 +4227,11 @@ def print_plan(plan: list[dict]) -> None:
         version = f"v{p['version']}" + (" (new)" if p["new_version"] else "")
         print(f"{p['name']:<{width}}  {version:<8}  {p['tasks']:>7} task(s)"
               + (f": {why}" if why else ""))
+        if "source" in p:
+            src = p["source"]
+            after = ", ".join(f"{step} {n} task(s)" for step, n in src["tasks"].items())
+            print(f"{p['name']}: {src['new']} new, {src['changed']} changed, {src['gone']} gone"
+                  + (f" → {after}" if after else ""))
     total = sum(p["tasks"] for p in plan)
     print(f"{total} task(s) would start; their outputs may make more work downstream")
 # =============================================================================
@@ -3717,6 +4288,12 @@ def build_parser() -> argparse.ArgumentParser:
          help="write the resources of matching names as a tar (FILE - is stdout), "
               "each as NAME/HASH, or with -newest the newest of each as NAME")
     flag("newest", action="store_true", help="with -export-tar: only the newest of each name")
+    flag("all", action="store_true",
+         help="with -export-tar: every resource ever made, not only the live ones")
+    flag("live", action="store_true", help="with -export: only live resources (what a clean "
+                                           "run would make now)")
+    flag("retired", action="store_true",
+         help="with -gc: first delete the content of every resource that is not live")
     flag("json", action="store_true", help="with -status, -log, -lineage, -dry-run: JSON output")
     flag("timeout", metavar="SECONDS", type=float, default=0,
          help="kill a task after SECONDS unless its step sets timeout (default: no limit)")
@@ -3734,7 +4311,8 @@ COMMANDS = {"run": "-run", "export": "-export NAME", "export_hash": "-export-has
             "lineage": "-lineage HASH", "delete": "-delete HASH|NAME", "prune": "-prune NAME",
             "export_tar": "-export-tar PATTERN FILE"}
 MODIFIERS = {"dry_run": ("run", "delete", "prune"), "json": ("run", "status", "log", "lineage"),
-             "descendants": ("lineage",), "keep": ("prune",), "newest": ("export_tar",)}
+             "descendants": ("lineage",), "keep": ("prune",), "newest": ("export_tar",),
+             "all": ("export_tar",), "live": ("export",), "retired": ("gc",)}
 
 
 def run_options(args: argparse.Namespace) -> RunOptions:
@@ -3751,16 +4329,16 @@ def run_options(args: argparse.Namespace) -> RunOptions:
 # What each command calls, with the parsed arguments and the console.
 HANDLERS: dict[str, Callable[[argparse.Namespace, Console], int]] = {
     "run": lambda a, c: cmd_run(run_options(a), c),
-    "export": lambda a, c: cmd_export(a.db, a.export),
+    "export": lambda a, c: cmd_export(a.db, a.export, a.live),
     "export_hash": lambda a, c: cmd_export_hash(a.db, a.export_hash),
     "verify": lambda a, c: cmd_verify(a.db, c),
-    "gc": lambda a, c: cmd_gc(a.db, c),
+    "gc": lambda a, c: cmd_gc(a.db, a.retired, c),
     "status": lambda a, c: cmd_status(a.db, a.json),
     "log": lambda a, c: cmd_log(a.db, a.log, a.json),
     "lineage": lambda a, c: cmd_lineage(a.db, a.lineage, a.descendants, a.json),
     "delete": lambda a, c: cmd_delete(a.db, a.delete, a.dry_run, c),
     "prune": lambda a, c: cmd_prune(a.db, a.prune, a.keep, a.dry_run, c),
-    "export_tar": lambda a, c: cmd_export_tar(a.db, *a.export_tar, a.newest, c),
+    "export_tar": lambda a, c: cmd_export_tar(a.db, *a.export_tar, a.newest, a.all, c),
 }
 
 

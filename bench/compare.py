@@ -14,6 +14,10 @@ next to make -j2's, measured in the same run. Results are printed as a
 Markdown table (bench/RESULTS.md keeps a copy).
 
     bench/compare.py [--sizes 1000,10000] [--repeat 3] [--snakemake-max 1000] [--w4]
+                     [--runners make,grit-fuse,grit-dir,xargs,parallel] [--grit PATH]
+
+--grit runs another grit.py (an older commit's, say) in place of this one;
+--seed-copy imports grit's inputs the way a grit without source steps must.
 
 Snakemake comes from a bench-only venv (.bench-venv, made on first use);
 GNU parallel from the system (apt-get install parallel).
@@ -31,7 +35,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GRIT = os.path.join(ROOT, "grit.py")
+GRIT = os.path.join(ROOT, "grit.py")  # --grit replaces it
 BENCH_VENV = os.path.join(ROOT, ".bench-venv")
 
 
@@ -63,17 +67,22 @@ def change_inputs(work: str, n: int) -> None:
 
 
 class Grit:
-    """The seed copies the inputs in. W3 bumps the seed's script (the way to make
-    a seed step run again); it then copies only the files changed since it last
-    succeeded (README: GRIT_PREVIOUS_START), and those two flow on."""
+    """A source step imports the inputs (each -run stats them, reads only new or
+    changed files); --seed-copy uses the seed step that copies them in instead
+    (the only way before source steps: W3 then bumps the seed's script)."""
+
+    seed_copy = False
 
     def __init__(self, mode: str) -> None:
         self.name = f"grit ({mode})"
         self.mode = mode
 
     def manifest(self, work: str, bump: str = "") -> None:
-        with open(os.path.join(work, "m.toml"), "w") as f:
-            f.write(f'''
+        source = f'''
+[[step]]
+name = "seed"
+files = ["{work}/inputs/in-*"]
+''' if not self.seed_copy else f'''
 [[step]]
 name = "seed"
 script = """{bump}
@@ -83,6 +92,9 @@ else
   cp {work}/inputs/* "$OUTPUT_DIR/"
 fi
 """
+'''
+        with open(os.path.join(work, "m.toml"), "w") as f:
+            f.write(source + '''
 [[step]]
 name = "upper"
 inputs = ["in-*"]
@@ -101,7 +113,8 @@ script = 'rev "$INPUT_FILE" > "$OUTPUT_DIR/rev-$GRIT_INPUT_NAME"'
                   f"-output-mode {self.mode}", work)
 
     def changed(self, work: str) -> None:
-        self.manifest(work, bump="# v2: inputs changed")
+        if self.seed_copy:
+            self.manifest(work, bump="# v2: inputs changed")
 
 
 class Make:
@@ -241,9 +254,20 @@ def main() -> None:
     ap.add_argument("--snakemake-max", type=int, default=1000,
                     help="largest N to run Snakemake at (it is slow)")
     ap.add_argument("--w4", action="store_true", help="also run W4 (1 GiB)")
+    ap.add_argument("--runners", default="make,grit-fuse,grit-dir,xargs,parallel,snakemake",
+                    help="which runners, make first (the baseline of the ratios)")
+    ap.add_argument("--grit", default=GRIT, help="the grit.py to run")
+    ap.add_argument("--seed-copy", action="store_true",
+                    help="grit imports the inputs with a copying seed, not a source step "
+                         "(for a grit.py older than source steps)")
     args = ap.parse_args()
-    runners = [Make(), Grit("fuse"), Grit("dir"), Xargs(), Parallel()]
-    have_snakemake = ensure_snakemake()
+    globals()["GRIT"] = os.path.abspath(args.grit)
+    Grit.seed_copy = args.seed_copy
+    every = {"make": Make(), "grit-fuse": Grit("fuse"), "grit-dir": Grit("dir"),
+             "xargs": Xargs(), "parallel": Parallel()}
+    wanted = args.runners.split(",")
+    runners = [every[name] for name in wanted if name in every]
+    have_snakemake = "snakemake" in wanted and ensure_snakemake()
     print(f"# grit compared, {time.strftime('%Y-%m-%d')}, {platform.node()}, "
           f"{os.cpu_count()} CPUs, Python {platform.python_version()}\n")
     print("| N | runner | W1 cold | ratio | W2 no-op | W3 one new + one changed | peak RSS |")

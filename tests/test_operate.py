@@ -82,7 +82,7 @@ def test_status_per_step_version_with_json(grit, tmp_path):
     assert text[0].startswith(f"database {grit.db}:") and "no run in progress" in text[0]
     assert text[1].split() == ["step", "version", "pending", "done", "failed"]
     assert "rev v1 (old) 0 2 0" in [" ".join(line.split()) for line in text]
-    assert "resources: 9 in 5 name(s), 0 deleted; 9 object(s)" in "\n".join(text)
+    assert "resources: 9 in 5 name(s), 9 live, 0 deleted; 9 object(s)" in "\n".join(text)
 
 
 def done_tasks(grit):
@@ -269,11 +269,14 @@ def test_export_tar_every_version_or_the_newest(grit, tmp_path):
             script = "echo v{i} > $OUTPUT_DIR/model; mkdir $OUTPUT_DIR/d; echo x > $OUTPUT_DIR/d/f"
         ''')
         grit.run()
-    cmd(grit, "-export-tar", "model", str(tmp_path / "all.tar"))
+    cmd(grit, "-export-tar", "model", str(tmp_path / "all.tar"), "-all")
     with tarfile.open(tmp_path / "all.tar") as tar:
         members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
     assert members == {f"model/{h}": grit.content(h) for h, _, _ in grit.export("model")}
     assert sorted(members.values()) == [b"v1\n", b"v2\n"]
+    cmd(grit, "-export-tar", "model", str(tmp_path / "live.tar"))  # live only, by default
+    with tarfile.open(tmp_path / "live.tar") as tar:
+        assert [tar.extractfile(m).read() for m in tar.getmembers()] == [b"v2\n"]
     out = subprocess.run([sys.executable, GRIT, "-db", str(grit.db), "-export-tar", "*", "-",
                           "-newest"], capture_output=True, check=True)
     with tarfile.open(fileobj=io.BytesIO(out.stdout)) as tar:
@@ -309,25 +312,36 @@ def test_options_that_need_another_command_say_so(grit, tmp_path):
     assert grit.run("-json", check=2).stderr.startswith("grit: error: -json goes with -run only")
 
 
-# Columns each schema version added, newest first: an old database is the
-# current one without them.
-ADDED_COLUMNS = {3: [("task", "passes")], 2: [("resource", "deleted_at")]}
+# What each schema version added, newest first: undone, they turn today's
+# database into an older grit's.
+UNDO_SCHEMA = {
+    4: ["DROP INDEX resource_live", "DROP INDEX task_input", "DROP INDEX task_seed",
+        "CREATE UNIQUE INDEX task_seed ON task(step_id) WHERE input_resource_id IS NULL",
+        "DROP TABLE emission", "DROP TABLE source_file",
+        "ALTER TABLE step DROP COLUMN files", "ALTER TABLE step DROP COLUMN current",
+        "ALTER TABLE resource DROP COLUMN live", "ALTER TABLE task DROP COLUMN run",
+        "ALTER TABLE task DROP COLUMN live",
+        "ALTER TABLE step ADD COLUMN scanned_resource_id INTEGER NOT NULL DEFAULT 0"],
+    3: ["ALTER TABLE task DROP COLUMN passes"],
+    2: ["ALTER TABLE resource DROP COLUMN deleted_at"],
+}
 
 
-@pytest.mark.parametrize("old", [1, 2])
+@pytest.mark.parametrize("old", [1, 2, 3])
 def test_an_old_database_is_upgraded_in_place(grit, tmp_path, old):
     pipeline(grit, tmp_path, succeed=True)
     import sqlite3
     db = sqlite3.connect(grit.db / "metadata.sqlite")
-    for version, columns in ADDED_COLUMNS.items():
+    for version, statements in UNDO_SCHEMA.items():
         if version > old:
-            for table, column in columns:
-                db.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+            for statement in statements:
+                db.execute(statement)
     db.execute(f"PRAGMA user_version = {old}")
     db.commit()
     db.close()
-    assert as_json(grit, "-status")["resources"]["count"] == 9   # a read-only command
-    assert grit.sql("PRAGMA user_version") == [(3,)]
+    resources = as_json(grit, "-status")["resources"]   # a read-only command upgrades it
+    assert resources["count"] == 9 and resources["live"] == 9  # the live view, computed
+    assert grit.sql("PRAGMA user_version") == [(4,)]
     cmd(grit, "-delete", "rev")
     assert "0 task(s) run" in grit.run().stderr
     # tasks made before the upgrade have no passes: their descendants count from there

@@ -95,7 +95,7 @@ def db(tmp_path):
 
 
 def scheduler(db, executor, steps=STEPS):
-    versions = [db.register(d) for d in steps]
+    versions = db.register(steps)
     return grit.Scheduler(db, executor, versions, grit.Console(0)), versions
 
 
@@ -134,7 +134,7 @@ def test_a_whole_pipeline_runs_and_is_recorded(db):
     summary = run(db, FakeExecutor(db, pipeline_behaviour))
     assert (summary.tasks, summary.failed, summary.resources) == (7, 0, 9)
     assert counts(db)["rev"] == {"pending": 0, "done": 3, "failed": 0}
-    [rev1] = db.meta.live_resources_named("rev-upper-in-1")
+    [rev1] = db.meta.resources_named("rev-upper-in-1", live_only=True)
     assert b"".join(db.objects.open(rev1["hash"])) == b"\n1 METI"
 
 
