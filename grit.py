@@ -1089,13 +1089,11 @@ class Metadata:
         return task_id, self.db.execute("SELECT 1 FROM emission WHERE task_id = ? LIMIT 1",
                                         (task_id,)).fetchone() is not None
 
-    def source_files(self, step_name: str) -> dict[str, tuple[int, str, tuple]]:
-        """path -> (resource id, resource name, stat signature) of each file
-        the step imported."""
-        rows = self.db.execute("SELECT f.path, f.resource_id, r.name, f.dev, f.ino, f.size, "
-                               "f.mtime_ns, f.ctime_ns FROM source_file f JOIN resource r "
-                               "ON r.id = f.resource_id WHERE f.step = ?", (step_name,))
-        return {path: (rid, name, tuple(sig)) for path, rid, name, *sig in rows}
+    def source_files(self, step_name: str) -> dict[str, tuple[int, tuple]]:
+        """path -> (resource id, stat signature) of each file the step imported."""
+        rows = self.db.execute("SELECT path, resource_id, dev, ino, size, mtime_ns, ctime_ns "
+                               "FROM source_file WHERE step = ?", (step_name,))
+        return {path: (rid, tuple(sig)) for path, rid, *sig in rows}
 
     def resource_id(self, name: str, digest: str) -> int | None:
         row = self.db.execute("SELECT id FROM resource WHERE name = ? AND hash = ?",
@@ -1719,7 +1717,7 @@ def match_files(step: StepDef, base_dir: str) -> dict[str, tuple[str, os.stat_re
     found: dict[str, tuple[str, os.stat_result]] = {}
     for pattern in step.files:
         full = os.path.normpath(os.path.join(base_dir, pattern))
-        prefix = fixed_prefix(full)
+        prefix = fixed_prefix(full).rstrip("/") + "/"
         for path in glob.iglob(full, recursive=True):
             try:
                 st = os.stat(path)
@@ -1727,7 +1725,9 @@ def match_files(step: StepDef, base_dir: str) -> dict[str, tuple[str, os.stat_re
                 continue  # gone between listing and stat: as if not there
             if not stat.S_ISREG(st.st_mode):
                 continue
-            name = os.path.relpath(path, prefix)
+            # glob builds each path on the pattern's text: the prefix is a slice
+            # away (os.path.relpath cost 35 us a file)
+            name = path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, prefix)
             if name in found and found[name][0] != path:
                 raise GritError(f"step {quote(step.name)}: files {found[name][0]} and {path} "
                                 f"would both be the resource {quote(name)}")
@@ -1744,11 +1744,14 @@ def import_source(db: Database, step: StepVersion, base_dir: str) -> SourceScan:
     task, emitted = db.meta.source_task(step.id)
     with db.transaction():
         for name, (path, st) in sorted(found.items()):
-            old = known.pop(path, None)  # (resource id, name, signature) when imported before
-            if old and old[1:] == (name, stat_signature(st)):
-                if not emitted:  # a new version of the step: its task emits what is there
-                    db.meta.emit(task, [db.meta.output_of(old[0])], live=1)
-                continue
+            old = known.pop(path, None)  # (resource id, signature) when imported before
+            if old and old[1] == stat_signature(st):
+                if emitted:
+                    continue
+                before = db.meta.output_of(old[0])  # a new version of the step: its task
+                if before.name == name:             # emits what is there, unless the new
+                    db.meta.emit(task, [before], live=1)  # patterns name it otherwise
+                    continue
             out = read_source_file(db, step.name, name, path, scan)
             if out is None or (old and db.meta.resource_id(name, out.hash) == old[0]):
                 if old and out is None:  # unreadable now: a clean run would not have it
@@ -1764,7 +1767,7 @@ def import_source(db: Database, step: StepVersion, base_dir: str) -> SourceScan:
             db.meta.emit(task, [out], live=1)
             db.meta.set_source_file(step.name, path, db.meta.resource_id(name, out.hash),
                                     stat_signature(st))
-        for path, (rid, _, _) in known.items():  # not there any more
+        for path, (rid, _) in known.items():  # not there any more
             forget_source_file(db, step.name, path, task, rid)
             scan.gone += 1
         db.objects.sync()  # the objects reach the disk before the rows that name them
@@ -2607,12 +2610,7 @@ class FuseServer:
     """grit's handle on the FUSE server process."""
 
     def __init__(self, run_dir: str, workers: int) -> None:
-        try:
-            import fuse  # noqa: F401  (fusepy; loads libfuse)
-        except (ImportError, OSError) as e:
-            raise FuseUnavailable(f"libfuse2 or fusepy not found ({e})") from None
-        if not os.path.exists("/dev/fuse"):
-            raise FuseUnavailable("/dev/fuse does not exist")
+        self.check()
         import socket
 
         self.mount = os.path.join(run_dir, "mnt")
@@ -2644,6 +2642,17 @@ class FuseServer:
             raise FuseUnavailable(f"{why}{': ' + detail if detail else ''}")
 
     @staticmethod
+    def check() -> None:
+        """FuseUnavailable if FUSE surely cannot be used here (no binding or
+        libfuse, no /dev/fuse); whether mounting is allowed shows when it mounts."""
+        try:
+            import fuse  # noqa: F401  (fusepy; loads libfuse)
+        except (ImportError, OSError) as e:
+            raise FuseUnavailable(f"libfuse2 or fusepy not found ({e})") from None
+        if not os.path.exists("/dev/fuse"):
+            raise FuseUnavailable("/dev/fuse does not exist")
+
+    @staticmethod
     def _child(run_dir: str, pairs: list) -> int:
         try:
             os.setsid()  # out of the terminal's process group: Ctrl-C is grit's to handle
@@ -2658,6 +2667,7 @@ class FuseServer:
             os.dup2(log, 1)
             os.dup2(log, 2)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not grit's stop handler
             _fuse_server(os.path.join(run_dir, "mnt"), os.path.join(run_dir, "spool"),
                          pairs[0][1], [p[1] for p in pairs[1:]])
             return 0
@@ -2747,6 +2757,15 @@ class FuseCapture:
         return reply["error"]
 
 
+def fuse_demanded(mode: str) -> None:
+    """-output-mode fuse where FUSE surely cannot work: say so before the run starts."""
+    if mode == "fuse":
+        try:
+            FuseServer.check()
+        except FuseUnavailable as e:
+            raise GritError(f"-output-mode fuse: FUSE cannot be used here: {e}") from None
+
+
 def open_capture(mode: str, run_dir: str, workers: int, console: Console) -> OutputCapture:
     """The capture `-output-mode` asks for: FUSE where it can be used (auto, fuse),
     else plain directories, saying why once."""
@@ -2807,7 +2826,6 @@ class Executor(Protocol):
     context manager that owns what it needs (scratch space, output capture)."""
 
     capacity: int  # most tasks in flight at once
-    description: str  # where and how tasks run, for -verbose
 
     def __enter__(self) -> "Executor": ...
 
@@ -2872,10 +2890,8 @@ class LocalExecutor:
         self._environ = dict(os.environ)  # copied once: os.environ decodes on every copy
 
     def __enter__(self) -> "LocalExecutor":
-        # The FUSE server forks before this process opens a store or starts a thread.
-        self.capture = open_capture(self.output_mode, self.workroot, self.capacity, self.console)
-        self.capture.__enter__()
-        self.description = f"output mode: {self.capture.description}"
+        fuse_demanded(self.output_mode)
+        self.capture: OutputCapture | None = None  # started with the first task
         self.store = self.db.objects
         self._pool = concurrent.futures.ThreadPoolExecutor(self.capacity, "grit-task")
         return self
@@ -2884,10 +2900,21 @@ class LocalExecutor:
         if kind is not None:  # the run failed: stop what runs rather than wait for it
             self.cancel()
         self._pool.shutdown(wait=True)
-        self.capture.__exit__(kind, *exc)
+        if self.capture:
+            self.capture.__exit__(kind, *exc)
 
     def submit(self, spec: TaskSpec) -> "concurrent.futures.Future[TaskResult]":
+        if self.capture is None:
+            self._start_capture()
         return self._pool.submit(self.run, spec)
+
+    def _start_capture(self) -> None:
+        """The output capture, at the first task: a run with nothing to do mounts
+        nothing. The FUSE server forks here, before the pool starts a thread;
+        it never touches the stores this process has open."""
+        self.capture = open_capture(self.output_mode, self.workroot, self.capacity, self.console)
+        self.capture.__enter__()
+        self.console.detail(f"output mode: {self.capture.description}")
 
     def cancel(self) -> None:
         """SIGTERM to running scripts now; SIGKILL to those still running after
@@ -3542,7 +3569,6 @@ def cmd_run(opts: RunOptions, console: Console) -> int:
         versions = register_steps(db, manifest, console)
         active = [v for v in versions if v.name in selected]
         not_imported = start_roots(db, active, manifest, console)
-        console.detail(executor.description)
         scheduler = Scheduler(db, executor, versions, console, start=opts.start)
         with stop_on_signals(scheduler.request_stop):
             summary = scheduler.run(active)
@@ -4189,7 +4215,7 @@ def preview_source(meta: Metadata | None, step: StepDef, base_dir: str) -> Sourc
     known = meta.source_files(step.name) if meta else {}
     for name, (path, st) in sorted(match_files(step, base_dir).items()):
         old = known.pop(path, None)
-        if old and old[1:] == (name, stat_signature(st)):
+        if old and old[1] == stat_signature(st) and meta and meta.output_of(old[0]).name == name:
             continue
         try:
             digest = file_hash(path)

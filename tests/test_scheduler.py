@@ -19,8 +19,6 @@ class FakeExecutor:
     holding); `behave(spec, input_bytes)` gives the outputs ({name: bytes}) or
     a failure (a str)."""
 
-    description = "fake executor"
-
     def __init__(self, db, behave, capacity=10, hold=False):
         self.db, self.behave, self.capacity, self.hold = db, behave, capacity, hold
         self.lock = threading.Lock()
