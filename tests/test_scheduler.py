@@ -124,6 +124,13 @@ class Background:
         return self.summary
 
 
+def seed_then_uppers(executor):
+    """Finish the seed's task, then wait until its three uppers are in flight."""
+    assert wait_for(lambda: executor.flying("seed"))
+    executor.finish(executor.flying("seed")[0])
+    assert wait_for(lambda: len(executor.flying("upper")) == 3)
+
+
 def counts(db):
     return {s["name"]: s["tasks"] for s in db.meta.step_counts()}
 
@@ -139,9 +146,7 @@ def test_a_whole_pipeline_runs_and_is_recorded(db):
 def test_downstream_starts_as_soon_as_an_upstream_result_commits(db):
     executor = FakeExecutor(db, pipeline_behaviour, hold=True)
     bg = Background(db, executor)
-    assert wait_for(lambda: executor.flying("seed"))
-    executor.finish(executor.flying("seed")[0])
-    assert wait_for(lambda: len(executor.flying("upper")) == 3)
+    seed_then_uppers(executor)
     first, *others = executor.flying("upper")
     executor.finish(first)
     # rev of that one result is dispatched while the other two uppers still run
@@ -184,9 +189,7 @@ def test_failures_are_recorded_and_retried_by_the_next_run(db):
 def test_cancel_leaves_unfinished_tasks_pending(db):
     executor = FakeExecutor(db, pipeline_behaviour, hold=True)
     bg = Background(db, executor)
-    assert wait_for(lambda: executor.flying("seed"))
-    executor.finish(executor.flying("seed")[0])
-    assert wait_for(lambda: len(executor.flying("upper")) == 3)
+    seed_then_uppers(executor)
     bg.sched.request_stop()
     bg.thread.join(timeout=30)
     assert bg.summary.interrupted and bg.summary.tasks == 1
@@ -209,9 +212,7 @@ def test_identical_outputs_start_nothing_downstream(db):
 def test_results_that_complete_out_of_order(db):
     executor = FakeExecutor(db, pipeline_behaviour, hold=True)
     bg = Background(db, executor)
-    assert wait_for(lambda: executor.flying("seed"))
-    executor.finish(executor.flying("seed")[0])
-    assert wait_for(lambda: len(executor.flying("upper")) == 3)
+    seed_then_uppers(executor)
     for task_id in reversed(executor.flying("upper")):
         executor.finish(task_id)
     summary = bg.finish_everything(executor)
