@@ -1268,6 +1268,7 @@ class LiveView:
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
         self.new_tasks: collections.Counter = collections.Counter()  # step id -> made since taken
+        self.retired_tasks: set[int] = set()  # retired since taken (a run drops them if queued)
         self.load_steps()
 
     def load_steps(self) -> None:
@@ -1370,6 +1371,7 @@ class LiveView:
         self.db.executemany("UPDATE resource SET live = 0 WHERE id = ?",
                             ((r,) for r in gone_resources))
         self.db.executemany("UPDATE task SET live = 0 WHERE id = ?", ((t,) for t in gone_tasks))
+        self.retired_tasks |= gone_tasks
         # Re-derive: what a live task outside the retired part still emits stays.
         still = [r for r in gone_resources if self.db.execute(
             "SELECT 1 FROM emission e JOIN task t ON t.id = e.task_id WHERE e.resource_id = ? "
@@ -1435,10 +1437,13 @@ class LiveView:
                                           "inputs != '[]' ORDER BY id").fetchall():
             self.adopt(step_id)
 
-    def take_new_tasks(self) -> collections.Counter:
-        """Tasks made (or revived to run) since the last call, per step id."""
+    def take_new_tasks(self) -> tuple[collections.Counter, set[int]]:
+        """Tasks made (or revived) to run since the last call, per step id, and
+        the ids of tasks retired meanwhile (those still live are left out)."""
         made, self.new_tasks = self.new_tasks, collections.Counter()
-        return made
+        retired, self.retired_tasks = self.retired_tasks, set()
+        return made, {t for t in retired if not self.db.execute(
+            "SELECT live FROM task WHERE id = ?", (t,)).fetchone()[0]}
 
 
 # =============================================================================
@@ -1578,9 +1583,10 @@ class Database:
         self.objects.sync()
         return [self.meta.record(result) for result in results]
 
-    def take_new_tasks(self) -> collections.Counter:
+    def take_new_tasks(self) -> tuple[collections.Counter, set[int]]:
         """Tasks made ready to run since the last call (new live resources get
-        theirs as they are recorded), per step version id."""
+        theirs as they are recorded), per step version id; and the ids of tasks
+        retired meanwhile, which must not run."""
         return self.meta.live.take_new_tasks()
 
     def names_produced_by(self, step_name: str) -> set[str]:
@@ -3456,8 +3462,14 @@ class Scheduler:
                                    f"{result.error}")
 
     def _note_new_tasks(self) -> None:
-        """Tasks that the new live resources got: the active steps' are to run."""
-        for step_id, created in self.db.take_new_tasks().items():
+        """Tasks that the new live resources got: the active steps' are to run;
+        queued tasks whose input stopped being live are dropped."""
+        made, retired = self.db.take_new_tasks()
+        for state in self.states.values() if retired else ():
+            kept = collections.deque(s for s in state.queue if s.task_id not in retired)
+            state.pending -= len(state.queue) - len(kept)
+            state.queue = kept
+        for step_id, created in made.items():
             state = self.states.get(step_id)
             if state:
                 state.exhausted = False

@@ -221,3 +221,34 @@ def test_results_that_complete_out_of_order(db):
         if spec.step == "upper":
             [out] = db.meta.task(spec.task_id)["outputs"]
             assert out["name"] == f"upper-{spec.input_name}"
+
+
+def test_a_queued_task_whose_input_is_retired_does_not_run(db):
+    """A seed that reruns and no longer emits b and c retires them mid-run:
+    the tasks already queued for them are dropped, not run."""
+    emits = {"run": ["a", "b", "c"]}
+
+    def behave(spec, data):
+        if spec.step == "seed":
+            return {name: name.encode() for name in emits["run"]}
+        return {f"w-{spec.input_name}": data}
+
+    steps = [grit.StepDef("seed", "s", rerun=True), grit.StepDef("work", "w", ("?",), parallel=1)]
+    first = FakeExecutor(db, behave, hold=True)
+    bg = Background(db, first, steps)
+    assert wait_for(lambda: first.flying("seed"))
+    first.finish(first.flying("seed")[0])
+    assert wait_for(lambda: first.flying("work"))
+    bg.sched.request_stop()  # interrupted: work on a, b, c stays pending
+    bg.thread.join(timeout=30)
+    versions = db.register(steps)
+    assert db.rerun_seed(versions[0])
+    emits["run"] = ["a"]
+    again = FakeExecutor(db, behave, hold=True)
+    bg = Background(db, again, steps)
+    assert wait_for(lambda: again.flying("seed") and again.flying("work"))
+    again.finish(again.flying("seed")[0])  # commits: b and c are no longer live
+    summary = bg.finish_everything(again, pause=0.05)
+    ran = [s.input_name for s in again.submitted if s.step == "work"]
+    assert ran == ["a"] and summary.failed == 0
+    assert sorted(r["name"] for r in db.meta.resources("live = 1")) == ["a", "w-a"]
