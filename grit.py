@@ -1355,10 +1355,10 @@ class LiveView:
 
     # -- retiring ------------------------------------------------------------------
 
-    def retire(self, tasks: Iterable[int] = (), emissions: Iterable[tuple[int, int]] = ()) -> int:
+    def retire(self, tasks: Iterable[int] = (), emissions: Iterable[tuple[int, int]] = ()) -> None:
         """Tasks no longer live (an old version, a replaced seed run) and
         emissions that no longer hold (a source's changed or gone file), with
-        everything that depended only on them. Returns resources retired."""
+        everything that depended only on them."""
         doubtful: list[int] = []
         for task_id in tasks:
             self.db.execute("UPDATE task SET live = 0 WHERE id = ?", (task_id,))
@@ -1377,8 +1377,6 @@ class LiveView:
             "SELECT 1 FROM emission e JOIN task t ON t.id = e.task_id WHERE e.resource_id = ? "
             "AND t.live = 1 AND t.status = 'done' LIMIT 1", (r,)).fetchone()]
         self.make_live(still)
-        return sum(self.db.execute("SELECT live = 0 FROM resource WHERE id = ?", (r,)).fetchone()[0]
-                   for r in gone_resources)
 
     def reachable(self, resources: list[int]) -> tuple[set[int], set[int]]:
         """The live resources among these and every live task and resource that
@@ -1427,14 +1425,12 @@ class LiveView:
 
     def recompute(self) -> None:
         """The whole live view from the roots (after an upgrade from a schema
-        without one): cost proportional to the database, once."""
+        without one): cost proportional to the database, once. Adopting the
+        seeds and sources reaches every current step through make_live."""
         self.db.execute("UPDATE task SET live = 0")
         self.db.execute("UPDATE resource SET live = 0 WHERE live = 1")
         for (step_id,) in self.db.execute("SELECT id FROM step WHERE current = 1 AND "
                                           "inputs = '[]' ORDER BY id").fetchall():
-            self.adopt(step_id)
-        for (step_id,) in self.db.execute("SELECT id FROM step WHERE current = 1 AND "
-                                          "inputs != '[]' ORDER BY id").fetchall():
             self.adopt(step_id)
 
     def take_new_tasks(self) -> tuple[collections.Counter, set[int]]:
@@ -1702,7 +1698,7 @@ class SourceScan:
     changed: int = 0
     gone: int = 0
     failed: list[str] = field(default_factory=list)  # one line per file not imported
-    names: list[str] = field(default_factory=list)   # resources new or changed
+    names: list[str] = field(default_factory=list)   # new or changed (for -dry-run)
 
 
 def fixed_prefix(pattern: str) -> str:
@@ -1769,7 +1765,6 @@ def import_source(db: Database, step: StepVersion, base_dir: str) -> SourceScan:
                 db.meta.live.retire(emissions=[(task, old[0])])
             scan.changed += bool(old)
             scan.new += not old
-            scan.names.append(name)
             db.meta.emit(task, [out], live=1)
             db.meta.set_source_file(step.name, path, db.meta.resource_id(name, out.hash),
                                     stat_signature(st))

@@ -127,27 +127,20 @@ KNOWN = [
 
 def with_known(test):
     for history in KNOWN:
-        test = example(history)(test)
+        test = example(edits=history)(test)
     return test
 
 
+@pytest.mark.parametrize("mode", ["dir", "fuse"])
 @settings(max_examples=examples(200), deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow])
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @with_known
-@given(HISTORIES)
-def test_property_incremental_equals_clean_dir_mode(edits):
-    check_history("dir", edits)
-
-
-@settings(max_examples=examples(200), deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow])
-@with_known
-@given(HISTORIES)
-def test_property_incremental_equals_clean_fuse_mode(edits):
-    check_history("fuse", edits)
+@given(edits=HISTORIES)
+def test_property_incremental_equals_clean(mode, edits):
+    check_history(mode, edits)
 
 
 @pytest.fixture(autouse=True)
 def _fuse_for_fuse_mode(request):
-    if "fuse" in request.node.name:
+    if request.node.callspec.params.get("mode") == "fuse":
         require_fuse()
