@@ -258,6 +258,7 @@ class StepDef:
     cycle_limit: int = CYCLE_LIMIT  # times one chain of resources may pass through this step
     files: tuple[str, ...] = ()  # a source step's file patterns, absolute (no script then)
     rerun: bool = False  # a seed that runs on every -run (rerun = "always")
+    gather: bool = False  # one task over all live matching resources (gather = true)
 
     @property
     def is_seed(self) -> bool:
@@ -306,6 +307,7 @@ class TaskSpec:
     timeout: float = 0  # seconds; 0 = no limit
     previous_start: str = ""  # seed tasks: when the step last succeeded (GRIT_PREVIOUS_START)
     passes: int = 1  # times the chain of resources that led here passed through this step
+    gathered: list[Output] | None = None  # a gather task's inputs, by (name, hash)
 
 
 @dataclass
@@ -343,7 +345,7 @@ class TaskResult:
 # the step and the key. Reads the file, nothing else.
 
 STEP_KEYS = ("name", "inputs", "parallel", "script", "start", "timeout", "cycle_limit", "files",
-             "rerun")
+             "rerun", "gather")
 
 
 def load_manifest(path: str) -> Manifest:
@@ -419,7 +421,8 @@ def _parse_step(table: dict, where: str) -> StepDef:
                                          "(0 = no limit)", floats=True)),
                    cycle_limit=_number(table, "cycle_limit", where, CYCLE_LIMIT, "1 or more",
                                        least=1),
-                   files=tuple(files), rerun=_parse_rerun(table, where, inputs, files))
+                   files=tuple(files), rerun=_parse_rerun(table, where, inputs, files),
+                   gather=_parse_gather(table, where, inputs))
 
 
 def _parse_work(table: dict, where: str, inputs: list[str]) -> tuple[str, list[str]]:
@@ -451,6 +454,15 @@ def _parse_rerun(table: dict, where: str, inputs: list[str], files: list[str]) -
         raise GritError(f"{where}: only a seed step (a script without inputs) can have "
                         "rerun = \"always\"")
     return rerun == "always"
+
+
+def _parse_gather(table: dict, where: str, inputs: list[str]) -> bool:
+    gather = table.get("gather", False)
+    if not isinstance(gather, bool):
+        raise GritError(f"{where}: \"gather\" must be true or false, not {_toml_type(gather)}")
+    if gather and not inputs:
+        raise GritError(f"{where}: a gather step needs \"inputs\": the resources it gathers")
+    return gather
 
 
 def _strings(table: dict, key: str, where: str, example: str) -> list[str]:
@@ -641,6 +653,35 @@ class ObjectStore:
     def size(self, digest: str) -> int:
         return self._header(digest)[0]
 
+    def read(self, digest: str, offset: int, size: int) -> bytes:
+        """Up to `size` bytes of an object from `offset` (the FUSE server's
+        reads of a gather task's inputs). Chunks of one object are all of its
+        first chunk's length but the last."""
+        key = bytes.fromhex(digest)
+        with self._guard, self._reader() as txn:
+            total, count = HEADER.unpack(txn.get(key, db=self._objects))
+            if offset >= total:
+                return b""
+            first = txn.get(key + struct.pack(">I", 0), db=self._chunks)
+            index, data = offset // len(first), bytearray()
+            skip = offset - index * len(first)
+            while len(data) < size + skip and index < count:
+                chunk = first if index == 0 else txn.get(key + struct.pack(">I", index),
+                                                        db=self._chunks)
+                if chunk is None:
+                    raise DamagedObject(f"object {digest} is missing chunk {index} of {count}")
+                data += chunk
+                index += 1
+        return bytes(data[skip:skip + size])
+
+    def _reader(self) -> object:
+        """A read transaction; a read-only store adopts a map another process grew."""
+        try:
+            return self.env.begin()
+        except self._lmdb.MapResizedError:
+            self.env.set_mapsize(0)
+            return self.env.begin()
+
     def _header(self, digest: str) -> tuple[int, int]:
         """(size, chunks) of an object; KeyError if absent."""
         with self._guard, self.env.begin() as txn:
@@ -715,9 +756,9 @@ class ObjectStore:
 # Steps and their versions, tasks and resources, in SQLite: the schema and
 # the queries. Knows nothing of object bytes.
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 SCHEMA = """
--- One row per version of a step definition (script, inputs, files). A changed
+-- One row per version of a step definition (script, inputs, files, gather). A changed
 -- definition adds a version; old versions stay as history.
 CREATE TABLE step (
     id          INTEGER PRIMARY KEY,
@@ -728,6 +769,7 @@ CREATE TABLE step (
     files       TEXT,                       -- a source step's JSON array of file patterns
     created_at  TEXT NOT NULL,
     current     INTEGER NOT NULL DEFAULT 0, -- 1: what the last -run's manifest says this step is
+    gather      INTEGER NOT NULL DEFAULT 0, -- 1: one task per distinct set of live inputs
     UNIQUE (name, version)
 );
 
@@ -748,7 +790,7 @@ CREATE INDEX resource_hash ON resource(hash);
 CREATE INDEX resource_live ON resource(name) WHERE live = 1;
 
 -- One unit of work: a step version applied to one input resource (NULL for a
--- seed or source task). Outputs and status='done' commit in one transaction.
+-- seed, source or gather task). Outputs and status='done' commit in one transaction.
 CREATE TABLE task (
     id          INTEGER PRIMARY KEY,
     step_id     INTEGER NOT NULL REFERENCES step(id),
@@ -765,10 +807,15 @@ CREATE TABLE task (
     duration    REAL,
     passes      TEXT,                       -- JSON {step name: times the chain of resources
                                             -- that led here passed through it, this task included}
+    input_set   TEXT,                       -- a gather task: SHA-256 of the "name<TAB>hash<LF>"
+                                            -- lines of its inputs, sorted (its identity)
     UNIQUE (step_id, input_resource_id)
 );
 -- NULLs are distinct in UNIQUE, so seed tasks need their own rule: one per step version and run.
-CREATE UNIQUE INDEX task_seed ON task(step_id, run) WHERE input_resource_id IS NULL;
+CREATE UNIQUE INDEX task_seed ON task(step_id, run)
+    WHERE input_resource_id IS NULL AND input_set IS NULL;
+-- A gather step version runs a set of inputs once.
+CREATE UNIQUE INDEX task_gather ON task(step_id, input_set) WHERE input_set IS NOT NULL;
 -- Pending and failed tasks of a step, in id order, without reading its done ones.
 CREATE INDEX task_status ON task(step_id, status);
 CREATE INDEX task_input ON task(input_resource_id);  -- the consumers of a resource
@@ -781,6 +828,14 @@ CREATE TABLE emission (
     PRIMARY KEY (task_id, resource_id)
 ) WITHOUT ROWID;
 CREATE INDEX emission_resource ON emission(resource_id);
+
+-- The inputs of each gather task.
+CREATE TABLE gathered (
+    task_id     INTEGER NOT NULL REFERENCES task(id),
+    resource_id INTEGER NOT NULL REFERENCES resource(id),
+    PRIMARY KEY (task_id, resource_id)
+) WITHOUT ROWID;
+CREATE INDEX gathered_resource ON gathered(resource_id);
 
 -- The files a source step imported: a file whose stat signature is unchanged is not read again.
 CREATE TABLE source_file (
@@ -816,7 +871,18 @@ MIGRATIONS = {1: ["ALTER TABLE resource ADD COLUMN deleted_at TEXT"],
                   # what was known of emissions: each resource's first producer
                   "INSERT INTO emission SELECT task_id, id FROM resource WHERE task_id IS NOT NULL",
                   "UPDATE step SET current = (version = (SELECT max(version) FROM step s "
-                  "WHERE s.name = step.name))"]}
+                  "WHERE s.name = step.name))"],
+              4: ["ALTER TABLE step ADD COLUMN gather INTEGER NOT NULL DEFAULT 0",
+                  "ALTER TABLE task ADD COLUMN input_set TEXT",
+                  "DROP INDEX task_seed",
+                  "CREATE UNIQUE INDEX task_seed ON task(step_id, run) "
+                  "WHERE input_resource_id IS NULL AND input_set IS NULL",
+                  "CREATE UNIQUE INDEX task_gather ON task(step_id, input_set) "
+                  "WHERE input_set IS NOT NULL",
+                  "CREATE TABLE gathered (task_id INTEGER NOT NULL REFERENCES task(id), "
+                  "resource_id INTEGER NOT NULL REFERENCES resource(id), "
+                  "PRIMARY KEY (task_id, resource_id)) WITHOUT ROWID",
+                  "CREATE INDEX gathered_resource ON gathered(resource_id)"]}
 # Schemas before 4 had no live view: it is computed once, after the upgrade.
 LIVE_VIEW_SINCE = 4
 
@@ -841,7 +907,7 @@ def files_json(definition: StepDef) -> str | None:
 def is_current(row: tuple, definition: StepDef) -> bool:
     """Whether a stored step version (see Metadata.latest_step) has this definition."""
     return row[2] == definition.script and row[3] == json.dumps(list(definition.inputs)) \
-        and row[4] == files_json(definition)
+        and row[4] == files_json(definition) and bool(row[5]) == definition.gather
 
 
 class Metadata:
@@ -946,10 +1012,10 @@ class Metadata:
         if current:
             return current
         step_id = self.db.execute(
-            "INSERT INTO step (name, version, script, inputs, files, created_at) "
-            "VALUES (?,?,?,?,?,?)", (definition.name, version, definition.script,
-                                     json.dumps(list(definition.inputs)), files_json(definition),
-                                     utc_now())).lastrowid
+            "INSERT INTO step (name, version, script, inputs, files, gather, created_at) "
+            "VALUES (?,?,?,?,?,?,?)", (definition.name, version, definition.script,
+                                       json.dumps(list(definition.inputs)), files_json(definition),
+                                       int(definition.gather), utc_now())).lastrowid
         if definition.is_seed:  # a source's one task is done at once: it runs no script
             self.db.execute("INSERT INTO task (step_id, status) VALUES (?, ?)",
                             (step_id, "done" if definition.files else "pending"))
@@ -976,9 +1042,9 @@ class Metadata:
                                "AND live = 1", (step_id, status)).fetchone()[0]
 
     def latest_step(self, name: str) -> tuple | None:
-        """(id, version, script, inputs JSON, files JSON) of the newest version."""
+        """(id, version, script, inputs JSON, files JSON, gather) of the newest version."""
         return self.db.execute(
-            "SELECT id, version, script, inputs, files FROM step "
+            "SELECT id, version, script, inputs, files, gather FROM step "
             "WHERE name = ? ORDER BY version DESC LIMIT 1", (name,)).fetchone()
 
     def count_matching(self, inputs: Sequence[str]) -> int:
@@ -990,6 +1056,14 @@ class Metadata:
     def has_tasks(self, step_id: int) -> bool:
         return self.db.execute("SELECT 1 FROM task WHERE step_id = ? LIMIT 1",
                                (step_id,)).fetchone() is not None
+
+    def steps_pending(self, exclude: Sequence[int]) -> list[str]:
+        """Current steps, other than these step ids, with live tasks to run."""
+        marks = ",".join("?" * len(exclude))
+        return [r[0] for r in self.db.execute(
+            "SELECT DISTINCT s.name FROM step s JOIN task t ON t.step_id = s.id WHERE "
+            f"s.current = 1 AND t.live = 1 AND t.status = 'pending' AND s.id NOT IN ({marks}) "
+            "ORDER BY s.id", list(exclude))]
 
     def names_produced_by(self, step_name: str) -> set[str]:
         rows = self.db.execute(
@@ -1008,8 +1082,32 @@ class Metadata:
         since = self.previous_start(step.name) if step.definition.is_seed else ""
         return [TaskSpec(tid, step.name, step.definition.script, name or "", digest or "",
                          step.definition.timeout, since,
-                         json.loads(passes).get(step.name, 1) if passes else 1)
+                         json.loads(passes).get(step.name, 1) if passes else 1,
+                         self.gathered(tid) if step.definition.gather else None)
                 for tid, name, digest, passes in rows]
+
+    def gathered(self, task_id: int) -> list[Output]:
+        """A gather task's inputs, by name and hash."""
+        return [Output(*row) for row in self.db.execute(
+            "SELECT r.name, r.hash, r.size FROM gathered g JOIN resource r ON r.id = g.resource_id "
+            "WHERE g.task_id = ? ORDER BY r.name, r.hash", (task_id,))]
+
+    def gather_preview(self, step_id: int | None, inputs: Sequence[str]) -> Gathering:
+        """What settling a gather step would find now; changes nothing."""
+        found = self.live.gather_set(inputs)
+        if not found:
+            return Gathering(0, "no inputs")
+        key = input_set_key((name, digest) for _, name, digest, _ in found)
+        row = self.db.execute("SELECT id, live FROM task WHERE step_id = ? AND input_set = ?",
+                              (step_id, key)).fetchone()
+        if row is None:
+            return Gathering(len(found), "new")
+        return Gathering(len(found), "unchanged" if row[1] else "seen before", row[0])
+
+    def settle(self, step: StepVersion) -> Gathering:
+        """A gather step version's task for its live inputs now (see LiveView.settle)."""
+        with self.transaction():
+            return self.live.settle(Consumer(step.id, step.name, step.definition.inputs))
 
     def previous_start(self, step_name: str) -> str:
         """When the last successful task of any version of a step started: a
@@ -1153,15 +1251,16 @@ class Metadata:
     def step_counts(self) -> list[dict]:
         """Tasks pending / done / failed per step version, in registration order."""
         rows = self.db.execute(
-            "SELECT s.id, s.name, s.version, s.inputs, "
+            "SELECT s.id, s.name, s.version, s.inputs, s.current AND s.gather, "
             "coalesce(sum(t.status = 'pending' AND t.live = 1), 0), "
             "coalesce(sum(t.status = 'done'), 0), coalesce(sum(t.status = 'failed'), 0) "
             "FROM step s LEFT JOIN task t ON t.step_id = s.id GROUP BY s.id ORDER BY s.id")
         latest = dict(self.db.execute("SELECT name, max(version) FROM step GROUP BY name"))
         return [{"name": name, "version": version, "latest": latest[name] == version,
                  "inputs": json.loads(inputs),
-                 "tasks": {"pending": pending, "done": done, "failed": failed}}
-                for _, name, version, inputs, pending, done, failed in rows]
+                 "tasks": {"pending": pending, "done": done, "failed": failed},
+                 "current_gather": step_id if gather else None}
+                for step_id, name, version, inputs, gather, pending, done, failed in rows]
 
     def failed_tasks(self) -> list[dict]:
         """Failed tasks, oldest first: the latest versions' are retried by the next -run."""
@@ -1189,14 +1288,18 @@ class Metadata:
     def task(self, task_id: int) -> dict | None:
         row = self.db.execute(
             "SELECT t.id, s.name, s.version, t.status, t.exit_code, t.error, t.duration, "
-            "t.started_at, t.finished_at, t.stdout_hash, t.stderr_hash, t.input_resource_id "
-            "FROM task t JOIN step s ON s.id = t.step_id WHERE t.id = ?", (task_id,)).fetchone()
+            "t.started_at, t.finished_at, t.stdout_hash, t.stderr_hash, t.input_resource_id, "
+            "t.input_set FROM task t JOIN step s ON s.id = t.step_id WHERE t.id = ?",
+            (task_id,)).fetchone()
         if row is None:
             return None
         keys = ("task", "step", "version", "status", "exit_code", "error", "duration",
                 "started_at", "finished_at", "stdout_hash", "stderr_hash")
         task = dict(zip(keys, row))
         task["input"] = self.resources("id = ?", row[11])[0] if row[11] else None
+        if row[12] is not None:  # a gather task: its inputs
+            task["gathered"] = self.resources("id IN (SELECT resource_id FROM gathered WHERE "
+                                              "task_id = ?) ORDER BY name, hash", task_id)
         task["outputs"] = self.resources("id IN (SELECT resource_id FROM emission "
                                           "WHERE task_id = ?) ORDER BY id", task_id)
         return task
@@ -1205,7 +1308,8 @@ class Metadata:
         """Tasks that took this resource as input, with what they first produced."""
         rows = self.db.execute(
             "SELECT t.id, s.name, s.version, t.status FROM task t JOIN step s "
-            "ON s.id = t.step_id WHERE t.input_resource_id = ? ORDER BY t.id", (resource_id,))
+            "ON s.id = t.step_id WHERE t.input_resource_id = ? OR t.id IN (SELECT task_id "
+            "FROM gathered WHERE resource_id = ?) ORDER BY t.id", (resource_id, resource_id))
         return [{"task": tid, "step": name, "version": version, "status": status,
                  "outputs": self.resources("id IN (SELECT resource_id FROM emission WHERE "
                                             "task_id = ?) ORDER BY id", tid)}
@@ -1253,6 +1357,25 @@ class Consumer:
     inputs: tuple[str, ...]
 
 
+@dataclass
+class Gathering:
+    """What settling a gather step found: how many live inputs, and whether
+    their set is the one its live task has (unchanged), one it ran or tried
+    before (seen before), a new one, or empty (no inputs)."""
+
+    inputs: int
+    outcome: str
+    task_id: int | None = None
+
+
+def input_set_key(pairs: Iterable[tuple[str, str]]) -> str:
+    """A gather task's identity: SHA-256 of its inputs' sorted name<TAB>hash lines."""
+    h = hashlib.sha256()
+    for name, digest in pairs:
+        h.update(f"{name}\t{digest}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
 class LiveView:
     """Keeps task.live and resource.live true to the rule: a seed's newest run
     and a source's current files are live; a task of a current step version is
@@ -1274,7 +1397,7 @@ class LiveView:
     def load_steps(self) -> None:
         """Read the current step versions (after registration changes them)."""
         rows = self.db.execute("SELECT id, name, inputs FROM step WHERE current = 1 "
-                               "AND inputs != '[]'").fetchall()
+                               "AND inputs != '[]' AND gather = 0").fetchall()
         self.exact: dict[str, list[Consumer]] = collections.defaultdict(list)
         self.patterned: list[Consumer] = []
         for step_id, name, inputs in rows:
@@ -1404,8 +1527,11 @@ class LiveView:
         """A step version just became current: its root task (a seed's or a
         source's) is live, and it has a live task for every live resource its
         inputs match (made, or revived when it ran before)."""
-        inputs = json.loads(self.db.execute("SELECT inputs FROM step WHERE id = ?",
-                                            (step_id,)).fetchone()[0])
+        inputs, gather = self.db.execute("SELECT inputs, gather FROM step WHERE id = ?",
+                                         (step_id,)).fetchone()
+        inputs = json.loads(inputs)
+        if gather:  # its task comes when the run reaches it (settle)
+            return
         if not inputs:  # its newest successful run, and a newer one still to run
             for done in ("status = 'done'", "status != 'done'"):
                 for task_id, status in self.db.execute(
@@ -1432,6 +1558,44 @@ class LiveView:
         for (step_id,) in self.db.execute("SELECT id FROM step WHERE current = 1 AND "
                                           "inputs = '[]' ORDER BY id").fetchall():
             self.adopt(step_id)
+
+    # -- gather steps ----------------------------------------------------------------
+
+    def gather_set(self, inputs: Sequence[str]) -> list[tuple[int, str, str, int]]:
+        """(id, name, hash, size) of the live resources `inputs` match, by name and hash."""
+        live = "SELECT id, name, hash, size FROM resource WHERE live = 1 AND deleted_at IS NULL"
+        rows = self.db.execute(live) if any(map(is_pattern, inputs)) else self.db.execute(
+            f"{live} AND name IN ({','.join('?' * len(inputs))})", inputs)
+        return sorted((r for r in rows if matches_inputs(r[1], inputs)),
+                      key=lambda r: (r[1], r[2]))
+
+    def settle(self, step: Consumer) -> Gathering:
+        """Make a gather step version's live task the one for the set of live
+        resources its inputs match now: kept; found again (done: its outputs
+        are live again, else it is to run); or made. The task it replaces
+        retires, with what its outputs led to."""
+        found = self.gather_set(step.inputs)
+        key = input_set_key((name, digest) for _, name, digest, _ in found) if found else None
+        live = self.db.execute("SELECT id, input_set FROM task WHERE step_id = ? AND live = 1",
+                               (step.step_id,)).fetchone()
+        if live and live[1] == key:
+            return Gathering(len(found), "unchanged", live[0])
+        if live:
+            self.retire(tasks=[live[0]])
+        if key is None:
+            return Gathering(0, "no inputs")
+        cur = self.db.execute("INSERT OR IGNORE INTO task (step_id, input_set, passes, live) "
+                              "VALUES (?, ?, ?, 1)",
+                              (step.step_id, key, one_more_pass(None, step.name)))
+        if cur.rowcount:
+            self.db.executemany("INSERT INTO gathered VALUES (?, ?)",
+                                ((cur.lastrowid, r[0]) for r in found))
+            self.new_tasks[step.step_id] += 1
+            return Gathering(len(found), "new", cur.lastrowid)
+        task_id, status = self.db.execute("SELECT id, status FROM task WHERE step_id = ? AND "
+                                          "input_set = ?", (step.step_id, key)).fetchone()
+        self.make_live(self.revive(task_id, step.step_id, status))
+        return Gathering(len(found), "seen before", task_id)
 
     def take_new_tasks(self) -> tuple[collections.Counter, set[int]]:
         """Tasks made (or revived) to run since the last call, per step id, and
@@ -1579,6 +1743,12 @@ class Database:
         self.objects.sync()
         return [self.meta.record(result) for result in results]
 
+    def settle(self, step: StepVersion) -> Gathering:
+        """At a barrier (nothing that could feed it runs or waits): the task of a
+        gather step for the set of live resources it matches now, which may be
+        new, known, or none (no inputs). Commits."""
+        return self.meta.settle(step)
+
     def take_new_tasks(self) -> tuple[collections.Counter, set[int]]:
         """Tasks made ready to run since the last call (new live resources get
         theirs as they are recorded), per step version id; and the ids of tasks
@@ -1587,6 +1757,10 @@ class Database:
 
     def names_produced_by(self, step_name: str) -> set[str]:
         return self.meta.names_produced_by(step_name)
+
+    def steps_pending(self, exclude: Sequence[int]) -> list[str]:
+        """Names of current steps outside `exclude` (step ids) with tasks to run."""
+        return self.meta.steps_pending(exclude)
 
     def has_tasks(self, step: StepVersion) -> bool:
         return self.meta.has_tasks(step.id)
@@ -1821,6 +1995,11 @@ class OutputCapture(Protocol):
     def prepare(self, slot: str, task_id: int) -> str:
         """An empty $OUTPUT_DIR for the task, given its worker's scratch directory."""
 
+    def inputs(self, slot: str, out: str, tree: list[tuple[str, Output]],
+               store: ObjectStore) -> str:
+        """A gather task's $INPUT_DIR: each resource of `tree` at its path,
+        read-only, until the task's outputs are collected or discarded."""
+
     def collect(self, out: str, store: ObjectStore) -> list[Output]:
         """The task succeeded: store its files as objects; OutputError if they cannot be."""
 
@@ -1863,8 +2042,28 @@ class DirCapture:
         os.mkdir(out, 0o700)
         return out
 
+    def inputs(self, slot: str, out: str, tree: list[tuple[str, Output]],
+               store: ObjectStore) -> str:
+        """Copies out of the object store: a plain directory cannot show
+        objects any other way (FUSE mode serves them without copying)."""
+        top = os.path.join(slot, "inputs")
+        made = {top}
+        os.mkdir(top, 0o700)
+        for path, resource in tree:
+            target = os.path.join(top, path)
+            parent = os.path.dirname(target)
+            if parent not in made:
+                os.makedirs(parent, 0o700, exist_ok=True)
+                made.add(parent)
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
+            with os.fdopen(fd, "wb") as f:
+                for chunk in store.open(resource.hash):
+                    f.write(chunk)
+        return top
+
     def collect(self, out: str, store: ObjectStore) -> list[Output]:
         """Store every file as an object and empty the directory."""
+        _remove_gathered(out)
         if not _is_real_dir(out):
             raise OutputError("$OUTPUT_DIR was replaced by something other than a directory")
         escaped = _remove_escapes(out)
@@ -1884,6 +2083,7 @@ class DirCapture:
     def discard(self, out: str) -> str | None:
         """Empty the directory, whatever the script left in it; returns what
         the script wrote outside it, if anything."""
+        _remove_gathered(out)
         escaped = _remove_escapes(out)
         if not _is_real_dir(out):
             return escaped  # prepare() replaces it; never follow what a script put there
@@ -1893,7 +2093,25 @@ class DirCapture:
 
 
 # What a worker's scratch directory holds beside $OUTPUT_DIR (see LocalExecutor).
-SLOT_FILES = frozenset({"input", "stdout", "stderr"})
+SLOT_FILES = frozenset({"input", "stdout", "stderr", "inputs", "input-list", "input-index"})
+
+
+def input_tree(gathered: list[Output]) -> list[tuple[str, Output]]:
+    """Where each resource a gather task takes appears in $INPUT_DIR: at its
+    name, or at NAME@HASH12 (the first 12 digits of its hash) when several
+    live resources share the name (fan-out by rewrite) or another's name
+    needs it as a directory."""
+    counts = collections.Counter(r.name for r in gathered)
+    dirs = {name[:i] for name in counts for i, c in enumerate(name) if c == "/"}
+    return [(r.name if counts[r.name] == 1 and r.name not in dirs else f"{r.name}@{r.hash[:12]}",
+             r) for r in gathered]
+
+
+def _remove_gathered(out: str) -> None:
+    """A dir-mode gather task's copies of its inputs."""
+    top = os.path.join(os.path.dirname(out), "inputs")
+    if _is_real_dir(top):
+        shutil.rmtree(top)
 
 
 def _remove_escapes(out: str) -> str | None:
@@ -2127,6 +2345,33 @@ class _Handle:
     content: _Content
 
 
+@dataclass
+class _InputView:
+    """A gather task's $INPUT_DIR in the mount: read-only, served from the object store."""
+
+    files: dict = field(default_factory=dict)  # path -> (hash, size)
+    dirs: dict = field(default_factory=lambda: {"": []})  # path ("" = top) -> entry names
+
+    @classmethod
+    def load(cls, index: str) -> "_InputView":
+        """From the index the task's worker wrote: path<TAB>hash<TAB>size lines."""
+        view = cls()
+        with open(index, encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                path, digest, size = line.rstrip("\n").split("\t")
+                view.files[path] = (digest, int(size))
+                view.add(path)
+        return view
+
+    def add(self, path: str) -> None:
+        """Enter `path` in its directory, making the directories above it."""
+        parent, _, base = path.rpartition("/")
+        known = parent in self.dirs
+        self.dirs.setdefault(parent, []).append(base)
+        if not known:
+            self.add(parent)
+
+
 def _fuse_error(code: int) -> OSError:
     return OSError(code, os.strerror(code))
 
@@ -2141,8 +2386,12 @@ class OutputFS:
 
     use_ns = True
 
-    def __init__(self, spool_dir: str) -> None:
+    def __init__(self, spool_dir: str, objects_path: str = "") -> None:
         self.spool_dir = spool_dir
+        self.objects_path = objects_path
+        self._store: ObjectStore | None = None  # opened at the first gather task's read
+        self.views: dict[str, _InputView] = {}  # task token -> its $INPUT_DIR
+        self.view_handles: dict[int, tuple[str, int]] = {}  # fh -> (hash, size)
         self.tasks: dict[str, _TaskDir] = {}
         self.handles: dict[int, _Handle] = {}
         self.memory = 0
@@ -2161,6 +2410,16 @@ class OutputFS:
 
     def __call__(self, op: str, *args: object) -> object:
         with self.mutex:
+            if self.views and args and isinstance(args[0], str):
+                if op == "release" and args[1] in self.view_handles:
+                    del self.view_handles[args[1]]  # type: ignore[arg-type]
+                    return None
+                view, rel = self._view_of(args[0])
+                if view is not None:
+                    handler = getattr(self, "view_" + op, None)
+                    if handler is None:
+                        raise _fuse_error(errno.EROFS)
+                    return handler(view, rel, *args[1:])
             return getattr(self, op)(*args)
 
     # -- helpers (names that are not FUSE operations) ---------------------------
@@ -2255,7 +2514,68 @@ class OutputFS:
                 "st_uid": self._uid, "st_gid": self._gid,
                 "st_atime": t, "st_mtime": t, "st_ctime": t}
 
+    # -- a gather task's $INPUT_DIR (read-only) ------------------------------------
+
+    def _view_of(self, path: str) -> tuple[_InputView | None, str]:
+        raw = path.encode("latin-1").lstrip(b"/")
+        token, _, rest = raw.partition(b"/")
+        if not token.endswith(b".in"):
+            return None, ""
+        view = self.views.get(token[:-3].decode("latin-1"))
+        if view is None:
+            raise _fuse_error(errno.ENOENT)
+        return view, rest.decode("utf-8", "surrogateescape")
+
+    def view_getattr(self, view: _InputView, rel: str, fh: int | None = None) -> dict:
+        if rel in view.files:
+            return self._attrs(stat.S_IFREG | 0o444, view.files[rel][1])
+        if rel in view.dirs:
+            return self._attrs(stat.S_IFDIR | 0o555)
+        raise _fuse_error(errno.ENOENT)
+
+    def view_access(self, view: _InputView, rel: str, amode: int) -> None:
+        self.view_getattr(view, rel)
+        if amode & os.W_OK:
+            raise _fuse_error(errno.EROFS)
+
+    def view_opendir(self, view: _InputView, rel: str) -> int:
+        if rel not in view.dirs:
+            raise _fuse_error(errno.ENOTDIR if rel in view.files else errno.ENOENT)
+        return 0
+
+    def view_readdir(self, view: _InputView, rel: str, fh: int) -> list:
+        return [".", ".."] + view.dirs[rel]
+
+    def view_releasedir(self, view: _InputView, rel: str, fh: int) -> None:
+        pass
+
+    def view_open(self, view: _InputView, rel: str, flags: int) -> int:
+        if rel not in view.files:
+            raise _fuse_error(errno.EISDIR if rel in view.dirs else errno.ENOENT)
+        if flags & os.O_ACCMODE != os.O_RDONLY:
+            raise _fuse_error(errno.EROFS)
+        fh = self._next_fh
+        self._next_fh += 1
+        self.view_handles[fh] = view.files[rel]
+        return fh
+
+    def view_read(self, view: _InputView, rel: str, size: int, offset: int, fh: int) -> bytes:
+        if self._store is None:
+            self._store = ObjectStore(self.objects_path, readonly=True)
+        return self._store.read(self.view_handles[fh][0], offset, size)
+
+    def view_flush(self, view: _InputView, rel: str, fh: int) -> None:
+        pass
+
+    def view_statfs(self, view: _InputView, rel: str) -> dict:
+        return self.statfs(rel)
+
     # -- control (called by the control threads) -------------------------------
+
+    def view(self, token: str, index: str) -> None:
+        loaded = _InputView.load(index)
+        with self.mutex:
+            self.views[token] = loaded
 
     def begin(self, token: str) -> None:
         with self.mutex:
@@ -2264,6 +2584,7 @@ class OutputFS:
     def end(self, token: str, keep: bool) -> dict:
         """Wait for the task's files to be released; then its emissions, or an error."""
         with self.mutex:
+            self.views.pop(token, None)
             task = self.tasks.get(token)
             if task is None:  # already ended
                 return {"error": None, "outputs": []}
@@ -2484,7 +2805,7 @@ class OutputFS:
 
 
 def _fuse_server(mount: str, spool_dir: str, control: "socket.socket",
-                 workers: list) -> None:
+                 workers: list, objects_path: str) -> None:
     """Body of the FUSE server process: mount, serve, unmount when told or
     when grit's end of the control socket closes (grit was killed)."""
     import logging
@@ -2493,7 +2814,7 @@ def _fuse_server(mount: str, spool_dir: str, control: "socket.socket",
 
     logging.getLogger("fuse").addHandler(logging.NullHandler())
     logging.getLogger("fuse").propagate = False
-    fs = OutputFS(spool_dir)
+    fs = OutputFS(spool_dir, objects_path)
     for sock in workers:
         threading.Thread(target=_serve_worker, args=(fs, sock), daemon=True).start()
 
@@ -2527,6 +2848,9 @@ def _serve_worker(fs: OutputFS, sock: "socket.socket") -> None:
                 req = json.loads(line)
                 if req["op"] == "begin":
                     reply: dict = {}
+                elif req["op"] == "view":
+                    fs.view(req["token"], req["index"])
+                    reply = {}
                 else:
                     reply = fs.end(req["token"], req["keep"])
                 if req.get("next"):
@@ -2610,7 +2934,7 @@ def _last_line(path: str) -> str:
 class FuseServer:
     """grit's handle on the FUSE server process."""
 
-    def __init__(self, run_dir: str, workers: int) -> None:
+    def __init__(self, run_dir: str, workers: int, objects_path: str) -> None:
         self.check()
         import socket
 
@@ -2623,7 +2947,7 @@ class FuseServer:
         sys.stderr.flush()
         self.pid = os.fork()
         if self.pid == 0:  # the server process
-            os._exit(self._child(run_dir, pairs))
+            os._exit(self._child(run_dir, pairs, objects_path))
         for ours, theirs in pairs:
             theirs.close()
         self.control = pairs[0][0]
@@ -2654,7 +2978,7 @@ class FuseServer:
             raise FuseUnavailable("/dev/fuse does not exist")
 
     @staticmethod
-    def _child(run_dir: str, pairs: list) -> int:
+    def _child(run_dir: str, pairs: list, objects_path: str) -> int:
         try:
             os.setsid()  # out of the terminal's process group: Ctrl-C is grit's to handle
             keep = {p[1].fileno() for p in pairs}
@@ -2670,7 +2994,7 @@ class FuseServer:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not grit's stop handler
             _fuse_server(os.path.join(run_dir, "mnt"), os.path.join(run_dir, "spool"),
-                         pairs[0][1], [p[1] for p in pairs[1:]])
+                         pairs[0][1], [p[1] for p in pairs[1:]], objects_path)
             return 0
         except BaseException:
             return 1
@@ -2684,15 +3008,17 @@ class FuseServer:
         self._local.next = None
         return token
 
-    def request(self, message: dict) -> dict:
+    def request(self, message: dict, register_next: bool = True) -> dict:
         """Send a request on this worker thread's own connection; each request
-        also registers a fresh, unguessable directory for the worker's next task."""
+        (but a view) also registers a fresh, unguessable directory for the
+        worker's next task."""
         conn = getattr(self._local, "conn", None)
         if conn is None:
             with self._pool_lock:
                 sock = self._free.pop()
             conn = self._local.conn = (sock, sock.makefile("rb"))
-        self._local.next = message["next"] = os.urandom(12).hex()
+        if register_next:
+            self._local.next = message["next"] = os.urandom(12).hex()
         _send(conn[0], message)
         line = conn[1].readline()
         if not line:
@@ -2721,8 +3047,8 @@ class FuseCapture:
 
     mode = "fuse"
 
-    def __init__(self, run_dir: str, workers: int) -> None:
-        self.server = FuseServer(run_dir, workers)
+    def __init__(self, run_dir: str, workers: int, objects_path: str) -> None:
+        self.server = FuseServer(run_dir, workers, objects_path)
         self.description = f"fuse, mounted at {self.server.mount}"
 
     def __enter__(self) -> "FuseCapture":
@@ -2736,6 +3062,20 @@ class FuseCapture:
         (each "end" also registers the next), so a task costs one round trip."""
         token = self.server.request_begin()
         return os.path.join(self.server.mount, token)
+
+    def inputs(self, slot: str, out: str, tree: list[tuple[str, Output]],
+               store: ObjectStore) -> str:
+        """Served by the FUSE server straight from the object store: the worker
+        writes an index, the server reads it; nothing is copied."""
+        index = os.path.join(slot, "input-index")
+        with open(index, "w", encoding="utf-8", errors="surrogateescape") as f:
+            f.writelines(f"{path}\t{r.hash}\t{r.size}\n" for path, r in tree)
+        token = os.path.basename(out)
+        reply = self.server.request({"op": "view", "token": token, "index": index},
+                                    register_next=False)
+        if reply.get("error"):
+            raise OSError(reply["error"])
+        return f"{out}.in"
 
     def collect(self, out: str, store: ObjectStore) -> list[Output]:
         reply = self.server.request({"op": "end", "token": os.path.basename(out), "keep": True})
@@ -2767,12 +3107,13 @@ def fuse_demanded(mode: str) -> None:
             raise GritError(f"-output-mode fuse: FUSE cannot be used here: {e}") from None
 
 
-def open_capture(mode: str, run_dir: str, workers: int, console: Console) -> OutputCapture:
+def open_capture(mode: str, run_dir: str, workers: int, objects_path: str,
+                 console: Console) -> OutputCapture:
     """The capture `-output-mode` asks for: FUSE where it can be used (auto, fuse),
     else plain directories, saying why once."""
     if mode != "dir":
         try:
-            return FuseCapture(run_dir, workers)
+            return FuseCapture(run_dir, workers, objects_path)
         except FuseUnavailable as e:
             if mode == "fuse":
                 raise GritError(f"-output-mode fuse: FUSE cannot be used here: {e}") from None
@@ -2913,7 +3254,8 @@ class LocalExecutor:
         """The output capture, at the first task: a run with nothing to do mounts
         nothing. The FUSE server forks here, before the pool starts a thread;
         it never touches the stores this process has open."""
-        self.capture = open_capture(self.output_mode, self.workroot, self.capacity, self.console)
+        self.capture = open_capture(self.output_mode, self.workroot, self.capacity,
+                                    self.db.objects_path, self.console)
         self.capture.__enter__()
         self.console.detail(f"output mode: {self.capture.description}")
 
@@ -2969,7 +3311,9 @@ class LocalExecutor:
         started = time.monotonic()
         input_file = self._write_input(spec, slot.path) if spec.input_hash else ""
         out = self.capture.prepare(slot.path, spec.task_id)
-        env = dict(self._environ, INPUT_FILE=input_file, OUTPUT_DIR=out, GRIT_STEP=spec.step,
+        input_dir, input_list = self._gather(spec, slot.path, out)
+        env = dict(self._environ, INPUT_FILE=input_file, INPUT_DIR=input_dir,
+                   INPUT_LIST=input_list, OUTPUT_DIR=out, GRIT_STEP=spec.step,
                    GRIT_TASK_ID=str(spec.task_id), GRIT_INPUT_NAME=spec.input_name,
                    GRIT_INPUT_HASH=spec.input_hash, GRIT_PREVIOUS_START=spec.previous_start)
         log_out, log_err = slot.stdout, slot.stderr
@@ -3015,6 +3359,20 @@ class LocalExecutor:
             f.flush()
             truncate_here(f.fileno())
         return path
+
+    def _gather(self, spec: TaskSpec, slot: str, out: str) -> tuple[str, str]:
+        """A gather task's $INPUT_DIR and $INPUT_LIST ("" for other tasks)."""
+        if spec.gathered is None:
+            return "", ""
+        tree = input_tree(spec.gathered)
+        top = self.capture.inputs(slot, out, tree, self.store)
+        listing = os.path.join(slot, "input-list")
+        with os.fdopen(open_private(listing), "w", encoding="utf-8",
+                       errors="surrogateescape") as f:
+            f.writelines(f"{r.name}\t{top}/{path}\n" for path, r in tree)
+            f.flush()
+            truncate_here(f.fileno())
+        return top, listing
 
     def _spawn_and_wait(self, spec: TaskSpec, env: dict, fd_out: int,
                         fd_err: int) -> int | None:
@@ -3265,6 +3623,8 @@ class StepState:
     done: int = 0
     failed: int = 0
     pending: int = 0           # known tasks not finished yet (more may come from outputs)
+    settled: bool = False      # a gather step: it took its inputs at a barrier this run
+    changes: int = 0           # a gather step: times its input set changed this run
 
     @property
     def cap(self) -> int:
@@ -3307,6 +3667,7 @@ class Scheduler:
         self.fatal = ""  # why the run had to stop, if it had to
         self._last_progress = 0.0
         self._rate_window: collections.deque = collections.deque()  # (time, tasks finished)
+        self._warned_waiting: set[str] = set()  # gather steps that wait for left-out steps
 
     def request_stop(self) -> None:
         """Start nothing more and cancel what runs; finished tasks are still committed."""
@@ -3359,6 +3720,8 @@ class Scheduler:
                 last_commit = time.monotonic()
                 continue
             if not running:
+                if not self._stop.is_set() and not self.fatal and self._settle_gather():
+                    continue
                 break
             done, _ = concurrent.futures.wait(running, timeout=PROGRESS_INTERVAL,
                                               return_when=concurrent.futures.FIRST_COMPLETED)
@@ -3390,12 +3753,55 @@ class Scheduler:
         # and the queue of intermediate resources stays short.
         order = sorted(self.states.values(), key=lambda s: -self.position[s.step.id])
         for state in order:
+            if state.step.definition.gather and not state.settled:
+                continue  # a task from before the barrier may hold a stale set
             while len(running) < self.executor.capacity and state.running < state.cap:
                 if not state.queue and not self._refill(state):
                     break
                 spec = state.queue.popleft()
                 state.running += 1
                 running[self._submit(spec, state)] = state
+
+    def _settle_gather(self) -> bool:
+        """The barrier: nothing runs or waits, so each gather step (in manifest
+        order) takes the live resources it matches now. True when that made
+        work: a task to run, or known outputs live again with tasks after them."""
+        gathers = sorted((s for s in self.states.values() if s.step.definition.gather),
+                         key=lambda s: self.position[s.step.id])
+        for state in gathers:
+            if self._waiting_upstream(state):
+                continue
+            first = not state.settled
+            found = self.db.settle(state.step)
+            state.settled = True
+            self._note_new_tasks()
+            changed = found.outcome in ("new", "seen before")
+            if changed or first:
+                self.console.detail(f"{state.step.name}: gathers {found.inputs} live input(s), "
+                                    f"{GATHER_TEXT[found.outcome]}"
+                                    + (f" (task {found.task_id})" if found.task_id else ""))
+            if changed:
+                state.changes += 1
+                if state.changes > len(gathers):
+                    self.fatal = (f"gather step {quote(state.step.name)} is in a cycle: what it "
+                                  "made changed its own inputs again; a gather step runs over "
+                                  "everything that can feed it, so it cannot feed itself")
+                    return False
+            if changed or first:
+                return True
+        return False
+
+    def _waiting_upstream(self, state: StepState) -> bool:
+        """Steps this run leaves out (-step, -start) still have tasks to run:
+        a gather step waits for them rather than take a set they would change."""
+        if state.step.name in self._warned_waiting:
+            return True
+        others = self.db.steps_pending(exclude=[s for s in self.states])
+        if others:
+            self._warned_waiting.add(state.step.name)
+            self.console.warn(f"step {quote(state.step.name)} is waiting for upstream: "
+                              f"{', '.join(others)} have pending tasks this run leaves out")
+        return bool(others)
 
     def _submit(self, spec: TaskSpec, state: StepState) -> concurrent.futures.Future:
         limit = state.step.definition.cycle_limit
@@ -3406,7 +3812,9 @@ class Scheduler:
         if self.console.verbose:
             self.console.detail(f"start task {spec.task_id} {spec.step}"
                                 + (f" on {spec.input_name} {spec.input_hash[:12]}"
-                                   if spec.input_hash else " (seed)"))
+                                   if spec.input_hash else
+                                   f" over {len(spec.gathered)} gathered input(s)"
+                                   if spec.gathered is not None else " (seed)"))
         return self.executor.submit(spec)
 
     def _refill(self, state: StepState) -> bool:
@@ -3518,6 +3926,25 @@ def steps_fed_by(steps: Sequence[StepDef], chosen: set[str],
     return chosen
 
 
+def gather_cycle(steps: Sequence[StepDef], produced: Callable[[str], set[str]]) -> list[str]:
+    """A cycle through a gather step, as step names from it back to it, in the
+    graph of what each step has produced so far feeding whose inputs; [] if none."""
+    feeds = {d.name: [e.name for e in steps if not e.is_seed and any(
+        matches_inputs(n, e.inputs) for n in produced(d.name))] for d in steps}
+    for start in (d.name for d in steps if d.gather):
+        paths = {start: [start]}
+        stack = [start]
+        while stack:
+            here = stack.pop()
+            for there in feeds[here]:
+                if there == start:
+                    return paths[here] + [start]
+                if there not in paths:
+                    paths[there] = paths[here] + [there]
+                    stack.append(there)
+    return []
+
+
 def failed_at_once(spec: TaskSpec, error: str) -> concurrent.futures.Future:
     """The result of a task that fails without running."""
     future: concurrent.futures.Future = concurrent.futures.Future()
@@ -3584,8 +4011,19 @@ def cmd_run(opts: RunOptions, console: Console) -> int:
     return report_run(summary, time.monotonic() - started, console)
 
 
+def check_gather_cycles(db: Database, manifest: Manifest) -> None:
+    """A gather step in a cycle (known from what steps produced before) is an error."""
+    if any(d.gather for d in manifest.steps):
+        cycle = gather_cycle(manifest.steps, db.names_produced_by)
+        if cycle:
+            raise GritError(f"{manifest.path}: gather step {quote(cycle[0])} is in a cycle "
+                            f"({' -> '.join(cycle)}): a gather step runs over everything "
+                            "that can feed it, so it cannot feed itself")
+
+
 def register_steps(db: Database, manifest: Manifest, console: Console) -> list[StepVersion]:
     """The stored version of every step, new ones added; says which are new."""
+    check_gather_cycles(db, manifest)
     versions = db.register(manifest.steps)
     console.info(f"manifest {manifest.path}: {len(manifest.steps)} step(s)")
     new = [f"{v.name} v{v.version}" for v in versions if v.is_new]
@@ -3791,8 +4229,10 @@ def cmd_verify(db_path: str, console: Console) -> int:
 # holds, shown or changed through the Database.
 
 STATUS_NAMES_SHOWN = 20  # names and failed tasks listed by -status in text (-json lists all)
+GATHERED_SHOWN = 10      # a gather task's inputs listed by -log and -lineage in text
 LINEAGE_LIMIT = 10000    # most resources -lineage -descendants walks
 LINEAGE_DEPTH = 100      # most links followed each way (a cycle can make long chains)
+LINEAGE_GATHERED = 100   # a gather task's inputs -lineage includes (with their count)
 
 
 def emit_json(data: object) -> None:
@@ -3823,7 +4263,7 @@ def cmd_status(db_path: str, as_json: bool) -> int:
     meta = db.meta
     totals = meta.resource_totals()
     data = {"database": db.path, "run_in_progress": db.run_in_progress(),
-            "size_bytes": db.sizes(), "steps": meta.step_counts(),
+            "size_bytes": db.sizes(), "steps": gather_states(meta, meta.step_counts()),
             "failed_tasks": meta.failed_tasks(),
             "resources": {**totals, "names": meta.name_counts(),
                           "live_names": meta.name_counts(live_only=True)}}
@@ -3841,7 +4281,7 @@ def cmd_status(db_path: str, as_json: bool) -> int:
         version = f"v{s['version']}" + ("" if s["latest"] else " (old)")
         t = s["tasks"]
         print(f"{s['name']:<{width}}  {version:<7}  {t['pending']:>8} {t['done']:>8} "
-              f"{t['failed']:>8}")
+              f"{t['failed']:>8}" + (f"  gather: {s['gather']}" if "gather" in s else ""))
     failed = data["failed_tasks"]
     if failed:
         print("failed tasks (-log TASK shows one):")
@@ -3860,6 +4300,28 @@ def cmd_status(db_path: str, as_json: bool) -> int:
     if len(names) > STATUS_NAMES_SHOWN:
         print(f"  … and {len(names) - STATUS_NAMES_SHOWN} more name(s) (-status -json lists all)")
     return EXIT_OK
+
+
+def gather_states(meta: Metadata, steps: list[dict]) -> list[dict]:
+    """Each current gather step's entry gains what it gathered or why it waits."""
+    for s in steps:
+        if s.get("current_gather"):
+            s["gather"] = gather_state(meta, s.pop("current_gather"), s["name"], s["inputs"])
+        s.pop("current_gather", None)
+    return steps
+
+
+def gather_state(meta: Metadata, step_id: int, name: str, inputs: list[str]) -> str:
+    """`waiting for upstream`, `no inputs`, or how many inputs it gathered or will."""
+    waiting = meta.steps_pending(exclude=[step_id])
+    if waiting:
+        return f"waiting for upstream ({', '.join(waiting)})"
+    found = meta.gather_preview(step_id, inputs)
+    if found.outcome == "no inputs":
+        return "no inputs"
+    if found.outcome == "unchanged":
+        return f"{found.inputs} input(s) gathered by task {found.task_id}"
+    return f"{found.inputs} input(s) to gather at the next -run"
 
 
 def cmd_log(db_path: str, ref: str, as_json: bool) -> int:
@@ -3895,7 +4357,10 @@ def print_task(task: dict, store: "ObjectStore") -> None:
     print(f"task {task['task']}: {task['step']} v{task['version']}, {task['status']}"
           f"{exit_text}{took}" + (f" (started {task['started_at']})" if task["started_at"] else ""))
     src = task["input"]
-    print(f"input:  {describe_resource(src)}" if src else "input:  none (a seed task)")
+    if "gathered" in task:
+        print_gathered(task["gathered"], "", f"task {task['task']}")
+    else:
+        print(f"input:  {describe_resource(src)}" if src else "input:  none (a seed task)")
     for out in task["outputs"]:
         print(f"output: {describe_resource(out)}")
     if task["error"]:
@@ -3910,6 +4375,16 @@ def print_task(task: dict, store: "ObjectStore") -> None:
         if last != b"\n":
             sys.stdout.buffer.write(b"\n")
         sys.stdout.buffer.flush()
+
+
+def print_gathered(gathered: list[dict], pad: str, task: str) -> None:
+    """A gather task's inputs: the first GATHERED_SHOWN, then how many more."""
+    print(f"{pad}inputs: {len(gathered)} gathered")
+    for r in gathered[:GATHERED_SHOWN]:
+        print(f"{pad}  {describe_resource(r)}")
+    if len(gathered) > GATHERED_SHOWN:
+        print(f"{pad}  … and {len(gathered) - GATHERED_SHOWN} more (-log {task.split()[-1]} "
+              "-json lists all)")
 
 
 def describe_resource(r: dict) -> str:
@@ -3934,6 +4409,10 @@ def ancestry(meta: Metadata, resource: dict, cut: list[bool]) -> dict:
         parent = {"resource": task["input"], "produced_by": None} if task["input"] else None
         link["produced_by"] = {"task": task["task"], "step": task["step"],
                                "version": task["version"], "input": parent}
+        if "gathered" in task:  # many inputs: the chain ends here, with how many
+            link["produced_by"]["gathered"] = task["gathered"][:LINEAGE_GATHERED]
+            link["produced_by"]["gathered_count"] = len(task["gathered"])
+            cut[0] = cut[0] or len(task["gathered"]) > LINEAGE_GATHERED
         if parent is None:
             break
         link = parent
@@ -3968,8 +4447,11 @@ def print_ancestry(node: dict) -> None:
         if made is None:
             print(f"{pad}  made by: no task recorded")
             return
-        origin = " from" if made["input"] else ", a seed task"
+        origin = " from" if made["input"] else "" if "gathered" in made else ", a seed task"
         print(f"{pad}  made by task {made['task']} ({made['step']} v{made['version']}){origin}")
+        if "gathered" in made:
+            shown = made["gathered"] + [None] * (made["gathered_count"] - len(made["gathered"]))
+            print_gathered(shown, pad + "  ", f"task {made['task']}")
         node, depth = made["input"], depth + 1
 
 
@@ -4184,10 +4666,18 @@ def plan_run(db_path: str, manifest: Manifest, selected: list[str],
         names = entry.pop("source_names", [])
         for other in plan:
             count = sum(matches_inputs(n, manifest.step(other["name"]).inputs) for n in names)
-            if count:
+            if count and "gather" not in other:
                 entry["source"]["tasks"][other["name"]] = count
                 other["reasons"]["new_resource"] = other["reasons"].get("new_resource", 0) + count
                 other["tasks"] += count
+    upstream = any(p["tasks"] for p in plan if "gather" not in p) or (
+        meta and meta.steps_pending(exclude=[]))
+    for entry in plan:  # a gather step runs once what feeds it is done
+        if "gather" in entry and (upstream or any(p["source"]["new"] + p["source"]["changed"]
+                                                  + p["source"]["gone"] for p in plan
+                                                  if "source" in p)):
+            entry["gather"]["state"] = GATHER_TEXT["waiting"]
+            entry["reasons"], entry["tasks"] = {}, 0
     db.close()
     return plan
 
@@ -4196,17 +4686,24 @@ def plan_step(meta: Metadata | None, definition: StepDef, base_dir: str) -> dict
     """One step of the plan: its version and the tasks a run would start, by reason."""
     current, version = meta.stored_version(definition) if meta else (None, 1)
     reasons: dict[str, int] = {}
-    if current is None:
-        reasons["new_step_version" if version > 1 else "new_step"] = \
-            int(definition.is_seed and not definition.files) if definition.is_seed \
+    gathering = (meta.gather_preview(current.id if current else None, definition.inputs)
+                 if meta else Gathering(0, "no inputs")) if definition.gather else None
+    new = "new_step_version" if version > 1 else "new_step"
+    if gathering:  # one task for a new set of inputs, or a new version's first set
+        if gathering.outcome == "new":
+            reasons[new if current is None else "new_input_set"] = 1
+    elif current is None:
+        reasons[new] = int(definition.is_seed and not definition.files) if definition.is_seed \
             else meta.count_matching(definition.inputs) if meta else 0
-    else:
+    if current is not None:
         reasons["retry_failed"] = meta.count_tasks(current.id, "failed")
         reasons["left_pending"] = meta.count_tasks(current.id, "pending")
         reasons["rerun_always"] = int(definition.rerun and not reasons["left_pending"])
     entry = {"name": definition.name, "version": version, "new_version": current is None,
              "reasons": {k: v for k, v in reasons.items() if v}}
     entry["tasks"] = sum(entry["reasons"].values())
+    if gathering:
+        entry["gather"] = {"inputs": gathering.inputs, "state": GATHER_TEXT[gathering.outcome]}
     if definition.files:
         scan = preview_source(meta, definition, base_dir)
         entry["source"] = {"new": scan.new, "changed": scan.changed, "gone": scan.gone,
@@ -4246,7 +4743,13 @@ def file_hash(path: str) -> str:
     return h.hexdigest()
 
 
+GATHER_TEXT = {"new": "a new set of inputs", "unchanged": "its inputs have not changed",
+               "seen before": "a set of inputs it ran before (its results come back)",
+               "no inputs": "no inputs",
+               "waiting": "waiting for upstream: it runs once the steps before it are done, "
+                          "over what they leave live"}
 REASON_TEXT = {"new_step": "new step", "new_step_version": "new step version",
+               "new_input_set": "a new set of inputs to gather",
                "new_resource": "new resource(s)", "retry_failed": "failed task(s) to retry",
                "rerun_always": "rerun = \"always\"",
                "left_pending": "left pending by an earlier run"}
@@ -4265,6 +4768,9 @@ def print_plan(plan: list[dict]) -> None:
             after = ", ".join(f"{step} {n} task(s)" for step, n in src["tasks"].items())
             print(f"{p['name']}: {src['new']} new, {src['changed']} changed, {src['gone']} gone"
                   + (f" → {after}" if after else ""))
+        if "gather" in p:
+            print(f"{p['name']}: gather over {p['gather']['inputs']} live input(s): "
+                  f"{p['gather']['state']}")
     total = sum(p["tasks"] for p in plan)
     print(f"{total} task(s) would start; their outputs may make more work downstream")
 # =============================================================================

@@ -29,6 +29,9 @@ BAD = {
     "not_utf8": (b'[[step]]\nname = "\xff"\n', ["invalid TOML"]),
     "timeout_negative": (GOOD_STEP + 'timeout = -5\n', ['"timeout" must be a number of seconds']),
     "timeout_string": (GOOD_STEP + 'timeout = "1h"\n', ['"timeout" must be a number of seconds']),
+    "gather_seed": (GOOD_STEP + 'gather = true\n', ['a gather step needs "inputs"']),
+    "gather_string": (GOOD_STEP + 'inputs = ["x"]\ngather = "yes"\n',
+                      ['"gather" must be true or false, not a string']),
 }
 
 

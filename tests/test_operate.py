@@ -314,7 +314,11 @@ def test_options_that_need_another_command_say_so(grit, tmp_path):
 
 # What each schema version added, newest first: undone, they turn today's
 # database into an older grit's.
-UNDO_SCHEMA = {
+UNDO_SCHEMA = {  # newest first
+    5: ["DROP INDEX gathered_resource", "DROP TABLE gathered", "DROP INDEX task_gather",
+        "DROP INDEX task_seed",
+        "CREATE UNIQUE INDEX task_seed ON task(step_id, run) WHERE input_resource_id IS NULL",
+        "ALTER TABLE task DROP COLUMN input_set", "ALTER TABLE step DROP COLUMN gather"],
     4: ["DROP INDEX resource_live", "DROP INDEX task_input", "DROP INDEX task_seed",
         "CREATE UNIQUE INDEX task_seed ON task(step_id) WHERE input_resource_id IS NULL",
         "DROP TABLE emission", "DROP TABLE source_file",
@@ -327,7 +331,7 @@ UNDO_SCHEMA = {
 }
 
 
-@pytest.mark.parametrize("old", [1, 2, 3])
+@pytest.mark.parametrize("old", [1, 2, 3, 4])
 def test_an_old_database_is_upgraded_in_place(grit, tmp_path, old):
     pipeline(grit, tmp_path, succeed=True)
     import sqlite3
@@ -341,7 +345,7 @@ def test_an_old_database_is_upgraded_in_place(grit, tmp_path, old):
     db.close()
     resources = as_json(grit, "-status")["resources"]   # a read-only command upgrades it
     assert resources["count"] == 9 and resources["live"] == 9  # the live view, computed
-    assert grit.sql("PRAGMA user_version") == [(4,)]
+    assert grit.sql("PRAGMA user_version") == [(5,)]
     cmd(grit, "-delete", "rev")
     assert "0 task(s) run" in grit.run().stderr
     # tasks made before the upgrade have no passes: their descendants count from there

@@ -1,7 +1,8 @@
 """The live view's promise, tested on random histories: after any sequence of
 edits (files added, changed, deleted, renamed, touched; a script changed),
 every incremental -run leaves exactly the live (name, hash) set that a fresh
-database makes on the same manifest and files, in FUSE and dir mode.
+database makes on the same manifest and files, in FUSE and dir mode. The
+pipeline ends in a gather step (over every live `len`) and a step after it.
 
 Each sequence runs grit in this process (grit.main), which is what makes
 hundreds of them affordable. GRIT_PROPERTY_EXAMPLES sets how many sequences
@@ -50,6 +51,15 @@ done < "$INPUT_FILE"
 name = "count"
 inputs = ["f?.l*"]
 script = 'wc -c < "$INPUT_FILE" > "$OUTPUT_DIR/len"'
+[[step]]
+name = "total"
+inputs = ["len"]
+gather = true
+script = 'cat "$INPUT_DIR"/len* | sort -n | paste -sd, > "$OUTPUT_DIR/lens"'
+[[step]]
+name = "report"
+inputs = ["lens"]
+script = 'rev < "$INPUT_FILE" > "$OUTPUT_DIR/report"'
 '''
 
 
@@ -122,6 +132,8 @@ KNOWN = [
     [("write", "f0", ["a", "bb"]), ("script", "| rev", []), ("script", "", [])],
     # a rename, then the old name comes back with other content
     [("write", "f0", ["bb"]), ("rename", "f0", "f1"), ("write", "f0", ["ddd"])],
+    # the gathered set grows, then returns to one gathered before
+    [("write", "f0", ["a"]), ("write", "f1", ["bb"]), ("delete", "f1", [])],
 ]
 
 
