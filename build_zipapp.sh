@@ -5,13 +5,13 @@
 #   ./build_zipapp.sh [-o OUT] [--wheels DIR]
 #   ./build_zipapp.sh --download DIR     # only fetch the wheels into DIR
 #
-# Inside the zip: grit.py, fusepy's fuse.py and tomli (both import straight from
+# Inside the zip: grit.py, mfusepy.py and tomli (both import straight from
 # the zip), and lmdb 1.7.5 (LMDB 0.9.33) for every CPython x architecture. A zip
 # cannot import a C extension, so on first use __main__.py extracts the lmdb
 # package with the one matching .so into a per-user cache, atomically.
 #
 # The wheels come from PyPI with pip, or, offline (the Nix build), from --wheels
-# DIR holding the lmdb wheels, tomli's wheel and fusepy's sdist. $PYTHON (default
+# DIR holding the lmdb wheels and the wheels of tomli and mfusepy. $PYTHON (default
 # python3) runs pip and the packing.
 set -euo pipefail
 
@@ -30,7 +30,7 @@ while [ $# -gt 0 ]; do
 done
 
 LMDB_VERSION=1.7.5      # pinned: bundles LMDB 0.9.33 (never the LMDB 1.0 format)
-FUSEPY_VERSION=3.0.1
+MFUSEPY_VERSION=3.1.1
 TOMLI_VERSION=2.0.1
 PYTHONS="39 310 311 312 313"
 ARCHES="x86_64 aarch64"
@@ -48,7 +48,7 @@ if [ -z "$wheels" ]; then
         done
     done
     "$python" -m pip download -q --disable-pip-version-check --no-deps -d "$wheels" \
-        "fusepy==$FUSEPY_VERSION" "tomli==$TOMLI_VERSION"
+        "mfusepy==$MFUSEPY_VERSION" "tomli==$TOMLI_VERSION"
     if [ -n "$download" ]; then
         echo "downloaded to $download"
         exit 0
@@ -59,10 +59,10 @@ stage=$work/stage
 mkdir -p "$stage/_lmdb/lmdb" "$stage/_lmdb/ext"
 cp "$root/grit.py" "$stage/"
 
-"$python" - "$wheels" "$stage" "$LMDB_VERSION" "$FUSEPY_VERSION" "$TOMLI_VERSION" <<'PY'
-import glob, os, sys, tarfile, zipfile
+"$python" - "$wheels" "$stage" "$LMDB_VERSION" "$MFUSEPY_VERSION" "$TOMLI_VERSION" <<'PY'
+import glob, os, sys, zipfile
 
-wheels, stage, lmdb_v, fusepy_v, tomli_v = sys.argv[1:]
+wheels, stage, lmdb_v, mfusepy_v, tomli_v = sys.argv[1:]
 lmdb = sorted(glob.glob(os.path.join(wheels, f"lmdb-{lmdb_v}-cp3*-manylinux*.whl")))
 if len(lmdb) < 10:
     sys.exit(f"build_zipapp: expected 10 lmdb {lmdb_v} wheels in {wheels}, found {len(lmdb)}")
@@ -80,11 +80,8 @@ with zipfile.ZipFile(glob.glob(os.path.join(wheels, f"tomli-{tomli_v}-*.whl"))[0
     for name in z.namelist():
         if name.startswith("tomli/"):
             z.extract(name, stage)
-sdist = glob.glob(os.path.join(wheels, f"fusepy-{fusepy_v}.tar.gz"))[0]
-with tarfile.open(sdist) as t:
-    member = t.getmember(f"fusepy-{fusepy_v}/fuse.py")
-    with open(os.path.join(stage, "fuse.py"), "wb") as f:
-        f.write(t.extractfile(member).read())
+with zipfile.ZipFile(glob.glob(os.path.join(wheels, f"mfusepy-{mfusepy_v}-*.whl"))[0]) as z:
+    z.extract("mfusepy.py", stage)
 PY
 
 cat > "$stage/__main__.py" <<PY
@@ -115,7 +112,7 @@ def lmdb_dir():
             have = sorted(n.split(".")[1] for n in names
                           if n.startswith("_lmdb/ext/") and n.endswith(".so"))
             sys.exit(f"grit.pyz: no lmdb build for this Python ({so}); it has {', '.join(have)}. "
-                     "Install lmdb==1.7.5 and fusepy with pip and run grit.py instead.")
+                     "Install lmdb==1.7.5 and mfusepy with pip and run grit.py instead.")
         cache = os.environ.get("GRIT_CACHE_DIR") or os.path.join(
             os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
             "grit")

@@ -9,22 +9,22 @@
       systems = [ "x86_64-linux" "aarch64-linux" ];
       forAllSystems = f: nixpkgs.lib.genAttrs systems (system: f nixpkgs.legacyPackages.${system});
 
-      # grit.py with lmdb (linked against nixpkgs' LMDB 0.9) and fusepy; fusepy
-      # finds libfuse 2 through FUSE_LIBRARY_PATH (getLib: the first output of
-      # nixpkgs' fuse is "bin", the library is in another).
+      # grit.py with lmdb (linked against nixpkgs' LMDB 0.9) and mfusepy; mfusepy
+      # loads libfuse 3 (the kernel's writeback cache) through FUSE_LIBRARY_PATH
+      # (getLib: the first output of nixpkgs' fuse3 is "bin", the library is in another).
       gritFor = pkgs: pkgs.python3Packages.buildPythonApplication {
         pname = "grit";
         inherit version;
         pyproject = false;
         src = nixpkgs.lib.cleanSource ./.;
-        dependencies = with pkgs.python3Packages; [ lmdb fusepy ];
+        dependencies = with pkgs.python3Packages; [ lmdb mfusepy ];
         dontBuild = true;
         installPhase = ''
           runHook preInstall
           install -Dm755 grit.py $out/bin/grit
           runHook postInstall
         '';
-        makeWrapperArgs = [ "--set-default" "FUSE_LIBRARY_PATH" "${nixpkgs.lib.getLib pkgs.fuse}/lib/libfuse.so.2" ];
+        makeWrapperArgs = [ "--set-default" "FUSE_LIBRARY_PATH" "${nixpkgs.lib.getLib pkgs.fuse3}/lib/libfuse3.so.3" ];
         meta = {
           description = "Incremental pipelines of shell-script steps";
           mainProgram = "grit";
@@ -45,7 +45,7 @@
         [ "cp313" "lmdb-1.7.5-cp313-cp313-manylinux2014_x86_64.manylinux_2_17_x86_64.manylinux_2_28_x86_64.whl" "sha256-hl83T2IGq0qsuS/7HcYS7hoxpCHbfIlzOr4GuBrIfLA=" ]
         [ "cp313" "lmdb-1.7.5-cp313-cp313-manylinux2014_aarch64.manylinux_2_17_aarch64.manylinux_2_28_aarch64.whl" "sha256-l7yz/BKEGogo25GOSU/g/QFqc9JoCtgw11cZuzv052o=" ]
         [ "py3" "tomli-2.0.1-py3-none-any.whl" "sha256-k53j56YWGvDIh++Rt9QaU+fFocqXYyX0KctG6pvDDsw=" ]
-        [ "source" "fusepy-3.0.1.tar.gz" "sha256-cv94PsL0PeOrOU4/dFdgW/BMjPKIovQGi0zeFB1O5r0=" ]
+        [ "py3" "mfusepy-3.1.1-py3-none-any.whl" "sha256-aftwz8f3zOWV5v9Yb4RR2CmPAfGChqFX8k9WSyTsWjc=" ]
       ];
 
       # grit.pyz, built offline from the wheels above.
@@ -100,11 +100,11 @@
       devShells = forAllSystems (pkgs: {
         default = pkgs.mkShell {
           packages = [
-            (pkgs.python3.withPackages (ps: with ps; [ lmdb fusepy pytest hypothesis ]))
+            (pkgs.python3.withPackages (ps: with ps; [ lmdb mfusepy pytest hypothesis ]))
             pkgs.fuse
             pkgs.fuse3
           ];
-          FUSE_LIBRARY_PATH = "${nixpkgs.lib.getLib pkgs.fuse}/lib/libfuse.so.2";
+          FUSE_LIBRARY_PATH = "${nixpkgs.lib.getLib pkgs.fuse3}/lib/libfuse3.so.3";
         };
       });
 
@@ -116,7 +116,7 @@
       # fusermount wrappers come with programs.fuse, off by default on recent NixOS.
       nixosModules.default = { lib, pkgs, options, ... }: {
         config = lib.mkMerge [
-          { environment.systemPackages = [ (gritFor pkgs) pkgs.fuse ]; }
+          { environment.systemPackages = [ (gritFor pkgs) pkgs.fuse3 ]; }
           (lib.optionalAttrs (options.programs.fuse ? enable) {
             programs.fuse.enable = lib.mkDefault true;
           })
@@ -130,7 +130,7 @@
         tests = pkgs.runCommand "grit-tests"
           {
             nativeBuildInputs = [
-              (pkgs.python3.withPackages (ps: with ps; [ lmdb fusepy pytest hypothesis ]))
+              (pkgs.python3.withPackages (ps: with ps; [ lmdb mfusepy pytest hypothesis ]))
               pkgs.util-linux
             ];
           } ''

@@ -21,6 +21,7 @@ import difflib
 import errno
 import fcntl
 import fnmatch
+import functools
 import glob
 import hashlib
 import io
@@ -509,7 +510,13 @@ CHUNK_SIZE = 256 * 1024 - 16
 # (measured for 1 GiB: 16 MiB transactions 3.8 s, 32 MiB 1.0 s, 64 MiB 1.9 s).
 TXN_BYTES = 32 * 1024 * 1024
 # First LMDB map size; the map doubles whenever it fills, so this is not a limit.
-INITIAL_MAP_SIZE = 256 * 1024 * 1024
+# It is address space, not disk (the file grows as pages are written): growing
+# in the middle of storing a large object costs a retried transaction and a
+# remap each time (1 GiB into a new store: 3.9 s from 256 MiB, 1.4 s from 4 GiB).
+# Where a ulimit on address space refuses it, the store opens at a size from
+# the file instead.
+INITIAL_MAP_SIZE = 4 * 1024 * 1024 * 1024
+SMALL_MAP_SIZE = 256 * 1024 * 1024
 # Bytes read per LMDB read transaction: bounds the memory of one reader.
 READ_BATCH_BYTES = 4 * 1024 * 1024
 HEADER = struct.Struct(">QI")  # object header: size in bytes, number of chunks
@@ -542,12 +549,12 @@ class ObjectStore:
         if not readonly and not exists and lmdb.version()[0] >= 1:
             raise GritError(f"the linked LMDB {'.'.join(map(str, lmdb.version()))} would "
                             "create a format LMDB 0.9 cannot read; install lmdb==1.7.5")
-        size = max(INITIAL_MAP_SIZE, 2 * os.path.getsize(data_file)) if exists \
-            else INITIAL_MAP_SIZE
+        used = os.path.getsize(data_file) if exists else 0
         try:
-            self.env = lmdb.open(path, map_size=size, max_dbs=2, readonly=readonly,
-                                 sync=False, metasync=False, readahead=False,
-                                 subdir=True, create=not readonly, mode=0o600)
+            try:
+                self.env = self._open(path, max(INITIAL_MAP_SIZE, 2 * used), readonly)
+            except lmdb.MemoryError:  # address space limited (ulimit -v)
+                self.env = self._open(path, max(SMALL_MAP_SIZE, 2 * used), readonly)
             self._objects = self.env.open_db(b"objects", create=not readonly)
             self._chunks = self.env.open_db(b"chunks", create=not readonly)
         except lmdb.Error as e:
@@ -555,6 +562,11 @@ class ObjectStore:
         # Every transaction holds this lock: LMDB may only be resized while no
         # transaction of this process is open.
         self._guard = threading.Lock()
+
+    def _open(self, path: str, size: int, readonly: bool) -> object:
+        return self._lmdb.open(path, map_size=size, max_dbs=2, readonly=readonly, sync=False,
+                               metasync=False, readahead=False, subdir=True,
+                               create=not readonly, mode=0o600)
 
     def close(self) -> None:
         self.env.close()
@@ -2000,12 +2012,70 @@ class OutputCapture(Protocol):
         """A gather task's $INPUT_DIR: each resource of `tree` at its path,
         read-only, until the task's outputs are collected or discarded."""
 
-    def collect(self, out: str, store: ObjectStore) -> list[Output]:
-        """The task succeeded: store its files as objects; OutputError if they cannot be."""
+    def collect(self, out: str, store: ObjectStore, cache: "InputCache") -> list[Output]:
+        """The task succeeded: store its files as objects (the cache takes each
+        file over afterwards); OutputError if they cannot be."""
 
     def discard(self, out: str) -> str | None:
         """The task failed or was stopped: drop its files; returns a problem that
         may explain the failure (a refused write), or None."""
+
+
+# An output at least this big stays on disk after it is stored, for a task of
+# the same run that takes it as input: renaming the file into place spares
+# writing $INPUT_FILE out of LMDB (1 GiB: about a second, bench/compare.py W4).
+INPUT_CACHE_MIN_BYTES = 1024 * 1024
+# Kept files together use at most this share of the free space of their disk.
+INPUT_CACHE_DISK_SHARE = 0.25
+
+
+class InputCache:
+    """Files of this run's large outputs, by hash, each handed to one task as
+    its $INPUT_FILE by a rename. A file changed since it was kept (its stat
+    signature differs: a leftover process wrote to it) is dropped instead."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.files: dict[str, tuple[str, tuple, int]] = {}  # hash -> (path, signature, size)
+        self.bytes = 0
+        self.lock = threading.Lock()
+
+    def keep(self, path: str, out: Output) -> None:
+        """Take over a stored output's file: kept for a later task, or removed."""
+        with self.lock, contextlib.suppress(OSError):
+            if self._worth_keeping(path, out):
+                target = os.path.join(self.directory, out.hash)
+                os.rename(path, target)
+                self.files[out.hash] = (target, stat_signature(os.lstat(target)), out.size)
+                self.bytes += out.size
+                return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+    def _worth_keeping(self, path: str, out: Output) -> bool:
+        if out.size < INPUT_CACHE_MIN_BYTES or out.hash in self.files:
+            return False
+        st = os.lstat(path)
+        free = shutil.disk_usage(self.directory).free
+        return stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and \
+            self.bytes + out.size <= free * INPUT_CACHE_DISK_SHARE
+
+    def take(self, digest: str, target: str) -> bool:
+        """Move the kept file of `digest` to `target` (mode 0600); False if none."""
+        with self.lock:
+            path, signature, size = self.files.pop(digest, ("", (), 0))
+            self.bytes -= size
+        if not path:
+            return False
+        try:
+            if stat_signature(os.lstat(path)) == signature:
+                os.rename(path, target)
+                os.chmod(target, 0o600)
+                return True
+            os.unlink(path)
+        except OSError:
+            pass
+        return False
 
 
 class DirCapture:
@@ -2061,7 +2131,7 @@ class DirCapture:
                     f.write(chunk)
         return top
 
-    def collect(self, out: str, store: ObjectStore) -> list[Output]:
+    def collect(self, out: str, store: ObjectStore, cache: "InputCache") -> list[Output]:
         """Store every file as an object and empty the directory."""
         _remove_gathered(out)
         if not _is_real_dir(out):
@@ -2075,7 +2145,7 @@ class DirCapture:
         for name, path in found:
             digest, size = store.put_file(path)
             outputs.append(Output(name, digest, size))
-            os.unlink(path)
+            cache.keep(path, outputs[-1])
         if has_dirs:
             self.discard(out)
         return outputs
@@ -2231,9 +2301,15 @@ class _Content:
             if offset != self.gathered_at + len(self.gathered):
                 self._flush()
                 self.gathered_at = offset
-            self.gathered += data
-            if len(self.gathered) >= SPOOL_GATHER_BYTES:
-                self._flush()
+            if not self.gathered and len(data) >= SPOOL_GATHER_BYTES:
+                # already large (the writeback cache sends 1 MiB requests): no gathering copy
+                os.pwrite(self.spool, data, offset)
+                self._hash_in_order(data, offset, later=True)
+                self.gathered_at = offset + len(data)
+            else:
+                self.gathered += data
+                if len(self.gathered) >= SPOOL_GATHER_BYTES:
+                    self._flush()
         else:
             grow = max(0, end - len(self.buf))
             if offset > len(self.buf):
@@ -2278,6 +2354,14 @@ class _Content:
             self.write(bytes(length - self.size), self.size)
         self.size = length
         self.closed = False
+
+    def read(self, offset: int, size: int) -> bytes:
+        if self.frozen:  # emitted (the name was created again) while this handle stayed open
+            raise _fuse_error(errno.EIO)
+        if self.spool is None:
+            return bytes(self.buf[offset:offset + size])
+        self._flush()
+        return os.pread(self.spool, size, offset)
 
     def _spill(self) -> None:
         fd, self.spool_path = self.fs.new_spool()
@@ -2376,8 +2460,37 @@ def _fuse_error(code: int) -> OSError:
     return OSError(code, os.strerror(code))
 
 
+def _operation(method: Callable) -> Callable:
+    """A FUSE operation: it runs under the filesystem's lock (the control
+    threads share its state), and a path inside a gather task's $INPUT_DIR
+    goes to the read-only view's method of the same name (EROFS if none)."""
+    in_view = "view_" + method.__name__
+
+    @functools.wraps(method)  # mfusepy reads the signature (inspect follows __wrapped__)
+    def operation(fs: "OutputFS", *args: object) -> object:
+        with fs.mutex:
+            if fs.views and args and isinstance(args[0], str):
+                if in_view == "view_release" and args[1] in fs.view_handles:
+                    del fs.view_handles[args[1]]  # type: ignore[arg-type]
+                    return None
+                view, rel = fs._view_of(args[0])
+                if view is not None:
+                    handler = getattr(fs, in_view, None)
+                    if handler is None:
+                        raise _fuse_error(errno.EROFS)
+                    return handler(view, rel, *args[1:])
+            return method(fs, *args)
+    return operation
+
+
+# libfuse3 capabilities asked for in init (fuse_common.h).
+FUSE_CAP_ATOMIC_O_TRUNC = 1 << 3    # O_TRUNC reaches open(), where re-creating a name emits it
+FUSE_CAP_WRITEBACK_CACHE = 1 << 16  # the kernel gathers small writes in its page cache
+FUSE_MAX_WRITE = 1024 * 1024        # bytes per WRITE request under libfuse3
+
+
 class OutputFS:
-    """The FUSE operations (called by fusepy in the server process).
+    """The FUSE operations (called by mfusepy in the server process).
 
     Only the operations defined here are offered to the kernel. getxattr is
     left out on purpose: the kernel then stops asking for security.capability
@@ -2386,8 +2499,10 @@ class OutputFS:
 
     use_ns = True
 
-    def __init__(self, spool_dir: str, objects_path: str = "") -> None:
+    def __init__(self, spool_dir: str, objects_path: str = "", libfuse: int = 3) -> None:
         self.spool_dir = spool_dir
+        self.libfuse = libfuse  # the major version of the libfuse serving it
+        self.writeback = False  # the kernel granted its writeback cache
         self.objects_path = objects_path
         self._store: ObjectStore | None = None  # opened at the first gather task's read
         self.views: dict[str, _InputView] = {}  # task token -> its $INPUT_DIR
@@ -2407,20 +2522,6 @@ class OutputFS:
         self._spools = 0
         self._uid, self._gid = os.getuid(), os.getgid()
         self._now = time.time_ns()
-
-    def __call__(self, op: str, *args: object) -> object:
-        with self.mutex:
-            if self.views and args and isinstance(args[0], str):
-                if op == "release" and args[1] in self.view_handles:
-                    del self.view_handles[args[1]]  # type: ignore[arg-type]
-                    return None
-                view, rel = self._view_of(args[0])
-                if view is not None:
-                    handler = getattr(self, "view_" + op, None)
-                    if handler is None:
-                        raise _fuse_error(errno.EROFS)
-                    return handler(view, rel, *args[1:])
-            return getattr(self, op)(*args)
 
     # -- helpers (names that are not FUSE operations) ---------------------------
 
@@ -2612,9 +2713,18 @@ class OutputFS:
 
     # -- FUSE operations ---------------------------------------------------------
 
-    def init(self, path: str) -> None:
+    def init_with_config(self, conn: object, config: object) -> None:
+        """libfuse3: ask for the writeback cache and 1 MiB writes where the kernel
+        offers them (libfuse2 got its options at mount)."""
+        if self.libfuse >= 3 and conn is not None:
+            for capability in (FUSE_CAP_ATOMIC_O_TRUNC, FUSE_CAP_WRITEBACK_CACHE):
+                if conn.capable & capability:  # type: ignore[attr-defined]
+                    conn.want |= capability  # type: ignore[attr-defined]
+            self.writeback = bool(conn.want & FUSE_CAP_WRITEBACK_CACHE)  # type: ignore[attr-defined]
+            conn.max_write = FUSE_MAX_WRITE  # type: ignore[attr-defined]
         self.ready.set()
 
+    @_operation
     def getattr(self, path: str, fh: int | None = None) -> dict:
         if fh is not None and fh in self.handles:
             return self._attrs(stat.S_IFREG | 0o600, self.handles[fh].content.size)
@@ -2626,31 +2736,38 @@ class OutputFS:
             raise _fuse_error(errno.ENOENT)
         return self._attrs(stat.S_IFREG | 0o600, content.size)
 
+    @_operation
     def access(self, path: str, amode: int) -> None:
         self.getattr(path)
         if amode & os.R_OK:
             task, name = self._split(path)
             self._refuse_read(task, name or ".")
 
+    @_operation
     def opendir(self, path: str) -> int:
         # A directory can be opened (tar -C and other openat-based tools need
         # the descriptor), but not listed: readdir fails.
         self._split(path)
         return 0
 
+    @_operation
     def readdir(self, path: str, fh: int) -> list:
         task, name = self._split(path)
         self._refuse_read(task, f"{name}/" if name else "$OUTPUT_DIR")
         return []
 
+    @_operation
     def releasedir(self, path: str, fh: int) -> None:
         pass
 
+    @_operation
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
-        handle = self.handles[fh]
-        self._refuse_read(handle.task, self._name_of(handle) or "a removed file")
-        return b""
+        """A descriptor opened for writing reads back what the task wrote to it:
+        the kernel's writeback cache reads pages to complete partial writes, and
+        it opens write-only files read-write (opening for reading only fails)."""
+        return self.handles[fh].content.read(offset, size)
 
+    @_operation
     def mkdir(self, path: str, mode: int) -> None:
         task, name = self._split(path)
         self._check_new(task, name, "directory")
@@ -2659,6 +2776,7 @@ class OutputFS:
             raise _fuse_error(errno.EEXIST)
         task.dirs.add(name)
 
+    @_operation
     def rmdir(self, path: str) -> None:
         task, name = self._split(path)
         if task is None or name not in task.dirs:
@@ -2669,6 +2787,7 @@ class OutputFS:
             raise _fuse_error(errno.ENOTEMPTY)
         task.dirs.discard(name)
 
+    @_operation
     def create(self, path: str, mode: int) -> int:
         task, name = self._split(path)
         self._check_new(task, name)
@@ -2681,6 +2800,7 @@ class OutputFS:
             content = task.names[name] = _Content(self)
         return self._open_handle(task, content)
 
+    @_operation
     def open(self, path: str, flags: int) -> int:
         task, name, content = self._file(path)
         if flags & os.O_ACCMODE == os.O_RDONLY:
@@ -2689,6 +2809,7 @@ class OutputFS:
             content = self._emit_if_closed(task, name)
         return self._open_handle(task, content)
 
+    @_operation
     def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
         content = self.handles[fh].content
         if content.frozen:
@@ -2696,6 +2817,7 @@ class OutputFS:
         content.write(data, offset)
         return len(data)
 
+    @_operation
     def truncate(self, path: str, length: int, fh: int | None = None) -> None:
         handle = self.handles.get(fh) if fh is not None else None
         if handle is not None and handle.content.frozen:
@@ -2704,16 +2826,20 @@ class OutputFS:
             handle.task, self._name_of(handle), handle.content)
         if length == 0 and name is not None and task.names.get(name) is content:
             fresh = self._emit_if_closed(task, name)
-            if handle is not None and fresh is not content:  # the handle follows the name
-                content.handles -= 1
-                fresh.handles += 1
-                handle.content = fresh
+            if fresh is not content:  # truncating keeps the file: its descriptors follow
+                for other in self.handles.values():
+                    if other.content is content:
+                        content.handles -= 1
+                        fresh.handles += 1
+                        other.content = fresh
         else:
             content.truncate(length)
 
+    @_operation
     def flush(self, path: str, fh: int) -> None:
         self.handles[fh].content.closed = True
 
+    @_operation
     def release(self, path: str, fh: int) -> None:
         handle = self.handles.pop(fh)
         content = handle.content
@@ -2725,9 +2851,11 @@ class OutputFS:
         if not handle.task.open_handles:
             self.mutex.notify_all()
 
+    @_operation
     def fsync(self, path: str, datasync: int, fh: int) -> None:
         pass
 
+    @_operation
     def unlink(self, path: str) -> None:
         task, name, content = self._file(path)
         del task.names[name]
@@ -2736,6 +2864,7 @@ class OutputFS:
         else:
             content.discard()
 
+    @_operation
     def rename(self, old: str, new: str) -> None:
         task, name = self._split(old)
         new_task, new_name = self._split(new)
@@ -2773,27 +2902,34 @@ class OutputFS:
         task.dirs = {new_prefix + d[len(old_prefix):] if d.startswith(old_prefix) else d
                      for d in task.dirs if d != name} | {new_name}
 
+    @_operation
     def chmod(self, path: str, mode: int) -> None:
         self.getattr(path)
 
+    @_operation
     def chown(self, path: str, uid: int, gid: int) -> None:
         self.getattr(path)
 
+    @_operation
     def utimens(self, path: str, times: object = None) -> None:
         self.getattr(path)
 
+    @_operation
     def statfs(self, path: str) -> dict:
         sv = os.statvfs(self.spool_dir)
         return {key: getattr(sv, key) for key in (
             "f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree",
             "f_favail", "f_namemax")}
 
+    @_operation
     def symlink(self, link: str, target: str) -> None:
         self._refuse(link, "is a symbolic link, not a file")
 
+    @_operation
     def link(self, link: str, target: str) -> None:
         self._refuse(link, "is a hard link, not a new file")
 
+    @_operation
     def mknod(self, path: str, mode: int, dev: int) -> None:
         self._refuse(path, "is not a regular file")
 
@@ -2810,29 +2946,29 @@ def _fuse_server(mount: str, spool_dir: str, control: "socket.socket",
     when grit's end of the control socket closes (grit was killed)."""
     import logging
 
-    import fuse  # fusepy
-
+    fuse = fuse_binding()
     logging.getLogger("fuse").addHandler(logging.NullHandler())
     logging.getLogger("fuse").propagate = False
-    fs = OutputFS(spool_dir, objects_path)
+    fs = OutputFS(spool_dir, objects_path, fuse.fuse_version_major)
     for sock in workers:
         threading.Thread(target=_serve_worker, args=(fs, sock), daemon=True).start()
 
     def watch() -> None:
         if fs.ready.wait(MOUNT_TIMEOUT_SECONDS):
-            _send(control, {"ready": True})
+            _send(control, {"ready": True, "libfuse": fs.libfuse, "writeback": fs.writeback})
             control.recv(4096)  # returns on "shutdown", or with b"" when grit died
         _unmount(mount)
 
     threading.Thread(target=watch, daemon=True).start()
-    # atomic_o_trunc: O_TRUNC reaches open(), where re-creating a name emits it.
-    # direct_io: writes skip the page cache (measured here: 170 -> 440 MB/s). It
-    # makes mmap fail with ENODEV; a writable shared mmap could not work on a
-    # write-only filesystem anyway (its page faults read).
-    options = {"foreground": True, "nothreads": True, "big_writes": True, "fsname": "grit",
-               "subtype": "grit", "max_write": 131072, "atomic_o_trunc": True,
-               "direct_io": True}
-    if shutil.which("fusermount"):
+    options = {"foreground": True, "nothreads": True, "fsname": "grit", "subtype": "grit"}
+    if fs.libfuse == 2:
+        # No writeback cache: each write() of the script is a request. big_writes
+        # and max_write make them up to 128 KiB; atomic_o_trunc: O_TRUNC reaches
+        # open(), where re-creating a name emits it. direct_io: writes skip the
+        # page cache (measured here: 170 -> 440 MB/s); mmap then fails with
+        # ENODEV, which a write-only filesystem could not serve anyway.
+        options.update(big_writes=True, max_write=131072, atomic_o_trunc=True, direct_io=True)
+    if shutil.which("fusermount") or shutil.which("fusermount3"):
         options["auto_unmount"] = True  # fusermount unmounts even if this process is killed
     try:
         fuse.FUSE(fs, mount, encoding="latin-1", **options)
@@ -2931,6 +3067,22 @@ def _last_line(path: str) -> str:
     return lines[-1] if lines else ""
 
 
+def fuse_binding() -> object:
+    """mfusepy on libfuse3 where it exists (it offers the kernel's writeback
+    cache), else on libfuse2. GRIT_LIBFUSE=2 or 3 picks one; FUSE_LIBRARY_PATH,
+    when set (the Nix package sets it), names the library itself."""
+    if "mfusepy" not in sys.modules and not os.environ.get("FUSE_LIBRARY_PATH"):
+        from ctypes.util import find_library
+        wanted = os.environ.get("GRIT_LIBFUSE", "")
+        names = {"2": ["fuse"], "3": ["fuse3"]}.get(wanted, ["fuse3", "fuse"])
+        found = next(filter(None, map(find_library, names)), None)
+        if found is None:
+            raise OSError(f"no {' or '.join('lib' + n for n in names)} library")
+        os.environ["FUSE_LIBRARY_PATH"] = found
+    import mfusepy
+    return mfusepy
+
+
 class FuseServer:
     """grit's handle on the FUSE server process."""
 
@@ -2960,6 +3112,7 @@ class FuseServer:
         except (OSError, ValueError):
             reply = {}
         self.control.settimeout(None)
+        self.libfuse, self.writeback = reply.get("libfuse"), reply.get("writeback")
         if not reply.get("ready"):
             self.close()
             detail = _last_line(os.path.join(run_dir, "fuse.log"))
@@ -2971,9 +3124,9 @@ class FuseServer:
         """FuseUnavailable if FUSE surely cannot be used here (no binding or
         libfuse, no /dev/fuse); whether mounting is allowed shows when it mounts."""
         try:
-            import fuse  # noqa: F401  (fusepy; loads libfuse)
+            fuse_binding()
         except (ImportError, OSError) as e:
-            raise FuseUnavailable(f"libfuse2 or fusepy not found ({e})") from None
+            raise FuseUnavailable(f"mfusepy or libfuse not found ({e})") from None
         if not os.path.exists("/dev/fuse"):
             raise FuseUnavailable("/dev/fuse does not exist")
 
@@ -3049,7 +3202,9 @@ class FuseCapture:
 
     def __init__(self, run_dir: str, workers: int, objects_path: str) -> None:
         self.server = FuseServer(run_dir, workers, objects_path)
-        self.description = f"fuse, mounted at {self.server.mount}"
+        how = "writeback cache" if self.server.writeback else "no writeback cache"
+        self.description = (f"fuse (libfuse{self.server.libfuse}, {how}), mounted at "
+                            f"{self.server.mount}")
 
     def __enter__(self) -> "FuseCapture":
         return self
@@ -3077,19 +3232,19 @@ class FuseCapture:
             raise OSError(reply["error"])
         return f"{out}.in"
 
-    def collect(self, out: str, store: ObjectStore) -> list[Output]:
+    def collect(self, out: str, store: ObjectStore, cache: "InputCache") -> list[Output]:
         reply = self.server.request({"op": "end", "token": os.path.basename(out), "keep": True})
         if reply["error"]:
             raise OutputError(reply["error"])
         outputs = []
         for item in reply["outputs"]:
+            outputs.append(Output(item["name"], item["hash"], item["size"]))
             if "spool" in item:
                 with open(item["spool"], "rb") as f:
                     store.put(f, item["hash"])
-                os.unlink(item["spool"])
+                cache.keep(item["spool"], outputs[-1])
             else:
                 store.put(io.BytesIO(bytes.fromhex(item["data"])))
-            outputs.append(Output(item["name"], item["hash"], item["size"]))
         return outputs
 
     def discard(self, out: str) -> str | None:
@@ -3235,6 +3390,8 @@ class LocalExecutor:
         fuse_demanded(self.output_mode)
         self.capture: OutputCapture | None = None  # started with the first task
         self.store = self.db.objects
+        self.cache = InputCache(os.path.join(self.workroot, "cache"))
+        os.mkdir(self.cache.directory, 0o700)
         self._pool = concurrent.futures.ThreadPoolExecutor(self.capacity, "grit-task")
         return self
 
@@ -3333,7 +3490,7 @@ class LocalExecutor:
         result.exit_code = status
         try:
             if status == 0:
-                result.outputs = self.capture.collect(out, self.store)
+                result.outputs = self.capture.collect(out, self.store, self.cache)
             else:
                 result.error = describe_exit(status) + last_stderr_line(log_err)
                 self._note_full_disk(result)  # before discarding frees the space
@@ -3353,6 +3510,8 @@ class LocalExecutor:
 
     def _write_input(self, spec: TaskSpec, slot: str) -> str:
         path = os.path.join(slot, "input")
+        if self.cache.take(spec.input_hash, path):
+            return path
         with os.fdopen(open_private(path), "wb") as f:
             for chunk in self.store.open(spec.input_hash):
                 f.write(chunk)

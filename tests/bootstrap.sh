@@ -2,8 +2,9 @@
 # Makes a fresh machine ready to run grit and its tests, then prints the path
 # of the Python to use. Idempotent: later calls only check.
 #   - a venv in .venv with grit's dependencies and the test tools;
-#   - FUSE (fuse3 for fusermount, libfuse2 for fusepy) and Nix (nix-bin, for the
-#     offline flake check) when root on Debian/Ubuntu and missing.
+#   - FUSE (fuse3 for fusermount3, libfuse3 for mfusepy, and libfuse2, whose path
+#     the emission tests also run on) and Nix (nix-bin, for the offline flake
+#     check) when root on Debian/Ubuntu and missing.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${GRIT_VENV:-$root/.venv}
@@ -11,7 +12,8 @@ python=${PYTHON:-python3}
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=()
-    command -v fusermount >/dev/null || missing+=(fuse3)
+    command -v fusermount3 >/dev/null || missing+=(fuse3)
+    ldconfig -p 2>/dev/null | grep -q 'libfuse3\.so\.3' || missing+=(libfuse3-3)
     ldconfig -p 2>/dev/null | grep -q 'libfuse\.so\.2' || missing+=(libfuse2)
     command -v nix >/dev/null || missing+=(nix-bin)   # the offline flake check
     "$python" -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)  # Debian splits it out

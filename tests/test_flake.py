@@ -97,15 +97,15 @@ def test_overlay_and_nixos_module(nix):
     apply = ('m: let lib = { mkMerge = xs: xs; mkDefault = x: x; '
              'optionalAttrs = c: a: if c then a else {}; }; '
              'pkgs = { python3Packages = { buildPythonApplication = a: a.pname; lmdb = 1; '
-             'fusepy = 1; }; fuse = "fuse"; }; '
+             'mfusepy = 1; }; fuse3 = "fuse3"; }; '
              'with_ = (m { inherit lib pkgs; options.programs.fuse.enable = {}; }).config; '
              'without = (m { inherit lib pkgs; options.programs.fuse = {}; }).config; '
              'in { inherit with_ without; }')
     result = json.loads(nix("eval", "--json", f"{nix.flake}#nixosModules.default", "--apply",
                             apply))
-    assert result["with_"] == [{"environment": {"systemPackages": ["grit", "fuse"]}},
+    assert result["with_"] == [{"environment": {"systemPackages": ["grit", "fuse3"]}},
                                {"programs": {"fuse": {"enable": True}}}]
-    assert result["without"] == [{"environment": {"systemPackages": ["grit", "fuse"]}}, {}]
+    assert result["without"] == [{"environment": {"systemPackages": ["grit", "fuse3"]}}, {}]
 
 
 def test_build_and_run_the_package(nix):
@@ -115,7 +115,7 @@ def test_build_and_run_the_package(nix):
     help_text = subprocess.run([grit, "--help"], capture_output=True, text=True, check=True)
     assert "-export-hash" in help_text.stdout
     assert "-export-hash" in nix("run", nix.flake, "--", "--help")
-    # The wrapper points fusepy at a libfuse.so.2 that exists in the built fuse package.
+    # The wrapper points mfusepy at a libfuse3.so.3 that exists in the built fuse3 package.
     [library] = re.findall(r'export FUSE_LIBRARY_PATH="\$\{FUSE_LIBRARY_PATH-([^}]*)\}"',
                            open(grit).read())
-    assert library.endswith("/lib/libfuse.so.2") and os.path.isfile(library), library
+    assert library.endswith("/lib/libfuse3.so.3") and os.path.isfile(library), library

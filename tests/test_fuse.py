@@ -18,6 +18,14 @@ def _needs_fuse():
     require_fuse()
 
 
+@pytest.fixture(params=["3", "2"])
+def libfuse(request, monkeypatch):
+    """The emission rules hold on libfuse3 with the kernel's writeback cache (the
+    default) and on the libfuse2 path (GRIT_LIBFUSE=2) alike."""
+    monkeypatch.setenv("GRIT_LIBFUSE", request.param)
+    return request.param
+
+
 def emitted(grit, script, *extra):
     """Run a one-step pipeline in FUSE mode; {name: [contents, oldest first]}."""
     grit.write(f"[[step]]\nname = \"s\"\nscript = '''\n{script}\n'''\n")
@@ -53,18 +61,18 @@ MORE_RULES = [
 
 
 @pytest.mark.parametrize("script,expected", SPEC_TABLE + MORE_RULES)
-def test_spec_emission_table(grit, script, expected):
+def test_spec_emission_table(libfuse, grit, script, expected):
     assert emitted(grit, script) == expected
 
 
-def test_split_fans_out(grit, tmp_path):
+def test_split_fans_out(libfuse, grit, tmp_path):
     (tmp_path / "lines").write_text("".join(f"{i}\n" for i in range(250)))
     out = emitted(grit, f'split -l 100 "{tmp_path}/lines" $OUTPUT_DIR/part-')
     assert sorted(out) == ["part-aa", "part-ab", "part-ac"]
     assert out["part-ac"][0].count(b"\n") == 50
 
 
-def test_rename_subdirectories_and_truncate(grit):
+def test_rename_subdirectories_and_truncate(libfuse, grit):
     out = emitted(grit, '''
 for i in 1 2; do echo "v$i" > $OUTPUT_DIR/tmp; mv $OUTPUT_DIR/tmp $OUTPUT_DIR/atomic; done
 mkdir -p $OUTPUT_DIR/a/b && echo deep > $OUTPUT_DIR/a/b/c
@@ -79,7 +87,7 @@ printf aaaaa | dd of=$OUTPUT_DIR/ooo conv=notrunc 2>/dev/null
     assert digest == hashlib.sha256(b"aaaaab").hexdigest()  # re-hashed after out-of-order writes
 
 
-def test_concurrent_writers_on_one_file(grit):
+def test_concurrent_writers_on_one_file(libfuse, grit):
     """Two processes share one file description; each echo is one write()."""
     out = emitted(grit, 'w() { i=$1; while [ $i -le $2 ]; do echo $i; i=$((i+1)); done; }\n'
                         '(w 1 1500 & w 1501 3000 & wait) > $OUTPUT_DIR/both\n'
@@ -88,13 +96,13 @@ def test_concurrent_writers_on_one_file(grit):
     assert sorted(map(int, out["tee"][0].split())) == list(range(1, 1001))
 
 
-def test_spilled_content_is_exact(grit):
+def test_spilled_content_is_exact(libfuse, grit):
     data = b"".join(b"%07d\n" % i for i in range(200_000))  # 1.6 MB: spills to disk
     out = emitted(grit, "seq -f '%07g' 0 199999 > $OUTPUT_DIR/big")
     assert out["big"] == [data]
 
 
-def test_output_dir_is_write_only(grit):
+def test_output_dir_is_write_only(libfuse, grit):
     grit.write('''
 [[step]]
 name = "s"
@@ -116,7 +124,7 @@ grep " $(dirname $OUTPUT_DIR) " /proc/self/mountinfo > $OUTPUT_DIR/mountinfo
     assert grit.contents("x") == [b"secret\n"]
 
 
-def test_everyday_tools_can_write_into_the_output_directory(grit, tmp_path):
+def test_everyday_tools_can_write_into_the_output_directory(libfuse, grit, tmp_path):
     """Tools that open directories (tar -C), copy attributes (cp -p, mv from
     another filesystem), use sendfile (shutil.copy), or write a temporary name
     and rename it (rsync, sort -o) all work on the write-only filesystem."""
@@ -146,6 +154,42 @@ gzip -c {d} > $OUTPUT_DIR/data.gz
     assert out.pop("sorted") == ["".join(f"{i}\n" for i in reversed(range(1000))).encode()]
     assert len(out.pop("data.gz")[0]) > 0
     assert out == {name: same for name in ("cp", "cp-dotdot", "mv", "copy2", "installed")}
+
+
+def test_the_mode_in_use_is_named_and_read_write_descriptors_read_back(libfuse, grit):
+    """Write-only means: listing and opening for reading only fail; a descriptor
+    opened read-write reads back what the task wrote through it (the writeback
+    cache makes every write-only open read-write in the kernel anyway)."""
+    grit.write('''
+[[step]]
+name = "s"
+script = \'\'\'
+python3 - <<'PY'
+import os
+out = os.environ["OUTPUT_DIR"]
+with open(out + "/rw", "w+b") as f:
+    f.write(b"0123456789" * 1000)
+    f.seek(4096)
+    got = f.read(6)
+    f.seek(5)
+    f.write(b"XY")
+try:
+    open(out + "/rw", "rb")
+    refused = "no"
+except PermissionError:
+    refused = "yes"
+with open(out + "/report", "w") as f:
+    f.write(f"{got.decode()} {refused}")
+PY
+\'\'\'
+''')
+    proc = grit.run("-output-mode", "fuse", "-verbose")
+    expected = {"3": "fuse (libfuse3, writeback cache)", "2": "fuse (libfuse2, no writeback cache)"}
+    assert f"output mode: {expected[libfuse]}, mounted at" in proc.stderr
+    assert grit.contents("report") == [b"678901 yes"]
+    data = bytearray(b"0123456789" * 1000)
+    data[5:7] = b"XY"
+    assert grit.contents("rw") == [bytes(data)]
 
 
 def test_a_failure_after_reading_back_an_output_says_why(grit):

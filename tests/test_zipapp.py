@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import EXAMPLES, ROOT, fuse_problem
+from conftest import EXAMPLES, ROOT, fuse_problem, require_fuse
 
 MAX_PYZ_BYTES = 4 * 1024 * 1024
 
@@ -55,7 +55,7 @@ def pyz(tmp_path_factory):
             pytest.skip("cannot fetch the wheels grit.pyz is built from (no PyPI here?): "
                         + (proc.stderr.strip().splitlines() or ["no message"])[-1])
         assert proc.returncode == 0, proc.stderr[-2000:]
-    assert len(list((base / "wheels").iterdir())) == 12  # 10 lmdb wheels, tomli, fusepy
+    assert len(list((base / "wheels").iterdir())) == 12  # 10 lmdb wheels, tomli, mfusepy
     return base / "grit.pyz"
 
 
@@ -96,6 +96,27 @@ def test_quickstart_cold_and_warm_cache(pyz, tmp_path, version):
     extracted = list((home / ".cache" / "grit").iterdir())
     assert len(extracted) == 1 and extracted[0].name.startswith("lmdb-1.7.5-")
     print(f"python {version}: cold {times[0]:.3f} s, warm {times[1]:.3f} s")
+
+
+def test_fuse_mode_where_only_libfuse3_can_be_loaded(pyz, tmp_path):
+    """libfuse2 made unloadable (a private mount namespace binds /dev/null over
+    it, as on hosts that ship only libfuse3): the pyz runs in FUSE mode on libfuse3."""
+    require_fuse()
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("hiding libfuse2 needs root and unshare (a private mount namespace)")
+    hidden = sorted(set(map(os.path.realpath, glob.glob("/usr/lib/*/libfuse.so.2*")
+                            + glob.glob("/lib/*/libfuse.so.2*"))))
+    (tmp_path / "workflow.toml").write_bytes((EXAMPLES / "quickstart.toml").read_bytes())
+    script = "".join(f"mount --bind /dev/null {p} && " for p in hidden) + (
+        f"! {sys.executable} -c 'import ctypes; ctypes.CDLL(\"libfuse.so.2\")' 2>/dev/null && "
+        f"exec {sys.executable} -I {pyz} -manifest workflow.toml -db db -run -verbose "
+        "-output-mode fuse")
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env={"PATH": os.environ["PATH"],
+                                                       "HOME": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert "output mode: fuse (libfuse3, writeback cache)" in proc.stderr
+    assert "3 task(s) run, 0 failed" in proc.stderr
 
 
 def test_concurrent_first_runs_share_one_extraction(pyz, tmp_path):

@@ -39,7 +39,7 @@
               '' ];
             };
             lmdb = drv "python3-lmdb";
-            fusepy = drv "python3-fusepy";
+            mfusepy = drv "python3-mfusepy";
             pytest = drv "python3-pytest";
             hypothesis = drv "python3-hypothesis";
           };
@@ -55,7 +55,14 @@
             builder = "/bin/sh";
             args = [ "-c" "export PATH=/usr/bin:/bin; mkdir -p $bin/bin $out/lib && echo stub > $bin/bin/fusermount && echo stub > $out/lib/libfuse.so.2" ];
           };
-          fuse3 = drv "fuse-3";
+          # Like nixpkgs' fuse3: the first output is "bin", the library is in "out".
+          fuse3 = builtins.derivation {
+            name = "fuse-3.16.2";
+            inherit system;
+            outputs = [ "bin" "out" ];
+            builder = "/bin/sh";
+            args = [ "-c" "export PATH=/usr/bin:/bin; mkdir -p $bin/bin $out/lib && echo stub > $bin/bin/fusermount3 && echo stub > $out/lib/libfuse3.so.3" ];
+          };
           util-linux = drv "util-linux";
           fetchurl = { url, hash }: drv "fetched";
           linkFarm = name: entries: drv name;
