@@ -2717,11 +2717,16 @@ class OutputFS:
         """libfuse3: ask for the writeback cache and 1 MiB writes where the kernel
         offers them (libfuse2 got its options at mount)."""
         if self.libfuse >= 3 and conn is not None:
-            for capability in (FUSE_CAP_ATOMIC_O_TRUNC, FUSE_CAP_WRITEBACK_CACHE):
+            wanted = [FUSE_CAP_ATOMIC_O_TRUNC]
+            if os.environ.get("GRIT_FUSE_WRITEBACK", "1") != "0":
+                wanted.append(FUSE_CAP_WRITEBACK_CACHE)
+            for capability in wanted:
                 if conn.capable & capability:  # type: ignore[attr-defined]
                     conn.want |= capability  # type: ignore[attr-defined]
             self.writeback = bool(conn.want & FUSE_CAP_WRITEBACK_CACHE)  # type: ignore[attr-defined]
             conn.max_write = FUSE_MAX_WRITE  # type: ignore[attr-defined]
+            if not self.writeback and config is not None:
+                config.direct_io = 1  # type: ignore[attr-defined]  # as on libfuse2
         self.ready.set()
 
     @_operation
