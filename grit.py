@@ -3125,13 +3125,19 @@ def fuse_binding() -> object:
     cache), else on libfuse2. GRIT_LIBFUSE=2 or 3 picks one; FUSE_LIBRARY_PATH,
     when set (the Nix package sets it), names the library itself."""
     if "mfusepy" not in sys.modules and not os.environ.get("FUSE_LIBRARY_PATH"):
-        from ctypes.util import find_library
+        import ctypes
         wanted = os.environ.get("GRIT_LIBFUSE", "")
-        names = {"2": ["fuse"], "3": ["fuse3"]}.get(wanted, ["fuse3", "fuse"])
-        found = next(filter(None, map(find_library, names)), None)
-        if found is None:
-            raise OSError(f"no {' or '.join('lib' + n for n in names)} library")
-        os.environ["FUSE_LIBRARY_PATH"] = found
+        names = {"2": ["libfuse.so.2"], "3": ["libfuse3.so.3"]}.get(
+            wanted, ["libfuse3.so.3", "libfuse.so.2"])
+        for name in names:  # by soname, as the dynamic loader finds it (no ldconfig run)
+            try:
+                ctypes.CDLL(name)
+            except OSError:
+                continue
+            os.environ["FUSE_LIBRARY_PATH"] = name
+            break
+        else:
+            raise OSError(f"cannot load {' or '.join(names)}")
     import mfusepy
     return mfusepy
 

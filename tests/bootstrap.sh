@@ -3,8 +3,9 @@
 # of the Python to use. Idempotent: later calls only check.
 #   - a venv in .venv with grit's dependencies and the test tools;
 #   - FUSE (fuse3 for fusermount3, libfuse3 for mfusepy, and libfuse2, whose path
-#     the emission tests also run on) and Nix (nix-bin, for the offline flake
-#     check) when root on Debian/Ubuntu and missing.
+#     the emission tests also run on), Nix (nix-bin, for the offline flake
+#     check) and Slurm (slurmctld, slurmd, slurm-client, munge: the single-node
+#     cluster of tests/slurm-cluster.sh) when root on Debian/Ubuntu and missing.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${GRIT_VENV:-$root/.venv}
@@ -18,6 +19,11 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     command -v nix >/dev/null || missing+=(nix-bin)   # the offline flake check
     "$python" -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)  # Debian splits it out
     command -v rsync >/dev/null || missing+=(rsync)   # a FUSE test writes with it
+    # a single-node Slurm cluster (tests/slurm-cluster.sh) for the Slurm tests
+    command -v slurmctld >/dev/null || missing+=(slurmctld)
+    command -v slurmd >/dev/null || missing+=(slurmd)
+    command -v sbatch >/dev/null || missing+=(slurm-client)
+    command -v munged >/dev/null || missing+=(munge)
     if [ ${#missing[@]} -gt 0 ]; then
         echo "bootstrap: installing ${missing[*]}" >&2
         export DEBIAN_FRONTEND=noninteractive

@@ -1,0 +1,84 @@
+"""The single-node Slurm cluster the Slurm tests run against (tests/slurm-cluster.sh):
+real munged, slurmctld and slurmd, started in a temp folder and stopped by pid."""
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from conftest import ROOT, wait_for
+
+SCRIPT = str(ROOT / "tests" / "slurm-cluster.sh")
+
+
+def require_slurm() -> None:
+    """Skip where Slurm is not installed, except in CI (GRIT_REQUIRE_SLURM=1): fail there."""
+    missing = [c for c in ("munged", "slurmctld", "slurmd", "sbatch") if not shutil.which(c)]
+    if missing:
+        if os.environ.get("GRIT_REQUIRE_SLURM") == "1":
+            pytest.fail(f"Slurm is required here (GRIT_REQUIRE_SLURM=1) but {missing} are missing")
+        pytest.skip(f"Slurm is not installed ({', '.join(missing)} missing; "
+                    "tests/bootstrap.sh installs it as root on Debian/Ubuntu)")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """SLURM_CONF of a running cluster; its daemons are stopped however the tests end."""
+    require_slurm()
+    folder = tmp_path_factory.mktemp("slurm")
+    started = subprocess.run([SCRIPT, "start", str(folder)], capture_output=True, text=True,
+                             timeout=120, env=dict(os.environ, GRIT_SLURM_MIN_JOB_AGE="2"))
+    try:
+        assert started.returncode == 0, started.stderr
+        yield {"SLURM_CONF": started.stdout.strip(), "folder": folder}
+    finally:
+        subprocess.run([SCRIPT, "stop", str(folder)], timeout=120)
+
+
+def slurm(cluster, *argv) -> str:
+    env = dict(os.environ, SLURM_CONF=cluster["SLURM_CONF"])
+    return subprocess.run(argv, env=env, capture_output=True, text=True, check=True,
+                          timeout=60).stdout
+
+
+def test_an_array_job_runs_and_leaves_a_completion_record(cluster, tmp_path):
+    job = slurm(cluster, "sbatch", "--parsable", "--array=0-2", "-o", f"{tmp_path}/out-%a",
+                "--wrap", "echo element $SLURM_ARRAY_TASK_ID").strip()
+    assert wait_for(lambda: all((tmp_path / f"out-{i}").exists() and
+                                (tmp_path / f"out-{i}").read_text() for i in range(3)), 60)
+    assert [(tmp_path / f"out-{i}").read_text() for i in range(3)] == [
+        f"element {i}\n" for i in range(3)]
+    log = cluster["folder"] / "jobcomp.log"
+    assert wait_for(lambda: log.exists() and log.read_text().count(
+        f"ArrayJobId={job} ") == 3, 60)
+    assert log.read_text().count("JobState=COMPLETED") >= 3
+    # MinJobAge=2: the finished job leaves squeue
+    assert wait_for(lambda: job not in slurm(cluster, "squeue", "-h", "-t", "all", "-o", "%F"), 60)
+
+
+def test_start_is_idempotent_and_stop_leaves_no_daemon(tmp_path):
+    require_slurm()
+    folder = tmp_path / "cluster"
+    try:
+        first = subprocess.run([SCRIPT, "start", str(folder)], capture_output=True, text=True,
+                               timeout=120)
+        assert first.returncode == 0, first.stderr
+        pids = {d: int((folder / f"{d}.pid").read_text()) for d in ("munged", "slurmctld",
+                                                                     "slurmd")}
+        again = subprocess.run([SCRIPT, "start", str(folder)], capture_output=True, text=True,
+                               timeout=120)
+        assert again.returncode == 0 and again.stdout == first.stdout
+        assert {d: int((folder / f"{d}.pid").read_text()) for d in pids} == pids  # same daemons
+    finally:
+        subprocess.run([SCRIPT, "stop", str(folder)], timeout=120)
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        with open(f"/proc/{pid}/stat") as f:  # a zombie not yet reaped is gone too
+            return f.read().split(") ")[1].startswith("Z")
+
+    assert wait_for(lambda: all(gone(pid) for pid in pids.values()), 30)
