@@ -2988,7 +2988,11 @@ def _fuse_server(mount: str, spool_dir: str, control: "socket.socket",
 
     if _read_line(control) != b"mount":
         return
-    fuse = fuse_binding()
+    try:
+        fuse = fuse_binding()
+    except (ImportError, OSError) as e:
+        _send(control, {"error": f"mfusepy or libfuse not found ({e})"})
+        return
     logging.getLogger("fuse").addHandler(logging.NullHandler())
     logging.getLogger("fuse").propagate = False
     fs = OutputFS(spool_dir, objects_path, fuse.fuse_version_major)
@@ -3148,7 +3152,8 @@ class FuseServer:
     mounts when the first task needs it (mount_now)."""
 
     def __init__(self, run_dir: str, workers: int, objects_path: str) -> None:
-        self.check()
+        if not os.path.exists("/dev/fuse"):  # the binding loads in the server, at mount
+            raise FuseUnavailable("/dev/fuse does not exist")
         self.run_dir = run_dir
         import socket
 
@@ -3257,7 +3262,7 @@ class FuseServer:
         while time.monotonic() < deadline:
             if os.waitpid(self.pid, os.WNOHANG)[0]:
                 return
-            time.sleep(0.01)
+            time.sleep(0.002)
         _kill_group(self.pid, signal.SIGKILL)
         os.waitpid(self.pid, 0)
         _unmount(self.mount)
