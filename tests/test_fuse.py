@@ -57,6 +57,9 @@ MORE_RULES = [
     ('for i in 1 2; do echo same > $OUTPUT_DIR/x; done', {"x": [b"same\n"]}),
     # rewritten, then removed: the closed first content was already emitted
     ('echo a > $OUTPUT_DIR/x; echo b > $OUTPUT_DIR/x; rm $OUTPUT_DIR/x', {"x": [b"a\n"]}),
+    # a name held open by `exec 3>`: each `>&3` closes a duplicate (a flush, as a close
+    # is), and writing on through fd 3 extends the same content
+    ('exec 3> $OUTPUT_DIR/x; echo a >&3; echo b >&3; exec 3>&-', {"x": [b"a\nb\n"]}),
 ]
 
 
