@@ -12,7 +12,7 @@ grit's memory, and what a gather adds to W1.
          plus what make takes for the same `cat | wc -l` over N files.
          Runs are ordered W1, W1+G, W1+G, W1 (drift cancels).
 
-    bench/gather.py [--start-n 50000] [--w1-n 10000] [--modes fuse,dir] [--skip-w1]
+    bench/gather.py [--start-n 50000 (0: skip)] [--w1-n 10000] [--modes fuse,dir] [--skip-w1]
 """
 from __future__ import annotations
 
@@ -114,9 +114,10 @@ def main() -> None:
     ap.add_argument("--skip-w1", action="store_true")
     args = ap.parse_args()
     modes = args.modes.split(",")
-    print(f"| gather over N = {args.start_n:,} | commit → script start | script "
-          "(reads every input) | peak RSS |\n| --- | --- | --- | --- |")
-    for mode in modes:
+    if args.start_n:  # --start-n 0 skips this part
+        print(f"| gather over N = {args.start_n:,} | commit → script start | script "
+              "(reads every input) | peak RSS |\n| --- | --- | --- | --- |")
+    for mode in modes if args.start_n else ():
         after, took, rss = start(args.start_n, mode)
         print(f"| grit ({mode}) | {after:.3f} s | {took:.2f} s | {rss} MiB |", flush=True)
     if args.skip_w1:
