@@ -1130,10 +1130,9 @@ class Metadata:
 
     def gather_preview(self, step_id: int | None, inputs: Sequence[str]) -> Gathering:
         """What settling a gather step would find now; changes nothing."""
-        found = self.live.gather_set(inputs)
-        if not found:
+        found, key = self.live.current_set(inputs)
+        if key is None:
             return Gathering(0, "no inputs")
-        key = input_set_key((name, digest) for _, name, digest in found)
         row = self.db.execute("SELECT id, live FROM task WHERE step_id = ? AND input_set = ?",
                               (step_id, key)).fetchone()
         if row is None:
@@ -1285,18 +1284,33 @@ class Metadata:
         return sorted(r[0] for r in rows if r[0])
 
     def step_counts(self) -> list[dict]:
-        """Tasks pending / done / failed per step version, in registration order."""
+        """Tasks pending / done / failed per step version, in registration order;
+        a current gather step's entry says what it gathered or why it waits."""
         rows = self.db.execute(
             "SELECT s.id, s.name, s.version, s.inputs, s.current AND s.gather, "
             "coalesce(sum(t.status = 'pending' AND t.live = 1), 0), "
             "coalesce(sum(t.status = 'done'), 0), coalesce(sum(t.status = 'failed'), 0) "
-            "FROM step s LEFT JOIN task t ON t.step_id = s.id GROUP BY s.id ORDER BY s.id")
+            "FROM step s LEFT JOIN task t ON t.step_id = s.id GROUP BY s.id ORDER BY s.id"
+        ).fetchall()
         latest = dict(self.db.execute("SELECT name, max(version) FROM step GROUP BY name"))
         return [{"name": name, "version": version, "latest": latest[name] == version,
                  "inputs": json.loads(inputs),
                  "tasks": {"pending": pending, "done": done, "failed": failed},
-                 "current_gather": step_id if gather else None}
+                 **({"gather": self.gather_state(step_id, json.loads(inputs))} if gather else {})}
                 for step_id, name, version, inputs, gather, pending, done, failed in rows]
+
+    def gather_state(self, step_id: int, inputs: Sequence[str]) -> str:
+        """A current gather step, for -status: `waiting for upstream`, `no inputs`,
+        or how many inputs it gathered or will."""
+        waiting = self.steps_pending(exclude=[step_id])
+        if waiting:
+            return f"waiting for upstream ({', '.join(waiting)})"
+        found = self.gather_preview(step_id, inputs)
+        if found.outcome == "no inputs":
+            return "no inputs"
+        if found.outcome == "unchanged":
+            return f"{found.inputs} input(s) gathered by task {found.task_id}"
+        return f"{found.inputs} input(s) to gather at the next -run"
 
     def failed_tasks(self) -> list[dict]:
         """Failed tasks, oldest first: the latest versions' are retried by the next -run."""
@@ -1422,7 +1436,8 @@ class LiveView:
     versions that match it, so nothing is found by scanning. Retiring is
     delete and re-derive: everything that depended on what went is retired,
     then what is still emitted by a live task comes back. Both cost what they
-    touch, and a cycle cannot keep itself alive.
+    touch, and a cycle cannot keep itself alive. A gather step's live task is
+    the one for its inputs' set when the run last reached it (settle).
     """
 
     def __init__(self, db: sqlite3.Connection) -> None:
@@ -1614,13 +1629,17 @@ class LiveView:
             found = sorted(set(found), key=lambda r: (r[1], r[2]))
         return found
 
+    def current_set(self, inputs: Sequence[str]) -> tuple[list[tuple[int, str, str]], str | None]:
+        """The live resources `inputs` match now, and their set's key (None if none)."""
+        found = self.gather_set(inputs)
+        return found, input_set_key((n, h) for _, n, h in found) if found else None
+
     def settle(self, step: Consumer) -> Gathering:
         """Make a gather step version's live task the one for the set of live
         resources its inputs match now: kept; found again (done: its outputs
         are live again, else it is to run); or made. The task it replaces
         retires, with what its outputs led to."""
-        found = self.gather_set(step.inputs)
-        key = input_set_key((name, digest) for _, name, digest in found) if found else None
+        found, key = self.current_set(step.inputs)
         live = self.db.execute("SELECT id, input_set FROM task WHERE step_id = ? AND live = 1",
                                (step.step_id,)).fetchone()
         if live and live[1] == key:
@@ -4517,7 +4536,7 @@ def cmd_status(db_path: str, as_json: bool) -> int:
     meta = db.meta
     totals = meta.resource_totals()
     data = {"database": db.path, "run_in_progress": db.run_in_progress(),
-            "size_bytes": db.sizes(), "steps": gather_states(meta, meta.step_counts()),
+            "size_bytes": db.sizes(), "steps": meta.step_counts(),
             "failed_tasks": meta.failed_tasks(),
             "resources": {**totals, "names": meta.name_counts(),
                           "live_names": meta.name_counts(live_only=True)}}
@@ -4556,28 +4575,6 @@ def cmd_status(db_path: str, as_json: bool) -> int:
     return EXIT_OK
 
 
-def gather_states(meta: Metadata, steps: list[dict]) -> list[dict]:
-    """Each current gather step's entry gains what it gathered or why it waits."""
-    for s in steps:
-        if s.get("current_gather"):
-            s["gather"] = gather_state(meta, s.pop("current_gather"), s["name"], s["inputs"])
-        s.pop("current_gather", None)
-    return steps
-
-
-def gather_state(meta: Metadata, step_id: int, name: str, inputs: list[str]) -> str:
-    """`waiting for upstream`, `no inputs`, or how many inputs it gathered or will."""
-    waiting = meta.steps_pending(exclude=[step_id])
-    if waiting:
-        return f"waiting for upstream ({', '.join(waiting)})"
-    found = meta.gather_preview(step_id, inputs)
-    if found.outcome == "no inputs":
-        return "no inputs"
-    if found.outcome == "unchanged":
-        return f"{found.inputs} input(s) gathered by task {found.task_id}"
-    return f"{found.inputs} input(s) to gather at the next -run"
-
-
 def cmd_log(db_path: str, ref: str, as_json: bool) -> int:
     """A task by id, or the task that produced a resource (by hash)."""
     db = Database.for_reading(db_path)
@@ -4612,7 +4609,7 @@ def print_task(task: dict, store: "ObjectStore") -> None:
           f"{exit_text}{took}" + (f" (started {task['started_at']})" if task["started_at"] else ""))
     src = task["input"]
     if "gathered" in task:
-        print_gathered(task["gathered"], "", f"task {task['task']}")
+        print_gathered(task["gathered"], len(task["gathered"]), "", task["task"])
     else:
         print(f"input:  {describe_resource(src)}" if src else "input:  none (a seed task)")
     for out in task["outputs"]:
@@ -4631,14 +4628,13 @@ def print_task(task: dict, store: "ObjectStore") -> None:
         sys.stdout.buffer.flush()
 
 
-def print_gathered(gathered: list[dict], pad: str, task: str) -> None:
-    """A gather task's inputs: the first GATHERED_SHOWN, then how many more."""
-    print(f"{pad}inputs: {len(gathered)} gathered")
+def print_gathered(gathered: list[dict], count: int, pad: str, task_id: int) -> None:
+    """A gather task's inputs (`count` of them): the first GATHERED_SHOWN, then how many more."""
+    print(f"{pad}inputs: {count} gathered")
     for r in gathered[:GATHERED_SHOWN]:
         print(f"{pad}  {describe_resource(r)}")
-    if len(gathered) > GATHERED_SHOWN:
-        print(f"{pad}  … and {len(gathered) - GATHERED_SHOWN} more (-log {task.split()[-1]} "
-              "-json lists all)")
+    if count > GATHERED_SHOWN:
+        print(f"{pad}  … and {count - GATHERED_SHOWN} more (-log {task_id} -json lists all)")
 
 
 def describe_resource(r: dict) -> str:
@@ -4704,8 +4700,7 @@ def print_ancestry(node: dict) -> None:
         origin = " from" if made["input"] else "" if "gathered" in made else ", a seed task"
         print(f"{pad}  made by task {made['task']} ({made['step']} v{made['version']}){origin}")
         if "gathered" in made:
-            shown = made["gathered"] + [None] * (made["gathered_count"] - len(made["gathered"]))
-            print_gathered(shown, pad + "  ", f"task {made['task']}")
+            print_gathered(made["gathered"], made["gathered_count"], pad + "  ", made["task"])
         node, depth = made["input"], depth + 1
 
 
