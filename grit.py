@@ -20,6 +20,7 @@ import contextlib
 import difflib
 import errno
 import fcntl
+import filecmp
 import fnmatch
 import functools
 import glob
@@ -31,12 +32,15 @@ import os
 import queue
 import re
 import select
+import shlex
 import shutil
 import signal
 import sqlite3
 import stat
 import struct
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -277,6 +281,13 @@ class StepDef:
     files: tuple[str, ...] = ()  # a source step's file patterns, absolute (no script then)
     rerun: bool = False  # a seed that runs on every -run (rerun = "always")
     gather: bool = False  # one task over all live matching resources (gather = true)
+    # Scheduling keys (section 9), never part of a version: what one task needs.
+    cpus: int = 1  # CPUs a task uses: local slots it takes, Slurm's --cpus-per-task
+    mem: str = ""  # Slurm --mem of an array element ("4G"); "" = the cluster's default
+    time: float = 0  # Slurm time limit per task, seconds; 0 = from timeout, else the partition's
+    partition: str = ""  # Slurm partition; "" = the cluster's default
+    batch: int = 0  # tasks per array element; 0 = chosen from the step's task durations
+    sbatch: tuple[str, ...] = ()  # further sbatch options, as given
 
     @property
     def is_seed(self) -> bool:
@@ -285,11 +296,20 @@ class StepDef:
 
 
 @dataclass
+class SlurmSettings:
+    """The manifest's [slurm] table, besides the defaults of the steps' scheduling keys."""
+
+    command: str = ""  # how a node runs grit; "" = found by grit (README: Running on Slurm)
+    work_dir: str = ""  # the shared work dir; "" = grit-work beside the manifest
+
+
+@dataclass
 class Manifest:
     """A loaded manifest: its steps, in file order."""
 
     path: str
     steps: list[StepDef]
+    slurm: SlurmSettings = field(default_factory=SlurmSettings)
 
     def step(self, name: str) -> StepDef:
         for s in self.steps:
@@ -326,6 +346,7 @@ class TaskSpec:
     previous_start: str = ""  # seed tasks: when the step last succeeded (GRIT_PREVIOUS_START)
     passes: int = 1  # times the chain of resources that led here passed through this step
     gathered: list[Output] | None = None  # a gather task's inputs, by (name, hash)
+    cpus: int = 1  # script slots it takes (the step's cpus)
 
 
 @dataclass
@@ -364,8 +385,11 @@ class TaskResult:
 # The TOML manifest to StepDefs: every mistake is one line naming the file,
 # the step and the key. Reads the file, nothing else.
 
+SCHEDULING_KEYS = ("cpus", "mem", "time", "partition", "batch", "sbatch")
 STEP_KEYS = ("name", "inputs", "parallel", "script", "start", "timeout", "cycle_limit", "files",
-             "rerun", "gather")
+             "rerun", "gather") + SCHEDULING_KEYS
+SLURM_KEYS = ("command", "work_dir") + SCHEDULING_KEYS
+TOP_LEVEL_KEYS = ("step", "slurm")
 
 
 def load_manifest(path: str) -> Manifest:
@@ -387,9 +411,10 @@ def load_manifest(path: str) -> Manifest:
 
 def parse_manifest(data: dict, path: str) -> Manifest:
     for key in data:
-        if key != "step":
+        if key not in TOP_LEVEL_KEYS:
             raise GritError(f"{path}: unknown top-level key {quote(key)}"
-                            f"{did_you_mean(key, ['step'])}")
+                            f"{did_you_mean(key, TOP_LEVEL_KEYS)}")
+    slurm, defaults = _parse_slurm(data.get("slurm", {}), f"{path}: [slurm]")
     tables = data.get("step")
     if tables is None:
         raise GritError(f"{path}: no steps: add at least one [[step]] table")
@@ -398,7 +423,7 @@ def parse_manifest(data: dict, path: str) -> Manifest:
     steps: list[StepDef] = []
     names: list[str] = []
     for index, table in enumerate(tables, start=1):
-        step = _parse_step(table, f"{path}: step {index}")
+        step = _parse_step(table, f"{path}: step {index}", defaults)
         if step.name in names:
             raise GritError(f"{path}: step {index}: duplicate step name {quote(step.name)}"
                             f" (also step {names.index(step.name) + 1})")
@@ -406,10 +431,64 @@ def parse_manifest(data: dict, path: str) -> Manifest:
         steps.append(step)
     if not steps:
         raise GritError(f"{path}: no steps: add at least one [[step]] table")
-    return Manifest(path, steps)
+    return Manifest(path, steps, slurm)
 
 
-def _parse_step(table: dict, where: str) -> StepDef:
+def _parse_slurm(table: object, where: str) -> tuple[SlurmSettings, dict]:
+    """The [slurm] table: settings, and the scheduling keys' run-wide defaults."""
+    if not isinstance(table, dict):
+        raise GritError(f"{where} must be a table, not {_toml_type(table)}")
+    for key in table:
+        if key not in SLURM_KEYS:
+            raise GritError(f"{where}: unknown key {quote(key)}{did_you_mean(key, SLURM_KEYS)}")
+    for key in ("command", "work_dir"):
+        if not isinstance(table.get(key, ""), str):
+            raise GritError(f"{where}: \"{key}\" must be a string, not "
+                            f"{_toml_type(table[key])}")
+    defaults = _parse_scheduling(table, where, {})
+    return SlurmSettings(table.get("command", ""), table.get("work_dir", "")), defaults
+
+
+def _parse_scheduling(table: dict, where: str, defaults: dict) -> dict:
+    """The scheduling keys of a step (or of [slurm]), over `defaults`."""
+    keys = dict(defaults)
+    if "cpus" in table:
+        keys["cpus"] = _number(table, "cpus", where, 1, "1 or more", least=1)
+    if "batch" in table:
+        keys["batch"] = _number(table, "batch", where, 0, "0 (chosen by grit) or more")
+    for key in ("mem", "partition"):
+        if key in table:
+            if not isinstance(table[key], str):
+                raise GritError(f"{where}: \"{key}\" must be a string, not "
+                                f"{_toml_type(table[key])}")
+            keys[key] = table[key]
+    if "time" in table:
+        keys["time"] = slurm_seconds(table["time"], where)
+    if "sbatch" in table:
+        keys["sbatch"] = tuple(_strings(table, "sbatch", where, 'sbatch = ["--qos=long"]'))
+    return keys
+
+
+def slurm_seconds(value: object, where: str) -> float:
+    """A time limit: seconds, or a string as sbatch --time takes it
+    ("MM", "MM:SS", "HH:MM:SS", "D-HH[:MM[:SS]]")."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1e12:
+        return float(value)
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", str(value)) \
+        if isinstance(value, str) else None
+    if not match:
+        raise GritError(f"{where}: \"time\" must be seconds or a Slurm time like "
+                        f"\"1:30:00\", not {quote(str(value))}")
+    days, *parts = match.groups()
+    numbers = [int(p) for p in parts if p is not None]
+    if days is not None:  # D-HH, D-HH:MM, D-HH:MM:SS
+        numbers += [0] * (3 - len(numbers))
+        return int(days) * 86400 + numbers[0] * 3600 + numbers[1] * 60 + numbers[2]
+    scale = {1: (60,), 2: (60, 1), 3: (3600, 60, 1)}[len(numbers)]
+    return float(sum(n * k for n, k in zip(numbers, scale)))
+
+
+def _parse_step(table: dict, where: str, defaults: dict) -> StepDef:
     if isinstance(table.get("name"), str):  # name the step in every message that follows
         where = f"{where} ({quote(table['name'])})"
     for key in table:
@@ -442,7 +521,8 @@ def _parse_step(table: dict, where: str) -> StepDef:
                    cycle_limit=_number(table, "cycle_limit", where, CYCLE_LIMIT, "1 or more",
                                        least=1),
                    files=tuple(files), rerun=_parse_rerun(table, where, inputs, files),
-                   gather=_parse_gather(table, where, inputs))
+                   gather=_parse_gather(table, where, inputs),
+                   **_parse_scheduling(table, where, defaults))
 
 
 def _parse_work(table: dict, where: str, inputs: list[str]) -> tuple[str, list[str]]:
@@ -787,8 +867,22 @@ class ObjectStore:
 # Steps and their versions, tasks and resources, in SQLite: the schema and
 # the queries. Knows nothing of object bytes.
 
-SCHEMA_VERSION = 5
-SCHEMA = """
+SCHEMA_VERSION = 6
+# -executor slurm's array jobs still to be finished with: a run after a kill -9
+# adopts them (section "Slurm executor").
+SLURM_JOB_TABLE = """
+CREATE TABLE slurm_job (
+    name        TEXT PRIMARY KEY,           -- its folder in the work dir, and its --comment
+    folder      TEXT NOT NULL,              -- absolute path of that folder
+    step        TEXT NOT NULL,
+    slurm_id    TEXT,                       -- NULL until sbatch answered
+    tasks       INTEGER NOT NULL,
+    elements    INTEGER NOT NULL,
+    queued      INTEGER NOT NULL DEFAULT 0, -- elements pending at the last squeue
+    running     INTEGER NOT NULL DEFAULT 0, -- elements running at the last squeue
+    submitted_at TEXT NOT NULL
+)"""
+SCHEMA = SLURM_JOB_TABLE + ";" + """
 -- One row per version of a step definition (script, inputs, files, gather). A changed
 -- definition adds a version; old versions stay as history.
 CREATE TABLE step (
@@ -913,7 +1007,8 @@ MIGRATIONS = {1: ["ALTER TABLE resource ADD COLUMN deleted_at TEXT"],
                   "CREATE TABLE gathered (task_id INTEGER NOT NULL REFERENCES task(id), "
                   "resource_id INTEGER NOT NULL REFERENCES resource(id), "
                   "PRIMARY KEY (task_id, resource_id)) WITHOUT ROWID",
-                  "CREATE INDEX gathered_resource ON gathered(resource_id)"]}
+                  "CREATE INDEX gathered_resource ON gathered(resource_id)"],
+              5: [SLURM_JOB_TABLE]}
 # Schemas before 4 had no live view: it is computed once, after the upgrade.
 LIVE_VIEW_SINCE = 4
 
@@ -1119,7 +1214,8 @@ class Metadata:
         return [TaskSpec(tid, step.name, step.definition.script, name or "", digest or "",
                          step.definition.timeout, since,
                          json.loads(passes).get(step.name, 1) if passes else 1,
-                         self.gathered(tid) if step.definition.gather else None)
+                         self.gathered(tid) if step.definition.gather else None,
+                         step.definition.cpus)
                 for tid, name, digest, passes in rows]
 
     def gathered(self, task_id: int) -> list[Output]:
@@ -1319,6 +1415,14 @@ class Metadata:
             "JOIN step s ON s.id = t.step_id WHERE t.status = 'failed' ORDER BY t.id")
         return [dict(zip(("task", "step", "version", "exit_code", "error"), row)) for row in rows]
 
+    def slurm_jobs(self) -> list[dict]:
+        return SlurmJobs.rows(self.db)
+
+    def mean_durations(self) -> dict[str, float]:
+        return dict(self.db.execute(
+            "SELECT s.name, avg(t.duration) FROM task t JOIN step s ON s.id = t.step_id "
+            "WHERE t.status = 'done' AND t.duration > 0 GROUP BY s.name"))
+
     def name_counts(self, live_only: bool = False) -> dict[str, int]:
         """Resources per name (deleted ones left out), by name."""
         live = " AND live = 1" if live_only else ""
@@ -1389,6 +1493,45 @@ class _Transaction:
 
     def __exit__(self, kind: object, *_: object) -> None:
         self.db.execute("COMMIT" if kind is None and self.commit else "ROLLBACK")
+
+
+class SlurmJobs:
+    """The slurm_job table through a connection of its own: the Slurm executor's
+    poller thread writes it while the scheduler's transactions use theirs."""
+
+    COLUMNS = ("name", "folder", "step", "slurm_id", "tasks", "elements", "queued", "running",
+               "submitted_at")
+
+    def __init__(self, path: str) -> None:
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA busy_timeout=60000")
+
+    @classmethod
+    def rows(cls, db: sqlite3.Connection) -> list[dict]:
+        return [dict(zip(cls.COLUMNS, row)) for row in db.execute(
+            f"SELECT {', '.join(cls.COLUMNS)} FROM slurm_job ORDER BY submitted_at, name")]
+
+    def all(self) -> list[dict]:
+        return self.rows(self.db)
+
+    def add(self, name: str, folder: str, step: str, tasks: int, elements: int) -> None:
+        self.db.execute("INSERT INTO slurm_job (name, folder, step, tasks, elements, "
+                        "submitted_at) VALUES (?, ?, ?, ?, ?, ?)",
+                        (name, folder, step, tasks, elements, utc_now()))
+
+    def submitted(self, name: str, slurm_id: str) -> None:
+        self.db.execute("UPDATE slurm_job SET slurm_id = ? WHERE name = ?", (slurm_id, name))
+
+    def states(self, counts: dict[str, tuple[int, int]]) -> None:
+        """(queued, running) elements per job, from the last squeue."""
+        self.db.executemany("UPDATE slurm_job SET queued = ?, running = ? WHERE name = ?",
+                            [(q, r, name) for name, (q, r) in counts.items()])
+
+    def remove(self, name: str) -> None:
+        self.db.execute("DELETE FROM slurm_job WHERE name = ?", (name,))
+
+    def close(self) -> None:
+        self.db.close()
 
 
 # =============================================================================
@@ -1828,6 +1971,15 @@ class Database:
 
     def has_tasks(self, step: StepVersion) -> bool:
         return self.meta.has_tasks(step.id)
+
+    def mean_durations(self) -> dict[str, float]:
+        """Mean seconds a done task took, per step name (Slurm chunks by it)."""
+        return self.meta.mean_durations()
+
+    def slurm_jobs(self) -> "SlurmJobs":
+        """The Slurm executor's job book, on a connection of its own."""
+        self.meta  # created or migrated first
+        return SlurmJobs(self.metadata_path)
 
     # -- the directory -------------------------------------------------------------
 
@@ -3491,7 +3643,8 @@ class LocalExecutor:
         self._stopping = False
         self._local = threading.local()
         self._slots = 0
-        self._free = parallel  # script slots (-parallel) not in use
+        self.parallel = parallel
+        self._free = parallel  # script slots (-parallel) not in use; a task takes its cpus
         self._waiting: collections.deque[_Launch] = collections.deque()  # for a slot
         self._environ = dict(os.environ)  # copied once: os.environ decodes on every copy
 
@@ -3657,9 +3810,7 @@ class LocalExecutor:
             if self._stopping:
                 return None
             self._waiting.append(launch)
-            if self._free:
-                self._free -= 1
-                self._hand_on()
+            self._hand_on()
         launch.started.wait()
         if launch.error:
             raise launch.error
@@ -3667,13 +3818,20 @@ class LocalExecutor:
             return None  # grit is stopping
         return self._wait_for(launch.pid, spec)
 
+    def _slots_for(self, spec: TaskSpec) -> int:
+        return min(spec.cpus, self.parallel)  # a task wanting more than -parallel runs alone
+
     def _hand_on(self) -> None:
-        """A script slot (-parallel) is free: start the next waiting script in
-        it, or mark it free. Call with self._lock held. The thread that saw a
-        script exit starts the next one itself: handing that to a thread that
-        has to wake up first cost 185 us a task (bench)."""
+        """Start waiting scripts, in order, while their slots (-parallel, one per
+        cpu a task needs) are free. Call with self._lock held. The thread that
+        saw a script exit starts the next one itself: handing that to a thread
+        that has to wake up first cost 185 us a task (bench)."""
         while self._waiting and not self._stopping:
+            need = self._slots_for(self._waiting[0].spec)
+            if need > self._free:
+                return
             launch = self._waiting.popleft()
+            self._free -= need
             try:
                 # posix_spawn (vfork) costs a fraction of subprocess.Popen.
                 # setsid gives the script its own process group; SIGPIPE and
@@ -3683,13 +3841,12 @@ class LocalExecutor:
                     file_actions=launch.files, setsid=True,
                     setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
             except OSError as e:
+                self._free += need
                 launch.error = e
                 launch.started.set()
                 continue
             self._running[launch.spec.task_id] = (launch.pid, launch.spec.step)
             launch.started.set()
-            return
-        self._free += 1
 
     def _wait_for(self, pid: int, spec: TaskSpec) -> int | None:
         timeout = spec.timeout or self.timeout
@@ -3707,6 +3864,7 @@ class LocalExecutor:
             # before we kill what the script left running in it.
             os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
             with self._lock:
+                self._free += self._slots_for(spec)
                 self._hand_on()
             if timer:
                 timer.cancel()
@@ -3858,6 +4016,620 @@ def error_line(error: str) -> str:
     if len(lines) <= 1:
         return error.strip()
     return f"{lines[0].split(': ', 1)[0]}: {lines[-1]}"
+
+
+# =============================================================================
+# Slurm executor
+# =============================================================================
+# -executor slurm: tasks as Slurm array jobs. The coordinator (this process)
+# writes a dispatch round's tasks of one step into a job folder on the shared
+# work dir and submits one array job; each element runs `grit -worker FOLDER`
+# over its chunk, with the LocalExecutor of that node (its own output capture
+# and scratch database), and leaves, per task, its objects and one result
+# record in the folder. One poller thread submits, ingests records (each
+# object's hash checked as it streams into LMDB) and asks squeue about the
+# whole run now and then. Job folders are in the database (slurm_job), so a
+# run after a kill -9 adopts them.
+
+RECORD_INTERVAL = 0.5  # seconds between looks for new result records
+# squeue for the whole run at most this often (Slurm asks programs not to poll it
+# in loops); records, not squeue, tell that tasks finished.
+SQUEUE_SECONDS = float(os.environ.get("GRIT_SLURM_POLL", "30"))
+# An element squeue shows ended (or no longer shows) gets this long for its
+# records to appear (a network filesystem's attribute cache) before its tasks fail.
+RECORD_GRACE_SECONDS = float(os.environ.get("GRIT_SLURM_GRACE", "30"))
+ELEMENT_SECONDS = 60.0  # an element runs about this long once a step's durations are known
+ELEMENT_LEAST_SECONDS = 5.0  # and at least this long: its start-up costs about a second
+SBATCH_TRIES = 6  # a busy controller gets 1 + 2 + 4 + 8 + 16 s
+SBATCH_TRANSIENT = re.compile(r"temporarily unavailable|timed? ?out|try again|Unable to contact",
+                              re.IGNORECASE)
+CANCEL_WAIT_SECONDS = 30.0  # after scancel: most to wait for records and an empty squeue
+SLURM_CAPACITY = 100_000  # tasks handed to Slurm at once (each step's parallel still caps)
+# States of a job that has not ended; any other state (COMPLETED, FAILED,
+# TIMEOUT, OUT_OF_MEMORY, NODE_FAIL, CANCELLED, ...) is final.
+SLURM_ALIVE = {"PENDING", "RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "REQUEUED",
+               "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED"}
+# Reasons a job pends that waiting never clears: it is cancelled, its tasks fail.
+SLURM_NEVER_RUNS = {"PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit",
+                    "BadConstraints", "InvalidAccount", "InvalidQOS", "QOSMaxCpuPerJobLimit",
+                    "QOSMaxMemoryPerJob", "QOSMaxWallDurationPerJobLimit"}
+
+
+def spec_json(spec: TaskSpec) -> dict:
+    data = {k: getattr(spec, k) for k in TaskSpec.__dataclass_fields__}
+    if spec.gathered is not None:
+        data["gathered"] = [[o.name, o.hash, o.size] for o in spec.gathered]
+    return data
+
+
+def spec_from_json(data: dict) -> TaskSpec:
+    gathered = data.pop("gathered")
+    return TaskSpec(**data, gathered=None if gathered is None else [Output(*o) for o in gathered])
+
+
+def result_json(result: TaskResult, mode: str) -> dict:
+    data = {k: getattr(result, k) for k in TaskResult.__dataclass_fields__}
+    data["outputs"] = [[o.name, o.hash, o.size] for o in result.outputs]
+    return dict(data, mode=mode, node=os.uname().nodename)
+
+
+def result_from_json(data: dict) -> TaskResult:
+    fields = {k: data[k] for k in TaskResult.__dataclass_fields__}
+    return TaskResult(**dict(fields, outputs=[Output(*o) for o in data["outputs"]]))
+
+
+def write_atomically(path: str, write: Callable[[IO[bytes]], None]) -> None:
+    """Readers on other nodes see the whole file or none: write, then rename."""
+    tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        write(f)
+    os.rename(tmp, path)
+
+
+def export_object(store: ObjectStore, digest: str, folder: str) -> None:
+    """An object as the file folder/HASH, unless there already."""
+    path = os.path.join(folder, digest)
+    if not os.path.exists(path):
+        write_atomically(path, lambda f: f.writelines(store.open(digest)))
+
+
+def chunk_size(definition: StepDef, tasks: int, parallel: int, mean: float | None) -> int:
+    """Tasks per array element: the step's batch; else spread over -parallel
+    elements, each running about ELEMENT_SECONDS (at least ELEMENT_LEAST_SECONDS)
+    when the step's mean task duration is known."""
+    if definition.batch:
+        return definition.batch
+    spread = max(1, -(-tasks // parallel))
+    if not mean:
+        return spread
+    longest = max(1, int(ELEMENT_SECONDS / mean))
+    shortest = max(1, int(ELEMENT_LEAST_SECONDS / mean))
+    return min(longest, max(shortest, spread))
+
+
+def sbatch_options(definition: StepDef, run_timeout: float, chunk: int) -> list[str]:
+    """A step's resources as sbatch options. --time: each task's time (else its
+    timeout, else -timeout) times the chunk, in whole minutes (Slurm's unit)."""
+    each = definition.time or definition.timeout or run_timeout
+    options = [f"--cpus-per-task={definition.cpus}"]
+    options += [f"--time={int(-(-each * chunk // 60))}"] * bool(each)
+    options += [f"--mem={definition.mem}"] * bool(definition.mem)
+    options += [f"--partition={definition.partition}"] * bool(definition.partition)
+    return options + list(definition.sbatch)
+
+
+def array_indices(text: str) -> list[int]:
+    """squeue's %K: "3", or a pending rest like "0-9%4" or "2,5-7"."""
+    indices: list[int] = []
+    for part in text.split("%")[0].split(","):
+        first, _, last = part.partition("-")
+        if first.isdigit():
+            indices.extend(range(int(first), int(last or first) + 1))
+    return indices
+
+
+def slurm_command(argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+    except FileNotFoundError:
+        raise GritError(f"-executor slurm: {argv[0]} not found: Slurm's client commands must "
+                        "be on PATH") from None
+    except subprocess.TimeoutExpired:
+        return subprocess.CompletedProcess(argv, 1, "", f"{argv[0]} timed out")
+
+
+def cluster_cpus() -> int:
+    """CPUs of the cluster's nodes (-parallel's default with -executor slurm)."""
+    out = slurm_command(["sinfo", "-h", "-N", "-o", "%N|%c"])
+    nodes = dict(line.split("|", 1) for line in out.stdout.split() if "|" in line)
+    return sum(int(c) for c in nodes.values() if c.isdigit()) or 1
+
+
+@dataclass
+class _Element:
+    """One element of an array job: its chunk of tasks, as squeue last saw it."""
+
+    tasks: list[int]
+    state: str = "PENDING"
+    reason: str = ""
+    ended: float = 0.0  # when squeue first showed it ended or gone (monotonic); 0: not
+    started: bool = False
+
+
+@dataclass
+class _Job:
+    """An array job of one step: its folder on the work dir and its elements."""
+
+    name: str
+    folder: str
+    step: str
+    elements: list[_Element]
+    slurm_id: str = ""
+    adopted: bool = False  # submitted by an earlier run
+    never_runs: str = ""  # a pending reason that never clears
+    recorded: set[str] = field(default_factory=set)  # record files ingested
+
+
+class SlurmExecutor:
+    """The Executor that runs tasks as Slurm array jobs (see the section's head).
+
+    Futures of tasks resolve from result records; a task's record is the only
+    word on it that survives Slurm purging finished jobs (MinJobAge).
+    """
+
+    def __init__(self, db: Database, console: Console, manifest: Manifest, parallel: int,
+                 work_dir: str, output_mode: str, timeout: float,
+                 durations: dict[str, float]) -> None:
+        self.db = db
+        self.console = console
+        self.steps = {d.name: d for d in manifest.steps}
+        self.parallel = parallel  # array elements of one job running at once
+        self.capacity = SLURM_CAPACITY
+        self.work = os.path.join(work_dir, hashlib.sha256(db.path.encode()).hexdigest()[:12])
+        self.output_mode = output_mode
+        self.timeout = timeout
+        self.durations = dict(durations)  # step -> mean seconds a task, learnt as tasks end
+        self.command = manifest.slurm.command
+        self.job_name = "grit-" + os.path.basename(self.work)
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._waiting: list[TaskSpec] = []  # submitted, not yet in a job
+        self._futures: dict[int, concurrent.futures.Future] = {}
+        self._specs: dict[int, TaskSpec] = {}  # claimed tasks of adopted jobs
+        self._where: dict[int, tuple[_Job, int]] = {}  # task -> its job and element
+        self._early: dict[int, TaskResult] = {}  # adopted jobs' results not yet asked for
+        self._jobs: dict[str, _Job] = {}  # jobs with tasks to come
+        self._ended: list[_Job] = []  # removed at exit, once the scheduler committed
+        self._cancel = threading.Event()
+        self._broken = ""  # why the poller stopped, if it failed
+        self._closing = False
+        self._warned: set[str] = set()
+        self._serial = itertools.count(1)
+
+    # -- the seam ----------------------------------------------------------------
+
+    def __enter__(self) -> "SlurmExecutor":
+        for folder in ("jobs", "objects"):
+            os.makedirs(os.path.join(self.work, folder), exist_ok=True)
+        self.command = self.command or self._default_command()
+        self.console.detail(f"slurm: work dir {self.work}; nodes run grit as: {self.command}")
+        self.store = self.db.objects
+        self.book = self.db.slurm_jobs()
+        self._adopt()
+        self._thread = threading.Thread(target=self._poll, name="grit-slurm", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, kind: object, *exc: object) -> None:
+        if kind is not None:
+            self.cancel()
+        self._closing = True
+        self._wake.set()
+        self._thread.join()
+        leftover = [j for j in self._jobs.values() if j.slurm_id]  # adopted, never asked for
+        if leftover:
+            slurm_command(["scancel", *(j.slurm_id for j in leftover)])
+        for job in self._ended + list(self._jobs.values()):
+            shutil.rmtree(job.folder, ignore_errors=True)
+            self.book.remove(job.name)
+        if not self.book.all():
+            shutil.rmtree(os.path.join(self.work, "objects"), ignore_errors=True)
+        self.book.close()
+
+    def submit(self, spec: TaskSpec) -> "concurrent.futures.Future[TaskResult]":
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            if self._cancel.is_set() or self._broken:
+                future.set_result(TaskResult(spec.task_id, error=self._broken or None,
+                                             interrupted=not self._broken))
+                return future
+            if spec.task_id in self._early:
+                future.set_result(self._early.pop(spec.task_id))
+                return future
+            self._futures[spec.task_id] = future
+            if spec.task_id in self._where:  # an adopted job runs it
+                self._specs[spec.task_id] = spec
+            else:
+                self._waiting.append(spec)
+        self._wake.set()
+        return future
+
+    def cancel(self) -> None:
+        """One scancel for the run's jobs; the poller waits for their records."""
+        self._cancel.set()
+        self._wake.set()
+
+    def running(self) -> collections.Counter:
+        with self._lock:
+            return collections.Counter(
+                job.step for job, k in self._where.values()
+                if job.elements[k].started or job.elements[k].state == "RUNNING")
+
+    # -- starting ----------------------------------------------------------------
+
+    def _default_command(self) -> str:
+        """grit.pyz copied into the work dir (nodes need python3), or this Python
+        running this grit (its path must be the same on the nodes)."""
+        here = os.path.dirname(os.path.abspath(__file__))
+        if os.path.isfile(here):  # running from a zipapp
+            target = os.path.join(os.path.dirname(self.work), "grit.pyz")
+            if not os.path.exists(target) or not filecmp.cmp(here, target, shallow=False):
+                write_atomically(target, lambda f: f.write(open(here, "rb").read()))
+            return f"python3 {shlex.quote(target)}"
+        return f"{shlex.quote(sys.executable)} {shlex.quote(os.path.abspath(__file__))}"
+
+    def _adopt(self) -> None:
+        """Jobs an earlier run left (killed): their tasks are not submitted again."""
+        for row in self.book.all():
+            try:
+                with open(os.path.join(row["folder"], "tasks.json"), encoding="utf-8") as f:
+                    chunks = json.load(f)["chunks"]
+            except (OSError, ValueError):  # never submitted, or its folder is gone
+                self.book.remove(row["name"])
+                continue
+            job = _Job(row["name"], row["folder"], row["step"],
+                       [_Element([t["task_id"] for t in chunk]) for chunk in chunks],
+                       row["slurm_id"] or "", adopted=True)
+            self._add(job)
+        if self._jobs:
+            self._collect()
+            self._squeue()
+            self.console.info(f"slurm: adopted {len(self._jobs)} job(s) of an earlier run; "
+                              f"{len(self._where)} of their task(s) still to finish")
+
+    def _add(self, job: _Job) -> None:
+        self._jobs[job.name] = job
+        with self._lock:
+            for k, element in enumerate(job.elements):
+                for task in element.tasks:
+                    self._where[task] = (job, k)
+
+    # -- the poller ----------------------------------------------------------------
+
+    def _poll(self) -> None:
+        last_squeue = time.monotonic()
+        try:
+            while not self._cancel.is_set():
+                self._wake.wait(RECORD_INTERVAL)
+                self._wake.clear()
+                if self._cancel.is_set():
+                    break
+                self._submit_waiting()
+                self._collect()
+                if self._jobs and time.monotonic() - last_squeue >= SQUEUE_SECONDS:
+                    self._squeue()
+                    last_squeue = time.monotonic()
+                self._give_up_lost()
+                if self._closing and not self._waiting:
+                    return
+            self._cancel_jobs()
+        except Exception as e:  # a bug or an unforeseen answer: fail the tasks, not hang
+            with self._lock:
+                self._broken = f"grit's Slurm poller failed: {e!r}"
+            self._fail_all(self._broken)
+
+    def _submit_waiting(self) -> None:
+        with self._lock:
+            specs, self._waiting = self._waiting, []
+        by_step: dict[str, list[TaskSpec]] = {}
+        for spec in specs:
+            by_step.setdefault(spec.step, []).append(spec)
+        for step, group in by_step.items():
+            self._submit_job(self.steps[step], group)
+
+    def _submit_job(self, definition: StepDef, specs: list[TaskSpec]) -> None:
+        size = chunk_size(definition, len(specs), self.parallel,
+                          self.durations.get(definition.name))
+        chunks = [specs[i:i + size] for i in range(0, len(specs), size)]
+        name = f"{definition.name}.{os.getpid()}.{time.time_ns() // 1000 % 10**9}." \
+               f"{next(self._serial)}"
+        folder = os.path.join(self.work, "jobs", name)
+        job = _Job(name, folder, definition.name, [_Element([s.task_id for s in c])
+                                                   for c in chunks])
+        try:
+            for sub in ("records", "objects"):
+                os.makedirs(os.path.join(folder, sub))
+            for spec in specs:  # inputs, where the nodes can read them
+                for digest in [spec.input_hash] * bool(spec.input_hash) + \
+                        [o.hash for o in spec.gathered or ()]:
+                    export_object(self.store, digest, os.path.join(self.work, "objects"))
+            plan = {"chunks": [[spec_json(s) for s in c] for c in chunks],
+                    "objects": os.path.join(self.work, "objects"), "cpus": definition.cpus,
+                    "output_mode": self.output_mode, "timeout": self.timeout}
+            write_atomically(os.path.join(folder, "tasks.json"),
+                             lambda f: f.write(json.dumps(plan).encode()))
+        except OSError as e:
+            self._fail([s.task_id for s in specs], f"cannot write the job folder {folder}: {e}")
+            return
+        self.book.add(name, folder, definition.name, len(specs), len(chunks))
+        self._add(job)
+        try:
+            job.slurm_id = self._sbatch(job, definition, size)
+        except GritError as e:
+            self._drop(job, str(e))
+            return
+        self.book.submitted(name, job.slurm_id)
+        self.console.detail(f"slurm: job {job.slurm_id}: {definition.name}, {len(specs)} "
+                            f"task(s) in {len(chunks)} element(s) of up to {size}")
+
+    def _sbatch_argv(self, job: _Job, definition: StepDef, chunk: int) -> list[str]:
+        count = len(job.elements)
+        return ["sbatch", "--parsable", f"--job-name={self.job_name}", f"--comment={job.name}",
+                f"--array=0-{count - 1}" + (f"%{self.parallel}" if count > self.parallel else ""),
+                f"--output={job.folder}/element-%a.out",
+                *sbatch_options(definition, self.timeout, chunk),
+                "--wrap", f"exec {self.command} -worker {shlex.quote(job.folder)}"]
+
+    def _sbatch(self, job: _Job, definition: StepDef, chunk: int) -> str:
+        argv = self._sbatch_argv(job, definition, chunk)
+        for attempt in range(SBATCH_TRIES):
+            done = slurm_command(argv)
+            if done.returncode == 0:
+                return done.stdout.strip().split(";")[0]
+            problem = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+            if not SBATCH_TRANSIENT.search(problem) or attempt == SBATCH_TRIES - 1 \
+                    or self._cancel.wait(2 ** attempt):
+                raise GritError(f"sbatch failed: {problem}")
+            self.console.detail(f"slurm: sbatch: {problem}; trying again")
+        raise AssertionError("unreachable")
+
+    # -- results -------------------------------------------------------------------
+
+    def _collect(self) -> None:
+        """Ingest the result records that appeared."""
+        for job in list(self._jobs.values()):
+            try:
+                names = os.listdir(os.path.join(job.folder, "records"))
+            except FileNotFoundError:
+                continue
+            for name in names:
+                if name.endswith(".json") and name not in job.recorded:
+                    job.recorded.add(name)
+                    self._finish(self._ingest(job, name))
+
+    def _ingest(self, job: _Job, name: str) -> TaskResult:
+        with open(os.path.join(job.folder, "records", name), encoding="utf-8") as f:
+            data = json.load(f)
+        result = result_from_json(data)
+        self._note_mode(data["mode"], data["node"])
+        hashes = [o.hash for o in result.outputs] + [h for h in (result.stdout_hash,
+                                                                 result.stderr_hash) if h]
+        for digest in hashes:
+            if self.store.has(digest):
+                continue
+            try:
+                with open(os.path.join(job.folder, "objects", digest), "rb") as f:
+                    stored, _ = self.store.put(f)
+            except OSError as e:
+                stored = f"unreadable ({e.strerror})"
+            if stored != digest:  # its bytes changed on the way: the task fails, nothing recorded
+                return TaskResult(result.task_id, error=f"the object {digest[:12]} the task "
+                                  f"wrote came back as {stored[:12]} from {job.folder}",
+                                  started_at=result.started_at, duration=result.duration)
+        return result
+
+    def _note_mode(self, mode: str, node: str) -> None:
+        if "not available" in mode and mode not in self._warned:
+            self._warned.add(mode)
+            self.console.warn(f"tasks on node {node} use plain output directories: {mode}")
+
+    def _finish(self, result: TaskResult) -> None:
+        with self._lock:
+            job, k = self._where.pop(result.task_id, (None, 0))
+            future = self._futures.pop(result.task_id, None)
+            self._specs.pop(result.task_id, None)
+            if future is not None:
+                future.set_result(result)
+            else:
+                self._early[result.task_id] = result
+        if job is None:
+            return
+        job.elements[k].started = True
+        if result.ok and result.duration:
+            mean = self.durations.get(job.step)
+            self.durations[job.step] = result.duration if mean is None else \
+                0.9 * mean + 0.1 * result.duration
+        if not any(t in self._where for e in job.elements for t in e.tasks):
+            self._jobs.pop(job.name, None)
+            self._ended.append(job)
+
+    def _fail(self, tasks: Iterable[int], error: str) -> None:
+        for task in tasks:
+            self._finish(TaskResult(task, error=error, started_at=utc_now()))
+
+    def _drop(self, job: _Job, error: str) -> None:
+        self._fail([t for e in job.elements for t in e.tasks], error)
+
+    def _fail_all(self, error: str) -> None:
+        for job in list(self._jobs.values()):
+            self._drop(job, error)
+        with self._lock:
+            waiting, self._waiting = self._waiting, []
+        self._fail([s.task_id for s in waiting], error)
+
+    # -- what squeue says ------------------------------------------------------------
+
+    def _squeue(self) -> None:
+        """One squeue for the whole run: each element's state, or its absence."""
+        done = slurm_command(["squeue", "-h", "-t", "all", f"--name={self.job_name}",
+                              "-o", "%F|%K|%T|%r|%k"])
+        if done.returncode != 0:  # the controller is busy or down: conclude nothing
+            self.console.detail(f"slurm: squeue: {done.stderr.strip()}")
+            return
+        seen: dict[str, dict[int, tuple[str, str]]] = {}
+        for line in done.stdout.splitlines():
+            fields = line.split("|", 4)
+            if len(fields) == 5:
+                job_id, indices, state, reason, comment = fields
+                for index in array_indices(indices):
+                    seen.setdefault(comment, {})[index] = (state, reason)
+                    seen.setdefault(job_id, {})[index] = (state, reason)
+        now = time.monotonic()
+        counts = {}
+        for job in self._jobs.values():
+            states = seen.get(job.name) or seen.get(job.slurm_id) or {}
+            for k, element in enumerate(job.elements):
+                element.state, element.reason = states.get(k, ("GONE", ""))
+                if element.state not in SLURM_ALIVE:
+                    element.ended = element.ended or now
+                elif element.state == "PENDING" and element.reason in SLURM_NEVER_RUNS:
+                    job.never_runs = element.reason
+            counts[job.name] = (sum(e.state == "PENDING" for e in job.elements),
+                                sum(e.state == "RUNNING" for e in job.elements))
+        self.book.states(counts)
+
+    def _give_up_lost(self) -> None:
+        """Fail (or, for an adopted job that vanished, submit again) the tasks of
+        elements that ended without records, after the grace period; cancel jobs
+        that can never start."""
+        now = time.monotonic()
+        for job in list(self._jobs.values()):
+            if job.never_runs:
+                slurm_command(["scancel", job.slurm_id])
+                self._drop(job, f"Slurm cannot run job {job.slurm_id}: {job.never_runs} (it asks "
+                                "for more than the partition's nodes have; cancelled)")
+                continue
+            for k, element in enumerate(job.elements):
+                lost = [t for t in element.tasks if t in self._where]
+                if not lost or not element.ended or now - element.ended < RECORD_GRACE_SECONDS:
+                    continue
+                self._collect()
+                lost = [t for t in element.tasks if t in self._where]
+                if job.adopted and element.state == "GONE":
+                    self._resubmit(lost)
+                else:
+                    self._fail(lost, f"Slurm job {job.slurm_id}_{k} ended {element.state} "
+                                     "without a result for this task"
+                               + self._element_tail(job, k))
+
+    def _element_tail(self, job: _Job, k: int) -> str:
+        line = _last_line(os.path.join(job.folder, f"element-{k}.out"))
+        return f": {line}" if line else ""
+
+    def _resubmit(self, tasks: list[int]) -> None:
+        """An adopted job's tasks that never ran: asked for already, they are
+        submitted now; not yet asked for, they are submitted when they are."""
+        with self._lock:
+            for task in tasks:
+                del self._where[task]
+                if task in self._specs:
+                    self._waiting.append(self._specs.pop(task))
+        for job in list(self._jobs.values()):
+            if not any(t in self._where for e in job.elements for t in e.tasks):
+                self._jobs.pop(job.name)
+                self._ended.append(job)
+
+    # -- stopping ----------------------------------------------------------------------
+
+    def _cancel_jobs(self) -> None:
+        """Ctrl-C: scancel the run's jobs, take the records of tasks that finished
+        meanwhile, wait (bounded) until squeue shows none of them; every other
+        task ends interrupted (it stays pending)."""
+        ids = [job.slurm_id for job in self._jobs.values() if job.slurm_id]
+        if ids:
+            slurm_command(["scancel", *ids])
+        deadline = time.monotonic() + CANCEL_WAIT_SECONDS
+        while ids and time.monotonic() < deadline:
+            time.sleep(RECORD_INTERVAL)
+            self._collect()
+            left = slurm_command(["squeue", "-h", f"--name={self.job_name}", "-o", "%F"])
+            if left.returncode == 0 and not left.stdout.strip():
+                break
+        self._collect()
+        with self._lock:
+            futures, self._futures = self._futures, {}
+            self._waiting.clear()
+            self._where.clear()
+        for task, future in futures.items():
+            future.set_result(TaskResult(task, interrupted=True))
+        self._ended += self._jobs.values()
+        self._jobs.clear()
+
+
+# -- the worker: one array element, on a node -------------------------------------------
+
+def cmd_worker(folder: str, console: Console) -> int:
+    """-worker FOLDER: this array element's chunk of tasks (SLURM_ARRAY_TASK_ID),
+    run by a LocalExecutor here over a scratch database; per task, its objects
+    and then its result record go into FOLDER."""
+    with open(os.path.join(folder, "tasks.json"), encoding="utf-8") as f:
+        plan = json.load(f)
+    element = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
+    recorded = set(os.listdir(os.path.join(folder, "records")))  # a requeued element
+    specs = [spec_from_json(t) for t in plan["chunks"][element]
+             if f"{t['task_id']}.json" not in recorded]
+    scratch = tempfile.mkdtemp(prefix="grit-worker-")
+    try:
+        with Database.for_run(os.path.join(scratch, "db"), console) as db, \
+                LocalExecutor(db, console, plan["cpus"], plan["output_mode"],
+                              plan["timeout"]) as executor, \
+                stop_on_signals(executor.cancel):
+            running = {}
+            for spec in specs:
+                problem = load_inputs(db.objects, spec, plan["objects"])
+                if problem:
+                    record_result(db.objects, folder, TaskResult(
+                        spec.task_id, error=problem, started_at=utc_now()), "")
+                else:
+                    running[executor.submit(spec)] = spec
+            while running:
+                done, _ = concurrent.futures.wait(running, timeout=RECORD_INTERVAL,
+                                                  return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in done:
+                    del running[future]
+                    result = future.result()
+                    if not result.interrupted:  # an interrupted task stays pending
+                        record_result(db.objects, folder, result, executor.capture.description)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return EXIT_OK
+
+
+def load_inputs(store: ObjectStore, spec: TaskSpec, objects: str) -> str:
+    """A task's inputs from the work dir into the scratch store, each hash
+    checked; a problem, or ""."""
+    for digest in [spec.input_hash] * bool(spec.input_hash) + \
+            [o.hash for o in spec.gathered or ()]:
+        if store.has(digest):
+            continue
+        try:
+            stored, _ = store.put_file(os.path.join(objects, digest))
+        except OSError as e:
+            return f"cannot read input object {digest[:12]} from the work dir: {e.strerror}"
+        if stored != digest:
+            return f"input object {digest[:12]} arrived as {stored[:12]} (damaged on the way)"
+    return ""
+
+
+def record_result(store: ObjectStore, folder: str, result: TaskResult, mode: str) -> None:
+    """The task's objects, then its record: a record names only objects that are there."""
+    for digest in [o.hash for o in result.outputs] + [h for h in (result.stdout_hash,
+                                                                  result.stderr_hash) if h]:
+        export_object(store, digest, os.path.join(folder, "objects"))
+    record = json.dumps(result_json(result, mode)).encode()
+    write_atomically(os.path.join(folder, "records", f"{result.task_id}.json"),
+                     lambda f: f.write(record))
 
 
 # =============================================================================
@@ -4249,6 +5021,8 @@ class RunOptions:
     timeout: float = 0
     dry_run: bool = False
     json: bool = False
+    executor: str = "local"
+    work_dir: str = ""  # -work-dir: the Slurm executor's shared folder
 
 
 def selected_steps(manifest: Manifest, opts: RunOptions) -> list[str]:
@@ -4272,7 +5046,7 @@ def cmd_run(opts: RunOptions, console: Console) -> int:
     if opts.json:
         raise GritError("-json goes with -run only together with -dry-run")
     with Database.for_run(opts.db, console) as db, \
-            LocalExecutor(db, console, opts.parallel, opts.output_mode, opts.timeout) as executor:
+            make_executor(opts, manifest, db, console) as executor:
         versions = register_steps(db, manifest, console)
         active = [v for v in versions if v.name in selected]
         not_imported = start_roots(db, active, manifest, console)
@@ -4282,6 +5056,23 @@ def cmd_run(opts: RunOptions, console: Console) -> int:
         summary.not_imported = not_imported
         warn_unmatched(db, scheduler, console)
     return report_run(summary, time.monotonic() - started, console)
+
+
+def make_executor(opts: RunOptions, manifest: Manifest, db: Database,
+                  console: Console) -> Executor:
+    if opts.executor == "local":
+        return LocalExecutor(db, console, opts.parallel or os.cpu_count() or 1,
+                             opts.output_mode, opts.timeout)
+    return SlurmExecutor(db, console, manifest, opts.parallel or cluster_cpus(),
+                         work_dir(opts, manifest), opts.output_mode, opts.timeout,
+                         db.mean_durations())
+
+
+def work_dir(opts: RunOptions, manifest: Manifest) -> str:
+    """-work-dir, else [slurm] work_dir (relative to the manifest), else
+    grit-work beside the manifest: project folders are shared on clusters."""
+    base = os.path.dirname(os.path.abspath(manifest.path))
+    return os.path.join(base, opts.work_dir or manifest.slurm.work_dir or "grit-work")
 
 
 def check_gather_cycles(db: Database, manifest: Manifest) -> None:
@@ -4537,7 +5328,7 @@ def cmd_status(db_path: str, as_json: bool) -> int:
     totals = meta.resource_totals()
     data = {"database": db.path, "run_in_progress": db.run_in_progress(),
             "size_bytes": db.sizes(), "steps": meta.step_counts(),
-            "failed_tasks": meta.failed_tasks(),
+            "failed_tasks": meta.failed_tasks(), "slurm_jobs": meta.slurm_jobs(),
             "resources": {**totals, "names": meta.name_counts(),
                           "live_names": meta.name_counts(live_only=True)}}
     if as_json:
@@ -4555,6 +5346,10 @@ def cmd_status(db_path: str, as_json: bool) -> int:
         t = s["tasks"]
         print(f"{s['name']:<{width}}  {version:<7}  {t['pending']:>8} {t['done']:>8} "
               f"{t['failed']:>8}" + (f"  gather: {s['gather']}" if "gather" in s else ""))
+    for job in data["slurm_jobs"]:
+        print(f"slurm job {job['slurm_id'] or '(not submitted)'}: {job['step']}, "
+              f"{job['tasks']} task(s) in {job['elements']} element(s): {job['queued']} queued, "
+              f"{job['running']} running at the last look")
     failed = data["failed_tasks"]
     if failed:
         print("failed tasks (-log TASK shows one):")
@@ -4892,6 +5687,8 @@ def parse_utc(text: str) -> float:
 
 def cmd_dry_run(opts: RunOptions, manifest: Manifest, selected: list[str]) -> int:
     plan = plan_run(opts.db, manifest, selected, opts.start)
+    if opts.executor == "slurm":
+        plan_jobs(plan, manifest, opts)
     if opts.json:
         emit_json({"dry_run": True, "steps": plan, "tasks": sum(p["tasks"] for p in plan)})
     else:
@@ -4992,6 +5789,21 @@ def file_hash(path: str) -> str:
     return h.hexdigest()
 
 
+def plan_jobs(plan: list[dict], manifest: Manifest, opts: RunOptions) -> None:
+    """The array job each step's tasks would go to now (-executor slurm)."""
+    parallel = opts.parallel or cluster_cpus()
+    db = Database(opts.db)
+    durations = db.meta.mean_durations() if os.path.isfile(db.metadata_path) else {}
+    db.close()
+    for entry in plan:
+        if entry["tasks"]:
+            definition = manifest.step(entry["name"])
+            size = chunk_size(definition, entry["tasks"], parallel,
+                              durations.get(definition.name))
+            entry["slurm_job"] = {"elements": -(-entry["tasks"] // size), "batch": size,
+                                  "sbatch": sbatch_options(definition, opts.timeout, size)}
+
+
 GATHER_TEXT = {"new": "a new set of inputs", "unchanged": "its inputs have not changed",
                "seen before": "a set of inputs it ran before (its results come back)",
                "no inputs": "no inputs",
@@ -5017,6 +5829,10 @@ def print_plan(plan: list[dict]) -> None:
             after = ", ".join(f"{step} {n} task(s)" for step, n in src["tasks"].items())
             print(f"{p['name']}: {src['new']} new, {src['changed']} changed, {src['gone']} gone"
                   + (f" → {after}" if after else ""))
+        if "slurm_job" in p:
+            job = p["slurm_job"]
+            print(f"{p['name']}: an array job of {job['elements']} element(s) of up to "
+                  f"{job['batch']} task(s): sbatch {' '.join(job['sbatch'])}")
         if "gather" in p:
             print(f"{p['name']}: gather over {p['gather']['inputs']} live input(s): "
                   f"{p['gather']['state']}")
@@ -5047,8 +5863,9 @@ def build_parser() -> argparse.ArgumentParser:
     flag("manifest", metavar="PATH", help="the TOML manifest (required for -run)")
     flag("db", metavar="DIR", default="./db", help="database directory (default ./db)")
     flag("run", action="store_true", help="execute the pipeline")
-    flag("parallel", metavar="N", type=int, default=os.cpu_count() or 1,
-         help="most scripts running at once (default: number of CPUs)")
+    flag("parallel", metavar="N", type=int,
+         help="most scripts running at once (default: number of CPUs); with -executor slurm, "
+              "most elements of one array job running at once (default: the cluster's CPUs)")
     flag("start", metavar="STEP", help="run STEP and the steps downstream of it")
     flag("step", metavar="STEP", action="append", default=[],
          help="run only this step (repeatable)")
@@ -5085,6 +5902,12 @@ def build_parser() -> argparse.ArgumentParser:
     flag("json", action="store_true", help="with -status, -log, -lineage, -dry-run: JSON output")
     flag("timeout", metavar="SECONDS", type=float, default=0,
          help="kill a task after SECONDS unless its step sets timeout (default: no limit)")
+    flag("executor", metavar="NAME", default="local", choices=("local", "slurm"),
+         help="where tasks run: local (this machine) or slurm (array jobs on a Slurm cluster)")
+    flag("work-dir", metavar="DIR", dest="work_dir", default="",
+         help="with -executor slurm: the folder shared with the nodes (default: grit-work "
+              "beside the manifest)")
+    flag("worker", metavar="FOLDER", help=argparse.SUPPRESS)  # an array element, on a node
     flag("output-mode", metavar="MODE", dest="output_mode", default="auto",
          choices=("auto", "fuse", "dir"), help="how $OUTPUT_DIR captures files: auto, fuse, dir")
     flag("verbose", action="store_true", help="one line per task, script output, details")
@@ -5094,7 +5917,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # The commands (exactly one per call), and the options that modify some of them.
-COMMANDS = {"run": "-run", "export": "-export NAME", "export_hash": "-export-hash HASH",
+COMMANDS = {"run": "-run", "worker": "-worker FOLDER", "export": "-export NAME", "export_hash": "-export-hash HASH",
             "verify": "-verify", "gc": "-gc", "status": "-status", "log": "-log TASK|HASH",
             "lineage": "-lineage HASH", "delete": "-delete HASH|NAME", "prune": "-prune NAME",
             "export_tar": "-export-tar PATTERN FILE"}
@@ -5106,17 +5929,21 @@ MODIFIERS = {"dry_run": ("run", "delete", "prune"), "json": ("run", "status", "l
 def run_options(args: argparse.Namespace) -> RunOptions:
     if not args.manifest:
         raise GritError("-run needs -manifest PATH")
-    if args.parallel < 1:
+    if args.parallel is not None and args.parallel < 1:
         raise GritError(f"-parallel must be 1 or more, not {args.parallel}")
     if not 0 <= args.timeout < float("inf"):
         raise GritError(f"-timeout must be 0 (no limit) or more seconds, not {args.timeout}")
-    return RunOptions(args.manifest, args.db, args.parallel, args.start, args.step,
-                      args.output_mode, args.timeout, args.dry_run, args.json)
+    if args.work_dir and args.executor != "slurm":
+        raise GritError("-work-dir goes with -executor slurm")
+    return RunOptions(args.manifest, args.db, args.parallel or 0, args.start, args.step,
+                      args.output_mode, args.timeout, args.dry_run, args.json, args.executor,
+                      args.work_dir)
 
 
 # What each command calls, with the parsed arguments and the console.
 HANDLERS: dict[str, Callable[[argparse.Namespace, Console], int]] = {
     "run": lambda a, c: cmd_run(run_options(a), c),
+    "worker": lambda a, c: cmd_worker(a.worker, c),
     "export": lambda a, c: cmd_export(a.db, a.export, a.live),
     "export_hash": lambda a, c: cmd_export_hash(a.db, a.export_hash),
     "verify": lambda a, c: cmd_verify(a.db, c),
@@ -5134,7 +5961,8 @@ def chosen_command(args: argparse.Namespace) -> str:
     """The one command given, its modifiers checked."""
     commands = [c for c in COMMANDS if getattr(args, c) not in (None, False)]
     if len(commands) != 1:
-        raise GritError("give exactly one of " + ", ".join(COMMANDS.values())
+        raise GritError("give exactly one of " + ", ".join(v for c, v in COMMANDS.items()
+                                                           if c != "worker")
                         + " (see grit --help)")
     for option, allowed in MODIFIERS.items():
         if getattr(args, option) not in (None, False) and commands[0] not in allowed:

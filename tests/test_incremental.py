@@ -69,6 +69,9 @@ def test_changed_inputs_is_new_version_but_parallel_or_order_is_not(grit):
     grit.run()
     grit.write(base.format(inputs='["a"]', extra="parallel = 3"))
     assert "new version" not in grit.run().stderr
+    slurm_keys = 'cpus = 2\n        mem = "1G"\n        time = 60\n        batch = 5'
+    grit.write(base.format(inputs='["a"]', extra=slurm_keys))  # scheduling keys too
+    assert "new version" not in grit.run().stderr
     grit.write(base.format(inputs='["b", "a"]', extra="parallel = 3"))
     proc = grit.run()
     assert "new version: use v2" in proc.stderr
@@ -290,7 +293,7 @@ def test_seed_copies_only_files_changed_since_it_last_succeeded(grit, tmp_path):
                                               b"OLD 2\n", b"OLD 3\n"]
 
 
-def overlap_manifest(lock_dir, cap):
+def overlap_manifest(lock_dir, cap, cpus=1):
     return f'''
         [[step]]
         name = "seed"
@@ -299,6 +302,7 @@ def overlap_manifest(lock_dir, cap):
         name = "slow"
         inputs = ["n-*"]
         parallel = {cap}
+        cpus = {cpus}
         script = """
         if mkdir {lock_dir} 2>/dev/null; then sleep 0.3; rmdir {lock_dir}
         else echo overlap > $OUTPUT_DIR/overlap-$GRIT_TASK_ID; sleep 0.3; fi
@@ -316,6 +320,15 @@ def test_tasks_run_in_parallel_without_cap(grit, tmp_path):
     grit.write(overlap_manifest(tmp_path / "lock", 0))
     grit.run("-parallel", "3")
     assert grit.count("overlap-*") >= 1
+
+
+def test_a_task_takes_as_many_slots_as_its_step_has_cpus(grit, tmp_path):
+    grit.write(overlap_manifest(tmp_path / "lock", 0, cpus=2))
+    grit.run("-parallel", "3")  # 2 + 2 > 3: one at a time
+    assert grit.count("overlap-*") == 0 and grit.tasks("slow")["done"] == 6
+    grit.write(overlap_manifest(tmp_path / "lock2", 0, cpus=8))  # a new script: v2
+    grit.run("-parallel", "2")  # more cpus than -parallel: each runs alone, none waits forever
+    assert grit.count("overlap-*") == 0 and grit.tasks("slow")["done"] == 6
 
 
 def test_downstream_starts_before_upstream_step_finishes(grit, tmp_path):

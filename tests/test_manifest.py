@@ -32,6 +32,14 @@ BAD = {
     "gather_seed": (GOOD_STEP + 'gather = true\n', ['a gather step needs "inputs"']),
     "gather_string": (GOOD_STEP + 'inputs = ["x"]\ngather = "yes"\n',
                       ['"gather" must be true or false, not a string']),
+    "cpus_zero": (GOOD_STEP + 'cpus = 0\n', ['"cpus" must be 1 or more, not 0']),
+    "mem_number": (GOOD_STEP + 'mem = 4\n', ['"mem" must be a string, not an integer']),
+    "time_words": (GOOD_STEP + 'time = "an hour"\n', ['"time" must be seconds or a Slurm time']),
+    "sbatch_string": (GOOD_STEP + 'sbatch = "--qos=x"\n', ['"sbatch" must be an array of strings']),
+    "slurm_unknown": ('[slurm]\npartitions = "x"\n' + GOOD_STEP,
+                      ['[slurm]: unknown key "partitions" (did you mean "partition"?)']),
+    "slurm_not_table": ('slurm = 1\n' + GOOD_STEP, ['[slurm] must be a table, not an integer']),
+    "slurm_batch": ('[slurm]\nbatch = -1\n' + GOOD_STEP, ['[slurm]: "batch" must be 0']),
 }
 
 
@@ -70,6 +78,26 @@ def test_inputs_are_sorted_and_deduplicated():
 def test_start_key_of_the_seed_readme_is_accepted():
     m = parse_manifest({"step": [{"name": "s", "start": True, "script": "x"}]}, "m")
     assert m.steps[0].is_seed
+
+
+def test_slurm_defaults_apply_to_steps_that_do_not_set_a_key():
+    m = parse_manifest({"slurm": {"partition": "short", "time": "1:30:00", "cpus": 2,
+                                  "command": "grit", "work_dir": "/shared/w"},
+                        "step": [{"name": "a", "script": "x"},
+                                 {"name": "b", "script": "x", "cpus": 8, "time": 90,
+                                  "mem": "4G", "sbatch": ["--qos=long"], "batch": 10}]}, "m")
+    a, b = m.steps
+    assert (a.partition, a.time, a.cpus, a.mem) == ("short", 5400, 2, "")
+    assert (b.partition, b.time, b.cpus, b.mem, b.sbatch, b.batch) == (
+        "short", 90, 8, "4G", ("--qos=long",), 10)
+    assert (m.slurm.command, m.slurm.work_dir) == ("grit", "/shared/w")
+
+
+@pytest.mark.parametrize("text,seconds", [("30", 1800), ("2:30", 150), ("1:00:00", 3600),
+                                          ("1-12", 129600), ("2-0:30", 174600)])
+def test_slurm_times_read_as_sbatch_reads_them(text, seconds):
+    m = parse_manifest({"step": [{"name": "a", "script": "x", "time": text}]}, "m")
+    assert m.steps[0].time == seconds
 
 
 def test_unknown_step_lookup_suggests():
