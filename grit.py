@@ -3531,11 +3531,13 @@ def open_capture(mode: str, server: FuseServer | None, unavailable: str,
             unavailable = str(e)
     if mode == "fuse":
         raise GritError(f"-output-mode fuse: FUSE cannot be used here: {unavailable}")
+    capture = DirCapture()
     if mode == "auto":
-        console.info(f"notice: FUSE is not available ({unavailable}); using plain output "
-                     "directories, where rewriting one name in a loop yields only its last "
-                     "content")
-    return DirCapture()
+        capture.description = (f"FUSE is not available ({unavailable}); using plain output "
+                               "directories, where rewriting one name in a loop yields only "
+                               "its last content")
+        console.info(f"notice: {capture.description}")
+    return capture
 
 
 # =============================================================================
@@ -4432,7 +4434,7 @@ class SlurmExecutor:
     def _note_mode(self, mode: str, node: str) -> None:
         if "not available" in mode and mode not in self._warned:
             self._warned.add(mode)
-            self.console.warn(f"tasks on node {node} use plain output directories: {mode}")
+            self.console.warn(f"on node {node}: {mode}")
 
     def _finish(self, result: TaskResult) -> None:
         with self._lock:
@@ -4583,8 +4585,12 @@ def cmd_worker(folder: str, console: Console) -> int:
     try:
         with Database.for_run(os.path.join(scratch, "db"), console) as db, \
                 LocalExecutor(db, console, plan["cpus"], plan["output_mode"],
-                              plan["timeout"]) as executor, \
-                stop_on_signals(executor.cancel):
+                              plan["timeout"]) as executor:
+            # scancel signals the scripts too: a script that dies of it after
+            # this was told to stop is interrupted, not failed.
+            stopping = threading.Event()
+            cancel = stop_on_signals(lambda: (stopping.set(), executor.cancel()))
+            cancel.__enter__()
             running = {}
             for spec in specs:
                 problem = load_inputs(db.objects, spec, plan["objects"])
@@ -4599,7 +4605,7 @@ def cmd_worker(folder: str, console: Console) -> int:
                 for future in done:
                     del running[future]
                     result = future.result()
-                    if not result.interrupted:  # an interrupted task stays pending
+                    if result.ok or not stopping.is_set():  # else it stays pending
                         record_result(db.objects, folder, result, executor.capture.description)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 GRIT = str(ROOT / "grit.py")
 EXAMPLES = ROOT / "examples"
+SLURM_SCRIPT = str(ROOT / "tests" / "slurm-cluster.sh")
 sys.path.insert(0, str(ROOT))
 
 
@@ -159,3 +161,27 @@ def output_mode(request) -> str:
     if request.param == "fuse":
         require_fuse()
     return request.param
+
+
+def require_slurm() -> None:
+    """Skip where Slurm is not installed, except in CI (GRIT_REQUIRE_SLURM=1): fail there."""
+    missing = [c for c in ("munged", "slurmctld", "slurmd", "sbatch") if not shutil.which(c)]
+    if missing:
+        if os.environ.get("GRIT_REQUIRE_SLURM") == "1":
+            pytest.fail(f"Slurm is required here (GRIT_REQUIRE_SLURM=1) but {missing} are missing")
+        pytest.skip(f"Slurm is not installed ({', '.join(missing)} missing; "
+                    "tests/bootstrap.sh installs it as root on Debian/Ubuntu)")
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    """SLURM_CONF of a running cluster; its daemons are stopped however the tests end."""
+    require_slurm()
+    folder = tmp_path_factory.mktemp("slurm")
+    started = subprocess.run([SLURM_SCRIPT, "start", str(folder)], capture_output=True, text=True,
+                             timeout=120, env=dict(os.environ, GRIT_SLURM_MIN_JOB_AGE="2"))
+    try:
+        assert started.returncode == 0, started.stderr
+        yield {"SLURM_CONF": started.stdout.strip(), "folder": folder}
+    finally:
+        subprocess.run([SLURM_SCRIPT, "stop", str(folder)], timeout=120)

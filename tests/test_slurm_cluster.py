@@ -1,39 +1,9 @@
 """The single-node Slurm cluster the Slurm tests run against (tests/slurm-cluster.sh):
 real munged, slurmctld and slurmd, started in a temp folder and stopped by pid."""
 import os
-import shutil
 import subprocess
-import time
 
-import pytest
-
-from conftest import ROOT, wait_for
-
-SCRIPT = str(ROOT / "tests" / "slurm-cluster.sh")
-
-
-def require_slurm() -> None:
-    """Skip where Slurm is not installed, except in CI (GRIT_REQUIRE_SLURM=1): fail there."""
-    missing = [c for c in ("munged", "slurmctld", "slurmd", "sbatch") if not shutil.which(c)]
-    if missing:
-        if os.environ.get("GRIT_REQUIRE_SLURM") == "1":
-            pytest.fail(f"Slurm is required here (GRIT_REQUIRE_SLURM=1) but {missing} are missing")
-        pytest.skip(f"Slurm is not installed ({', '.join(missing)} missing; "
-                    "tests/bootstrap.sh installs it as root on Debian/Ubuntu)")
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """SLURM_CONF of a running cluster; its daemons are stopped however the tests end."""
-    require_slurm()
-    folder = tmp_path_factory.mktemp("slurm")
-    started = subprocess.run([SCRIPT, "start", str(folder)], capture_output=True, text=True,
-                             timeout=120, env=dict(os.environ, GRIT_SLURM_MIN_JOB_AGE="2"))
-    try:
-        assert started.returncode == 0, started.stderr
-        yield {"SLURM_CONF": started.stdout.strip(), "folder": folder}
-    finally:
-        subprocess.run([SCRIPT, "stop", str(folder)], timeout=120)
+from conftest import SLURM_SCRIPT as SCRIPT, require_slurm, wait_for
 
 
 def slurm(cluster, *argv) -> str:

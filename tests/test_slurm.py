@@ -1,0 +1,229 @@
+"""-executor slurm against a real single-node cluster (tests/slurm-cluster.sh):
+real sbatch, squeue and scancel, array elements running `grit -worker` on the node."""
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import EXAMPLES, Grit, wait_for
+
+# The tests look at squeue every second and give a finished element 3 s for its
+# records; the defaults (30 s each) suit real clusters.
+FAST = {"GRIT_SLURM_POLL": "1", "GRIT_SLURM_GRACE": "3"}
+
+FAN_OUT = '''
+    [[step]]
+    name = "seed"
+    script = """
+    for i in 1 2 3 4 5 6 7 8; do echo "item $i" > $OUTPUT_DIR/item; done
+    printf 'b\\na\\nc\\n' > $OUTPUT_DIR/list
+    """
+    [[step]]
+    name = "upper"
+    inputs = ["item", "list"]
+    script = 'tr a-z A-Z < "$INPUT_FILE" > "$OUTPUT_DIR/up-$GRIT_INPUT_NAME"'
+    [[step]]
+    name = "split"
+    inputs = ["up-list"]
+    script = 'split -l 1 "$INPUT_FILE" "$OUTPUT_DIR/part-"'
+    [[step]]
+    name = "total"
+    inputs = ["up-*", "part-*"]
+    gather = true
+    script = 'cat "$INPUT_DIR"/* | sort > "$OUTPUT_DIR/total"'
+'''
+
+
+def on_slurm(grit: Grit, cluster, *extra, check=0, env=None, timeout=180):
+    env = dict(FAST, SLURM_CONF=cluster["SLURM_CONF"], **(env or {}))
+    return grit.run("-executor", "slurm", *extra, check=check, env=env, timeout=timeout)
+
+
+def popen_on_slurm(grit: Grit, cluster, *extra, env=None) -> subprocess.Popen:
+    return grit.popen("-executor", "slurm", *extra,
+                      env=dict(os.environ, **FAST, SLURM_CONF=cluster["SLURM_CONF"],
+                               **(env or {})))
+
+
+def live(grit: Grit) -> set[tuple[str, str]]:
+    """The live (name, hash) set, through -status and -export -live."""
+    names = grit.status()["resources"]["live_names"]
+    found = set()
+    for name in names:
+        out = grit("-db", str(grit.db), "-export", name, "-live", check=0).stdout
+        found |= {(name, line.split("\t")[0]) for line in out.splitlines()}
+    return found
+
+
+def squeue(cluster, *args) -> str:
+    return subprocess.run(["squeue", "-h", *args], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, SLURM_CONF=cluster["SLURM_CONF"]),
+                          check=True).stdout
+
+
+def our_jobs(cluster, grit: Grit) -> str:
+    """This test's jobs that squeue shows pending or running (grit names them grit-*)."""
+    return "".join(line for line in squeue(cluster, "-o", "%j %T\n").splitlines(True)
+                   if line.startswith("grit-"))
+
+
+def local_twin(tmp_path, manifest: str, mode: str = "auto") -> set[tuple[str, str]]:
+    twin = Grit(tmp_path / "local")
+    twin.path.mkdir()
+    twin.write(manifest)
+    twin.run("-output-mode", mode)
+    return live(twin)
+
+
+@pytest.mark.parametrize("example", ["quickstart", "fan-out"])
+def test_same_results_as_the_local_executor(grit, cluster, tmp_path, example):
+    manifest = (EXAMPLES / "quickstart.toml").read_text() if example == "quickstart" else FAN_OUT
+    grit.write(manifest)
+    proc = on_slurm(grit, cluster, "-verbose")
+    assert "slurm: job " in proc.stderr and "0 failed" in proc.stderr
+    assert live(grit) == local_twin(tmp_path, manifest)
+    if example == "fan-out":  # rewriting one name in a loop: 8 resources, as locally
+        assert grit.count("item") == 8
+    assert not (grit.path / "grit-work").exists() or not any(
+        (grit.path / "grit-work").glob("*/jobs/*"))  # job folders go once the run is done
+    assert "0 task(s) run" in on_slurm(grit, cluster).stderr  # nothing twice
+
+
+def test_a_failing_script_fails_its_task_with_exit_status_and_stderr(grit, cluster):
+    grit.write('''
+        [[step]]
+        name = "seed"
+        script = "echo a > $OUTPUT_DIR/a; echo b > $OUTPUT_DIR/b"
+        [[step]]
+        name = "check"
+        inputs = ["a", "b"]
+        script = """
+        if [ "$GRIT_INPUT_NAME" = b ]; then echo "checking b" >&2; echo "b is bad" >&2; exit 3; fi
+        cp $INPUT_FILE $OUTPUT_DIR/ok
+        """
+    ''')
+    proc = on_slurm(grit, cluster, check=1)
+    assert "exit status 3: b is bad" in proc.stderr
+    [failed] = grit.status()["failed_tasks"]
+    assert failed["exit_code"] == 3 and failed["error"] == "exit status 3: b is bad"
+    log = grit.log(failed["task"])
+    assert log["stderr"] == "checking b\nb is bad\n"
+    assert grit.contents("ok") == [b"a\n"]
+
+
+def test_an_impossible_cpus_fails_the_task_and_leaves_no_job(grit, cluster):
+    grit.write('''
+        [[step]]
+        name = "seed"
+        cpus = 64
+        script = "echo a > $OUTPUT_DIR/a"
+    ''')
+    proc = on_slurm(grit, cluster, check=1, timeout=120)
+    [failed] = grit.status()["failed_tasks"]
+    assert "Slurm cannot run job" in failed["error"] or "sbatch failed" in failed["error"], \
+        failed["error"]
+    assert "1 failed" in proc.stderr
+    assert our_jobs(cluster, grit) == ""
+
+
+def test_a_task_over_its_time_limit_fails_with_slurm_timeout(grit, cluster):
+    grit.write('''
+        [[step]]
+        name = "slow"
+        time = 1
+        script = "sleep 600; echo never > $OUTPUT_DIR/x"
+    ''')  # time = 1 s: Slurm's least time limit, one minute
+    proc = on_slurm(grit, cluster, check=1, timeout=300)
+    [failed] = grit.status()["failed_tasks"]
+    assert "ended TIMEOUT" in failed["error"], failed["error"]
+    assert "1 failed" in proc.stderr and our_jobs(cluster, grit) == ""
+
+
+def test_ctrl_c_cancels_the_jobs_and_leaves_the_tasks_pending(grit, cluster, tmp_path):
+    marker = f"sleep 300.{os.getpid()}"  # a sleep of this test's own
+    grit.write(f'''
+        [[step]]
+        name = "seed"
+        script = "for i in 1 2 3 4 5 6; do echo $i > $OUTPUT_DIR/n-$i; done"
+        [[step]]
+        name = "wait"
+        inputs = ["n-*"]
+        batch = 2
+        script = "touch {tmp_path}/started-$GRIT_TASK_ID; {marker}"
+    ''')
+    proc = popen_on_slurm(grit, cluster)
+    assert wait_for(lambda: len(list(tmp_path.glob("started-*"))) >= 2, 60)
+    assert wait_for(lambda: "running" in grit("-db", str(grit.db), "-status").stdout, 10)
+    status = grit("-db", str(grit.db), "-status").stdout
+    assert "slurm job" in status and "running at the last look" in status, status
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=90)
+    assert proc.returncode == 130, stderr
+    assert our_jobs(cluster, grit) == ""
+    assert wait_for(lambda: subprocess.run(["pgrep", "-f", marker]).returncode == 1, 20)
+    tasks = grit.tasks("wait")
+    assert tasks["done"] == 0 and tasks["pending"] == 6
+    assert grit.status()["slurm_jobs"] == []
+
+
+def test_kill_9_of_the_coordinator_then_rerun_runs_no_task_twice(grit, cluster, tmp_path):
+    ran = tmp_path / "ran.log"
+    grit.write(f'''
+        [[step]]
+        name = "seed"
+        script = "for i in 1 2 3 4 5 6 7 8; do echo $i > $OUTPUT_DIR/n-$i; done"
+        [[step]]
+        name = "work"
+        inputs = ["n-*"]
+        batch = 2
+        script = "echo $GRIT_TASK_ID >> {ran}; sleep 2; rev $INPUT_FILE > $OUTPUT_DIR/r-$GRIT_INPUT_NAME"
+    ''')
+    proc = popen_on_slurm(grit, cluster)
+    assert wait_for(lambda: ran.exists() and ran.read_text().strip(), 60)
+    proc.kill()  # kill -9: the jobs go on without it
+    proc.wait(timeout=10)
+    jobs = grit.status()["slurm_jobs"]
+    assert jobs and all(j["slurm_id"] for j in jobs)  # the database knows them
+    proc = on_slurm(grit, cluster)
+    assert "adopted" in proc.stderr
+    ids = ran.read_text().split()
+    assert sorted(ids) == sorted(set(ids)) and len(ids) == 8  # each task ran exactly once
+    assert grit.tasks("work")["done"] == 8 and grit.count("r-*") == 8
+    # The cluster's own record: the killed run's job ran to completion, and no
+    # element of any job ran more than the 4 that 8 tasks in chunks of 2 need.
+    log = (cluster["folder"] / "jobcomp.log").read_text()
+    first = [line for line in log.splitlines() if f"ArrayJobId={jobs[-1]['slurm_id']} " in line]
+    assert first and all("JobState=COMPLETED" in line for line in first)
+    assert live(grit) == local_twin(tmp_path, grit.manifest.read_text().replace(str(ran),
+                                                                                os.devnull))
+
+
+def test_jobs_purged_from_squeue_before_a_look_still_deliver(grit, cluster):
+    # MinJobAge is 2 s on the test cluster and squeue is looked at only every 60 s
+    # here: the records alone carry the results.
+    grit.write(FAN_OUT)
+    proc = on_slurm(grit, cluster, env={"GRIT_SLURM_POLL": "60"})
+    assert "0 failed" in proc.stderr and grit.count("total") == 1
+
+
+def test_a_node_without_fuse_uses_plain_directories_and_says_so(grit, cluster, tmp_path):
+    grit.write(FAN_OUT)
+    # What the array elements inherit makes libfuse unloadable on the node.
+    proc = on_slurm(grit, cluster, env={"FUSE_LIBRARY_PATH": "/nonexistent/libfuse3.so.3"})
+    assert "FUSE is not available" in proc.stderr and "using plain output" in proc.stderr
+    assert live(grit) == local_twin(tmp_path, FAN_OUT, mode="dir")
+    assert grit.count("item") == 1  # dir mode sees only a rewritten name's last content
+
+
+def test_dry_run_shows_the_array_jobs_it_would_submit(grit, cluster):
+    grit.write(FAN_OUT.replace('name = "upper"', 'name = "upper"\n    batch = 3\n    mem = "200M"'))
+    on_slurm(grit, cluster, "-step", "seed")
+    proc = on_slurm(grit, cluster, "-dry-run", "-json")
+    [upper] = [s for s in json.loads(proc.stdout)["steps"] if s["name"] == "upper"]
+    assert upper["slurm_job"] == {"elements": 3, "batch": 3,
+                                  "sbatch": ["--cpus-per-task=1", "--mem=200M"]}
+    text = on_slurm(grit, cluster, "-dry-run").stdout
+    assert "upper: an array job of 3 element(s) of up to 3 task(s)" in text
