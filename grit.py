@@ -4033,7 +4033,7 @@ def error_line(error: str) -> str:
 # whole run now and then. Job folders are in the database (slurm_job), so a
 # run after a kill -9 adopts them.
 
-RECORD_INTERVAL = 0.5  # seconds between looks for new result records
+RECORD_INTERVAL = 0.2  # seconds between looks for new result records (a listing per job)
 # squeue for the whole run at most this often (Slurm asks programs not to poll it
 # in loops); records, not squeue, tell that tasks finished.
 SQUEUE_SECONDS = float(os.environ.get("GRIT_SLURM_POLL", "30"))
@@ -4041,7 +4041,15 @@ SQUEUE_SECONDS = float(os.environ.get("GRIT_SLURM_POLL", "30"))
 # records to appear (a network filesystem's attribute cache) before its tasks fail.
 RECORD_GRACE_SECONDS = float(os.environ.get("GRIT_SLURM_GRACE", "30"))
 ELEMENT_SECONDS = 60.0  # an element runs about this long once a step's durations are known
-ELEMENT_LEAST_SECONDS = 5.0  # and at least this long: its start-up costs about a second
+ELEMENT_LEAST_SECONDS = 2.0  # and at least this long: its start-up costs about a second
+# A step's new tasks wait while one of its elements has not started (the
+# cluster is full): they join the next job instead of making many small ones.
+HOLD_SECONDS = 30.0
+SUBMIT_SETTLE_SECONDS = 0.05  # the scheduler hands over a round's tasks in a burst
+# Objects smaller than this travel inside one file: a job's input pack, a task's
+# result file. Creating a file cost 0.5-0.9 ms here (on NFS a round trip to the
+# server), so not one per object; larger ones go as files named by hash.
+INLINE_BYTES = 1024 * 1024
 SBATCH_TRIES = 6  # a busy controller gets 1 + 2 + 4 + 8 + 16 s
 SBATCH_TRANSIENT = re.compile(r"temporarily unavailable|timed? ?out|try again|Unable to contact",
                               re.IGNORECASE)
@@ -4093,6 +4101,56 @@ def export_object(store: ObjectStore, digest: str, folder: str) -> None:
     path = os.path.join(folder, digest)
     if not os.path.exists(path):
         write_atomically(path, lambda f: f.writelines(store.open(digest)))
+
+
+def task_hashes(spec: TaskSpec) -> list[str]:
+    """The objects a task reads."""
+    return [spec.input_hash] * bool(spec.input_hash) + [o.hash for o in spec.gathered or ()]
+
+
+def result_hashes(result: TaskResult) -> list[str]:
+    """The objects a task made: outputs and logs."""
+    return [o.hash for o in result.outputs] + [h for h in (result.stdout_hash,
+                                                           result.stderr_hash) if h]
+
+
+def pack_index(store: ObjectStore, digests: Iterable[str], big_dir: str) -> dict[str, list[int]]:
+    """Where pack_objects puts each small object: [offset, size] in the pack.
+    Objects of INLINE_BYTES or more go to big_dir/HASH instead, now."""
+    index: dict[str, list[int]] = {}
+    offset = 0
+    for digest in dict.fromkeys(digests):
+        size = store.size(digest)
+        if size < INLINE_BYTES:
+            index[digest] = [offset, size]
+            offset += size
+        else:
+            export_object(store, digest, big_dir)
+    return index
+
+
+def pack_objects(store: ObjectStore, index: dict[str, list[int]], f: IO[bytes]) -> None:
+    for digest in index:
+        f.writelines(store.open(digest))
+
+
+def unpack_object(store: ObjectStore, digest: str, pack: IO[bytes], base: int,
+                  index: dict[str, list[int]], big_dir: str) -> str:
+    """An object from a pack (at base + its offset) or from big_dir into the
+    store, its hash checked: "", or what went wrong."""
+    if store.has(digest):
+        return ""
+    try:
+        if digest in index:
+            offset, size = index[digest]
+            pack.seek(base + offset)
+            stored, _ = store.put(io.BytesIO(pack.read(size)))
+        else:
+            stored, _ = store.put_file(os.path.join(big_dir, digest))
+    except OSError as e:
+        return f"object {digest[:12]} unreadable in the work dir ({e.strerror})"
+    return "" if stored == digest else \
+        f"object {digest[:12]} arrived as {stored[:12]} (damaged on the way)"
 
 
 def chunk_size(definition: StepDef, tasks: int, parallel: int, mean: float | None) -> int:
@@ -4197,6 +4255,8 @@ class SlurmExecutor:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._waiting: list[TaskSpec] = []  # submitted, not yet in a job
+        self._last_submit = 0.0
+        self._held_since: dict[str, float] = {}  # step -> when its waiting tasks began to wait
         self._futures: dict[int, concurrent.futures.Future] = {}
         self._specs: dict[int, TaskSpec] = {}  # claimed tasks of adopted jobs
         self._where: dict[int, tuple[_Job, int]] = {}  # task -> its job and element
@@ -4254,6 +4314,7 @@ class SlurmExecutor:
                 self._specs[spec.task_id] = spec
             else:
                 self._waiting.append(spec)
+            self._last_submit = time.monotonic()
         self._wake.set()
         return future
 
@@ -4332,13 +4393,35 @@ class SlurmExecutor:
             self._fail_all(self._broken)
 
     def _submit_waiting(self) -> None:
+        """One job per step for the tasks waiting, unless the step holds them."""
+        deadline = time.monotonic() + RECORD_INTERVAL  # a burst ends, or this much is taken
+        while time.monotonic() - self._last_submit < SUBMIT_SETTLE_SECONDS \
+                and time.monotonic() < deadline:
+            time.sleep(SUBMIT_SETTLE_SECONDS)
         with self._lock:
             specs, self._waiting = self._waiting, []
         by_step: dict[str, list[TaskSpec]] = {}
         for spec in specs:
             by_step.setdefault(spec.step, []).append(spec)
         for step, group in by_step.items():
-            self._submit_job(self.steps[step], group)
+            if self._holds(step):
+                with self._lock:
+                    self._waiting += group
+            else:
+                self._held_since.pop(step, None)
+                self._submit_job(self.steps[step], group)
+
+    def _holds(self, step: str) -> bool:
+        """Whether a step's waiting tasks wait (at most HOLD_SECONDS) to join a
+        bigger job: while the run's elements fill -parallel, or one of the
+        step's elements has not started."""
+        unfinished = [(job, e) for job in self._jobs.values() for e in job.elements
+                      if any(t in self._where for t in e.tasks)]
+        queued = any(job.step == step and not e.started and e.state == "PENDING"
+                     for job, e in unfinished)
+        since = self._held_since.setdefault(step, time.monotonic())
+        return (queued or len(unfinished) >= self.parallel) \
+            and time.monotonic() - since < HOLD_SECONDS
 
     def _submit_job(self, definition: StepDef, specs: list[TaskSpec]) -> None:
         size = chunk_size(definition, len(specs), self.parallel,
@@ -4352,12 +4435,12 @@ class SlurmExecutor:
         try:
             for sub in ("records", "objects"):
                 os.makedirs(os.path.join(folder, sub))
-            for spec in specs:  # inputs, where the nodes can read them
-                for digest in [spec.input_hash] * bool(spec.input_hash) + \
-                        [o.hash for o in spec.gathered or ()]:
-                    export_object(self.store, digest, os.path.join(self.work, "objects"))
-            plan = {"chunks": [[spec_json(s) for s in c] for c in chunks],
-                    "objects": os.path.join(self.work, "objects"), "cpus": definition.cpus,
+            big_dir = os.path.join(self.work, "objects")  # shared by jobs: big inputs once
+            index = pack_index(self.store, (d for s in specs for d in task_hashes(s)), big_dir)
+            with open(os.path.join(folder, "inputs.pack"), "wb") as pack:
+                pack_objects(self.store, index, pack)
+            plan = {"chunks": [[spec_json(s) for s in c] for c in chunks], "pack": index,
+                    "objects": big_dir, "cpus": definition.cpus,
                     "output_mode": self.output_mode, "timeout": self.timeout}
             write_atomically(os.path.join(folder, "tasks.json"),
                              lambda f: f.write(json.dumps(plan).encode()))
@@ -4406,29 +4489,27 @@ class SlurmExecutor:
             except FileNotFoundError:
                 continue
             for name in names:
-                if name.endswith(".json") and name not in job.recorded:
-                    job.recorded.add(name)
+                if name in job.recorded:
+                    continue
+                job.recorded.add(name)
+                if name.endswith(".task"):
                     self._finish(self._ingest(job, name))
+                elif name.startswith("started-"):  # the worker's first sign of life
+                    job.elements[int(name[8:])].started = True
 
     def _ingest(self, job: _Job, name: str) -> TaskResult:
-        with open(os.path.join(job.folder, "records", name), encoding="utf-8") as f:
-            data = json.load(f)
-        result = result_from_json(data)
-        self._note_mode(data["mode"], data["node"])
-        hashes = [o.hash for o in result.outputs] + [h for h in (result.stdout_hash,
-                                                                 result.stderr_hash) if h]
-        for digest in hashes:
-            if self.store.has(digest):
-                continue
-            try:
-                with open(os.path.join(job.folder, "objects", digest), "rb") as f:
-                    stored, _ = self.store.put(f)
-            except OSError as e:
-                stored = f"unreadable ({e.strerror})"
-            if stored != digest:  # its bytes changed on the way: the task fails, nothing recorded
-                return TaskResult(result.task_id, error=f"the object {digest[:12]} the task "
-                                  f"wrote came back as {stored[:12]} from {job.folder}",
-                                  started_at=result.started_at, duration=result.duration)
+        """A task's result file: its record, its objects into the store."""
+        with open(os.path.join(job.folder, "records", name), "rb") as f:
+            line = f.readline()
+            data = json.loads(line)
+            result = result_from_json(data)
+            self._note_mode(data["mode"], data["node"])
+            for digest in result_hashes(result):
+                problem = unpack_object(self.store, digest, f, len(line), data["pack"],
+                                        os.path.join(job.folder, "objects"))
+                if problem:  # changed on the way: the task fails, nothing is recorded
+                    return TaskResult(result.task_id, error=f"a result {problem}",
+                                      started_at=result.started_at, duration=result.duration)
         return result
 
     def _note_mode(self, mode: str, node: str) -> None:
@@ -4573,69 +4654,72 @@ class SlurmExecutor:
 
 def cmd_worker(folder: str, console: Console) -> int:
     """-worker FOLDER: this array element's chunk of tasks (SLURM_ARRAY_TASK_ID),
-    run by a LocalExecutor here over a scratch database; per task, its objects
-    and then its result record go into FOLDER."""
+    run by a LocalExecutor here over a scratch database; per task, one result
+    file goes into FOLDER."""
     with open(os.path.join(folder, "tasks.json"), encoding="utf-8") as f:
         plan = json.load(f)
     element = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
-    recorded = set(os.listdir(os.path.join(folder, "records")))  # a requeued element
+    records = os.path.join(folder, "records")
+    open(os.path.join(records, f"started-{element}"), "w").close()  # for the coordinator
+    done = set(os.listdir(records))  # a requeued element skips what it did
     specs = [spec_from_json(t) for t in plan["chunks"][element]
-             if f"{t['task_id']}.json" not in recorded]
+             if f"{t['task_id']}.task" not in done]
     scratch = tempfile.mkdtemp(prefix="grit-worker-")
     try:
         with Database.for_run(os.path.join(scratch, "db"), console) as db, \
                 LocalExecutor(db, console, plan["cpus"], plan["output_mode"],
-                              plan["timeout"]) as executor:
-            # scancel signals the scripts too: a script that dies of it after
-            # this was told to stop is interrupted, not failed.
-            stopping = threading.Event()
-            cancel = stop_on_signals(lambda: (stopping.set(), executor.cancel()))
-            cancel.__enter__()
-            running = {}
-            for spec in specs:
-                problem = load_inputs(db.objects, spec, plan["objects"])
-                if problem:
-                    record_result(db.objects, folder, TaskResult(
-                        spec.task_id, error=problem, started_at=utc_now()), "")
-                else:
-                    running[executor.submit(spec)] = spec
-            while running:
-                done, _ = concurrent.futures.wait(running, timeout=RECORD_INTERVAL,
-                                                  return_when=concurrent.futures.FIRST_COMPLETED)
-                for future in done:
-                    del running[future]
-                    result = future.result()
-                    if result.ok or not stopping.is_set():  # else it stays pending
-                        record_result(db.objects, folder, result, executor.capture.description)
+                              plan["timeout"]) as executor, \
+                open(os.path.join(folder, "inputs.pack"), "rb") as pack:
+            run_chunk(db.objects, executor, specs, plan, pack, folder)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return EXIT_OK
 
 
-def load_inputs(store: ObjectStore, spec: TaskSpec, objects: str) -> str:
-    """A task's inputs from the work dir into the scratch store, each hash
-    checked; a problem, or ""."""
-    for digest in [spec.input_hash] * bool(spec.input_hash) + \
-            [o.hash for o in spec.gathered or ()]:
-        if store.has(digest):
-            continue
-        try:
-            stored, _ = store.put_file(os.path.join(objects, digest))
-        except OSError as e:
-            return f"cannot read input object {digest[:12]} from the work dir: {e.strerror}"
-        if stored != digest:
-            return f"input object {digest[:12]} arrived as {stored[:12]} (damaged on the way)"
+def run_chunk(store: ObjectStore, executor: LocalExecutor, specs: list[TaskSpec], plan: dict,
+              pack: IO[bytes], folder: str) -> None:
+    # scancel signals the scripts too: one that dies of it once this worker
+    # was told to stop is interrupted (it stays pending), not failed.
+    stopping = threading.Event()
+    with stop_on_signals(lambda: (stopping.set(), executor.cancel())):
+        running = set()
+        for spec in specs:
+            problem = load_inputs(store, spec, plan, pack)
+            if problem:
+                record_result(store, folder, TaskResult(spec.task_id, error=problem,
+                                                        started_at=utc_now()), "")
+            else:
+                running.add(executor.submit(spec))
+        while running:
+            done, running = concurrent.futures.wait(
+                running, timeout=RECORD_INTERVAL, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in done:
+                result = future.result()
+                if result.ok or not stopping.is_set():
+                    record_result(store, folder, result, executor.capture.description)
+
+
+def load_inputs(store: ObjectStore, spec: TaskSpec, plan: dict, pack: IO[bytes]) -> str:
+    """A task's inputs from the job's pack (or the work dir) into the scratch
+    store, each hash checked: "", or what went wrong."""
+    for digest in task_hashes(spec):
+        problem = unpack_object(store, digest, pack, 0, plan["pack"], plan["objects"])
+        if problem:
+            return f"input {problem}"
     return ""
 
 
 def record_result(store: ObjectStore, folder: str, result: TaskResult, mode: str) -> None:
-    """The task's objects, then its record: a record names only objects that are there."""
-    for digest in [o.hash for o in result.outputs] + [h for h in (result.stdout_hash,
-                                                                  result.stderr_hash) if h]:
-        export_object(store, digest, os.path.join(folder, "objects"))
-    record = json.dumps(result_json(result, mode)).encode()
-    write_atomically(os.path.join(folder, "records", f"{result.task_id}.json"),
-                     lambda f: f.write(record))
+    """One file per task, written then renamed: its record (a JSON line), then
+    the bytes of its small objects; its large objects go first, as files."""
+    index = pack_index(store, result_hashes(result), os.path.join(folder, "objects"))
+    line = json.dumps(dict(result_json(result, mode), pack=index)).encode() + b"\n"
+
+    def write(f: IO[bytes]) -> None:
+        f.write(line)
+        pack_objects(store, index, f)
+
+    write_atomically(os.path.join(folder, "records", f"{result.task_id}.task"), write)
 
 
 # =============================================================================

@@ -119,6 +119,18 @@ def test_fuse_mode_where_only_libfuse3_can_be_loaded(pyz, tmp_path):
     assert "3 task(s) run, 0 failed" in proc.stderr
 
 
+def test_slurm_nodes_run_the_pyz_copied_into_the_work_dir(pyz, tmp_path, cluster):
+    (tmp_path / "workflow.toml").write_bytes((EXAMPLES / "quickstart.toml").read_bytes())
+    proc = run_pyz(sys.executable, pyz, tmp_path, tmp_path, "-manifest", "workflow.toml",
+                   "-db", "db", "-run", "-executor", "slurm", "-verbose",
+                   env={"SLURM_CONF": cluster["SLURM_CONF"]})
+    assert proc.returncode == 0, proc.stderr
+    copy = tmp_path / "grit-work" / "grit.pyz"
+    assert f"nodes run grit as: python3 {copy}" in proc.stderr
+    assert copy.read_bytes() == pyz.read_bytes()
+    assert "3 task(s) run, 0 failed, 4 resource(s) created" in proc.stderr
+
+
 def test_concurrent_first_runs_share_one_extraction(pyz, tmp_path):
     home = tmp_path / "home"
     home.mkdir()

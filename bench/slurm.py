@@ -1,0 +1,135 @@
+#!/usr/bin/env python3
+"""-executor slurm against grit's local executor, and against one job per task.
+
+W1 of bench/compare.py (N inputs of ~100 bytes; `tr a-z A-Z` on each, then `rev`
+on each result: 2N tasks), cold, on a single-node cluster that
+tests/slurm-cluster.sh starts in a temp folder (or the one SLURM_CONF names):
+
+  local      grit -run (the local executor, -parallel 2)
+  slurm      grit -run -executor slurm (array jobs; -parallel: the cluster's CPUs)
+  per-task   one sbatch job per task, the way Snakemake's Slurm plugin submits by
+             default: every `tr` job, then every `rev` job after it (afterok), at
+             --per-task-n inputs (it is slow), next to grit's slurm run at that N
+
+Each pair runs alternately (ABBA) --repeat times; medians and ratios from the
+same run. Prints a Markdown table (bench/RESULTS.md keeps a copy).
+
+    bench/slurm.py [--n 1000] [--per-task-n 100] [--repeat 2] [--grit PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+from compare import make_inputs  # noqa: E402  (the same inputs as compare.py's W1)
+
+MANIFEST = '''
+[[step]]
+name = "seed"
+files = ["inputs/in-*"]
+[[step]]
+name = "upper"
+inputs = ["in-*"]
+script = 'tr a-z A-Z < "$INPUT_FILE" > "$OUTPUT_DIR/upper-$GRIT_INPUT_NAME"'
+[[step]]
+name = "reverse"
+inputs = ["upper-*"]
+script = 'rev "$INPUT_FILE" > "$OUTPUT_DIR/rev-$GRIT_INPUT_NAME"'
+'''
+
+
+def timed(argv: list[str], cwd: str, env: dict) -> float:
+    started = time.perf_counter()
+    proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"failed: {' '.join(argv)}\n{proc.stderr[-2000:]}")
+    return time.perf_counter() - started
+
+
+def grit_run(grit: str, n: int, executor: str, env: dict) -> float:
+    with tempfile.TemporaryDirectory(dir=ROOT, prefix=".bench-slurm-") as work:
+        make_inputs(work, n)
+        with open(os.path.join(work, "m.toml"), "w") as f:
+            f.write(MANIFEST)
+        extra = ["-executor", "slurm"] if executor == "slurm" else ["-parallel", "2"]
+        return timed([sys.executable, grit, "-manifest", "m.toml", "-db", "db", "-run",
+                      "-quiet", *extra], work, env)
+
+
+def per_task_run(n: int, env: dict) -> float:
+    """One sbatch job per task; the rev job of an input waits for its tr job."""
+    with tempfile.TemporaryDirectory(dir=ROOT, prefix=".bench-slurm-") as work:
+        make_inputs(work, n)
+        os.mkdir(os.path.join(work, "out"))
+        started = time.perf_counter()
+        last = ""
+        for i in range(1, n + 1):
+            first = subprocess.run(
+                ["sbatch", "--parsable", "-o", "/dev/null", "--wrap",
+                 f"tr a-z A-Z < inputs/in-{i} > out/upper-{i}"],
+                cwd=work, env=env, capture_output=True, text=True, check=True).stdout.strip()
+            last = subprocess.run(
+                ["sbatch", "--parsable", "-o", "/dev/null", f"--dependency=afterok:{first}",
+                 "--wrap", f"rev out/upper-{i} > out/rev-{i}"],
+                cwd=work, env=env, capture_output=True, text=True, check=True).stdout.strip()
+        while True:  # done when no job of this user is left
+            left = subprocess.run(["squeue", "-h", "-o", "%i"], env=env, capture_output=True,
+                                  text=True, check=True).stdout.split()
+            if not left:
+                break
+            time.sleep(0.2)
+        elapsed = time.perf_counter() - started
+        assert last and len(os.listdir(os.path.join(work, "out"))) == 2 * n
+        return elapsed
+
+
+def abba(a, b, repeat: int) -> tuple[float, float]:
+    """Medians of a and b, run a b b a ... so drift hits both alike."""
+    times: dict[str, list[float]] = {"a": [], "b": []}
+    for r in range(repeat):
+        order = ("a", "b") if r % 2 == 0 else ("b", "a")
+        for key in order:
+            times[key].append((a if key == "a" else b)())
+    return statistics.median(times["a"]), statistics.median(times["b"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--per-task-n", type=int, default=100)
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--grit", default=os.path.join(ROOT, "grit.py"))
+    args = ap.parse_args()
+    cluster = None
+    env = dict(os.environ)
+    if "SLURM_CONF" not in env:
+        cluster = tempfile.mkdtemp(prefix="grit-bench-slurm-")
+        conf = subprocess.run([os.path.join(ROOT, "tests", "slurm-cluster.sh"), "start", cluster],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        env["SLURM_CONF"] = conf
+    try:
+        local, slurm = abba(lambda: grit_run(args.grit, args.n, "local", env),
+                            lambda: grit_run(args.grit, args.n, "slurm", env), args.repeat)
+        per_task, slurm_small = abba(lambda: per_task_run(args.per_task_n, env),
+                                     lambda: grit_run(args.grit, args.per_task_n, "slurm", env),
+                                     args.repeat)
+    finally:
+        if cluster:
+            subprocess.run([os.path.join(ROOT, "tests", "slurm-cluster.sh"), "stop", cluster])
+    print(f"| workload | N | baseline | seconds | grit slurm | seconds | ratio |")
+    print("| --- | ---: | --- | ---: | --- | ---: | ---: |")
+    print(f"| W1 cold | {args.n} | grit local | {local:.2f} | grit slurm | {slurm:.2f} | "
+          f"{slurm / local:.2f}x local |")
+    print(f"| W1 cold | {args.per_task_n} | one job per task | {per_task:.2f} | grit slurm | "
+          f"{slurm_small:.2f} | {per_task / slurm_small:.1f}x faster |")
+
+
+if __name__ == "__main__":
+    main()
