@@ -4215,6 +4215,10 @@ class _Element:
     reason: str = ""
     ended: float = 0.0  # when squeue first showed it ended or gone (monotonic); 0: not
     started: bool = False
+    left: int = -1  # its tasks without a result yet
+
+    def __post_init__(self) -> None:
+        self.left = len(self.tasks)
 
 
 @dataclass
@@ -4324,10 +4328,12 @@ class SlurmExecutor:
         self._wake.set()
 
     def running(self) -> collections.Counter:
-        with self._lock:
-            return collections.Counter(
-                job.step for job, k in self._where.values()
-                if job.elements[k].started or job.elements[k].state == "RUNNING")
+        """Tasks still to finish in elements that started, per step."""
+        counts: collections.Counter = collections.Counter()
+        for job in list(self._jobs.values()):
+            counts[job.step] += sum(e.left for e in job.elements
+                                    if e.started or e.state == "RUNNING")
+        return counts
 
     # -- starting ----------------------------------------------------------------
 
@@ -4415,8 +4421,7 @@ class SlurmExecutor:
         """Whether a step's waiting tasks wait (at most HOLD_SECONDS) to join a
         bigger job: while the run's elements fill -parallel, or one of the
         step's elements has not started."""
-        unfinished = [(job, e) for job in self._jobs.values() for e in job.elements
-                      if any(t in self._where for t in e.tasks)]
+        unfinished = [(job, e) for job in self._jobs.values() for e in job.elements if e.left]
         queued = any(job.step == step and not e.started and e.state == "PENDING"
                      for job, e in unfinished)
         since = self._held_since.setdefault(step, time.monotonic())
@@ -4519,30 +4524,40 @@ class SlurmExecutor:
 
     def _finish(self, result: TaskResult) -> None:
         with self._lock:
-            job, k = self._where.pop(result.task_id, (None, 0))
+            job = self._release(result.task_id)
             future = self._futures.pop(result.task_id, None)
             self._specs.pop(result.task_id, None)
             if future is not None:
                 future.set_result(result)
             else:
                 self._early[result.task_id] = result
-        if job is None:
-            return
-        job.elements[k].started = True
-        if result.ok and result.duration:
+        if job is not None and result.ok and result.duration:
             mean = self.durations.get(job.step)
             self.durations[job.step] = result.duration if mean is None else \
                 0.9 * mean + 0.1 * result.duration
-        if not any(t in self._where for e in job.elements for t in e.tasks):
+
+    def _release(self, task: int) -> _Job | None:
+        """A task no job needs to run any more; a job with none left is ended.
+        Call with self._lock held."""
+        job, k = self._where.pop(task, (None, 0))
+        if job is None:
+            return None
+        job.elements[k].left -= 1
+        job.elements[k].started = True
+        if not any(e.left for e in job.elements):
             self._jobs.pop(job.name, None)
             self._ended.append(job)
+        return job
 
     def _fail(self, tasks: Iterable[int], error: str) -> None:
         for task in tasks:
             self._finish(TaskResult(task, error=error, started_at=utc_now()))
 
     def _drop(self, job: _Job, error: str) -> None:
-        self._fail([t for e in job.elements for t in e.tasks], error)
+        """Fail a job's tasks that have no result."""
+        with self._lock:
+            tasks = [t for e in job.elements for t in e.tasks if t in self._where]
+        self._fail(tasks, error)
 
     def _fail_all(self, error: str) -> None:
         for job in list(self._jobs.values()):
@@ -4561,17 +4576,21 @@ class SlurmExecutor:
             self.console.detail(f"slurm: squeue: {done.stderr.strip()}")
             return
         seen: dict[str, dict[int, tuple[str, str]]] = {}
+        ids: dict[str, str] = {}  # job folder name (the --comment) -> Slurm job id
         for line in done.stdout.splitlines():
             fields = line.split("|", 4)
             if len(fields) == 5:
                 job_id, indices, state, reason, comment = fields
+                ids[comment] = job_id
                 for index in array_indices(indices):
-                    seen.setdefault(comment, {})[index] = (state, reason)
                     seen.setdefault(job_id, {})[index] = (state, reason)
         now = time.monotonic()
         counts = {}
-        for job in self._jobs.values():
-            states = seen.get(job.name) or seen.get(job.slurm_id) or {}
+        for job in list(self._jobs.values()):
+            if not job.slurm_id and job.name in ids:  # killed before its id was written
+                job.slurm_id = ids[job.name]
+                self.book.submitted(job.name, job.slurm_id)
+            states = seen.get(job.slurm_id, {})
             for k, element in enumerate(job.elements):
                 element.state, element.reason = states.get(k, ("GONE", ""))
                 if element.state not in SLURM_ALIVE:
@@ -4594,8 +4613,8 @@ class SlurmExecutor:
                                 "for more than the partition's nodes have; cancelled)")
                 continue
             for k, element in enumerate(job.elements):
-                lost = [t for t in element.tasks if t in self._where]
-                if not lost or not element.ended or now - element.ended < RECORD_GRACE_SECONDS:
+                if not element.left or not element.ended or \
+                        now - element.ended < RECORD_GRACE_SECONDS:
                     continue
                 self._collect()
                 lost = [t for t in element.tasks if t in self._where]
@@ -4615,13 +4634,9 @@ class SlurmExecutor:
         submitted now; not yet asked for, they are submitted when they are."""
         with self._lock:
             for task in tasks:
-                del self._where[task]
+                self._release(task)
                 if task in self._specs:
                     self._waiting.append(self._specs.pop(task))
-        for job in list(self._jobs.values()):
-            if not any(t in self._where for e in job.elements for t in e.tasks):
-                self._jobs.pop(job.name)
-                self._ended.append(job)
 
     # -- stopping ----------------------------------------------------------------------
 
@@ -5151,6 +5166,11 @@ def cmd_run(opts: RunOptions, console: Console) -> int:
 def make_executor(opts: RunOptions, manifest: Manifest, db: Database,
                   console: Console) -> Executor:
     if opts.executor == "local":
+        jobs = db.meta.slurm_jobs()
+        if jobs:
+            console.warn(f"{len(jobs)} Slurm job(s) of an earlier -executor slurm run are not "
+                         "finished with; -executor slurm would adopt them, their tasks run "
+                         "here instead")
         return LocalExecutor(db, console, opts.parallel or os.cpu_count() or 1,
                              opts.output_mode, opts.timeout)
     return SlurmExecutor(db, console, manifest, opts.parallel or cluster_cpus(),
@@ -5161,8 +5181,10 @@ def make_executor(opts: RunOptions, manifest: Manifest, db: Database,
 def work_dir(opts: RunOptions, manifest: Manifest) -> str:
     """-work-dir, else [slurm] work_dir (relative to the manifest), else
     grit-work beside the manifest: project folders are shared on clusters."""
+    if opts.work_dir:
+        return os.path.abspath(opts.work_dir)
     base = os.path.dirname(os.path.abspath(manifest.path))
-    return os.path.join(base, opts.work_dir or manifest.slurm.work_dir or "grit-work")
+    return os.path.join(base, manifest.slurm.work_dir or "grit-work")
 
 
 def check_gather_cycles(db: Database, manifest: Manifest) -> None:

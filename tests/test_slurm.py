@@ -205,8 +205,10 @@ def test_jobs_purged_from_squeue_before_a_look_still_deliver(grit, cluster):
     # MinJobAge is 2 s on the test cluster and squeue is looked at only every 60 s
     # here: the records alone carry the results.
     grit.write(FAN_OUT)
-    proc = on_slurm(grit, cluster, env={"GRIT_SLURM_POLL": "60"})
+    proc = on_slurm(grit, cluster, "-work-dir", "shared", env={"GRIT_SLURM_POLL": "60"})
     assert "0 failed" in proc.stderr and grit.count("total") == 1
+    [work] = (grit.path / "shared").iterdir()  # -work-dir: this database's folder in it
+    assert list((work / "jobs").iterdir()) == []
 
 
 def test_a_node_without_fuse_uses_plain_directories_and_says_so(grit, cluster, tmp_path):
