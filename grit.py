@@ -4199,11 +4199,20 @@ def slurm_command(argv: list[str], timeout: float = 60) -> subprocess.CompletedP
         return subprocess.CompletedProcess(argv, 1, "", f"{argv[0]} timed out")
 
 
-def cluster_cpus() -> int:
+# -parallel with -executor slurm when sinfo cannot say how many CPUs the cluster has.
+SLURM_PARALLEL_FALLBACK = 100
+
+
+def cluster_cpus(console: Console) -> int:
     """CPUs of the cluster's nodes (-parallel's default with -executor slurm)."""
     out = slurm_command(["sinfo", "-h", "-N", "-o", "%N|%c"])
     nodes = dict(line.split("|", 1) for line in out.stdout.split() if "|" in line)
-    return sum(int(c) for c in nodes.values() if c.isdigit()) or 1
+    cpus = sum(int(c) for c in nodes.values() if c.isdigit())
+    if not cpus:
+        problem = (out.stderr.strip().splitlines() or ["no nodes"])[-1]
+        console.warn(f"sinfo cannot say how many CPUs the cluster has ({problem}): "
+                     f"-parallel {SLURM_PARALLEL_FALLBACK}")
+    return cpus or SLURM_PARALLEL_FALLBACK
 
 
 @dataclass
@@ -5173,7 +5182,7 @@ def make_executor(opts: RunOptions, manifest: Manifest, db: Database,
                          "here instead")
         return LocalExecutor(db, console, opts.parallel or os.cpu_count() or 1,
                              opts.output_mode, opts.timeout)
-    return SlurmExecutor(db, console, manifest, opts.parallel or cluster_cpus(),
+    return SlurmExecutor(db, console, manifest, opts.parallel or cluster_cpus(console),
                          work_dir(opts, manifest), opts.output_mode, opts.timeout,
                          db.mean_durations())
 
@@ -5903,7 +5912,7 @@ def file_hash(path: str) -> str:
 
 def plan_jobs(plan: list[dict], manifest: Manifest, opts: RunOptions) -> None:
     """The array job each step's tasks would go to now (-executor slurm)."""
-    parallel = opts.parallel or cluster_cpus()
+    parallel = opts.parallel or cluster_cpus(Console(0))
     db = Database(opts.db)
     durations = db.meta.mean_durations() if os.path.isfile(db.metadata_path) else {}
     db.close()

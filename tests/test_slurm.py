@@ -229,3 +229,22 @@ def test_dry_run_shows_the_array_jobs_it_would_submit(grit, cluster):
                                   "sbatch": ["--cpus-per-task=1", "--mem=200M"]}
     text = on_slurm(grit, cluster, "-dry-run").stdout
     assert "upper: an array job of 3 element(s) of up to 3 task(s)" in text
+
+
+def test_sbatch_is_retried_while_the_controller_is_down(grit, cluster):
+    conf = cluster["SLURM_CONF"]
+    grit.write('[[step]]\nname = "seed"\nscript = "echo a > $OUTPUT_DIR/a"\n')
+    pid = int((cluster["folder"] / "slurmctld.pid").read_text())
+    os.kill(pid, signal.SIGTERM)
+    assert wait_for(lambda: subprocess.run(["kill", "-0", str(pid)],
+                                           capture_output=True).returncode != 0, 30)
+    try:
+        proc = popen_on_slurm(grit, cluster, "-verbose", "-parallel", "2")  # no sinfo first
+        time.sleep(11)  # sbatch gives up after ~9 s: grit's first try fails, its next succeeds
+    finally:
+        subprocess.run(["slurmctld", "-f", conf], env=dict(os.environ, SLURM_CONF=conf),
+                       check=True, timeout=60)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert "Unable to contact slurm controller" in stderr and "trying again" in stderr
+    assert grit.contents("a") == [b"a\n"]
