@@ -9,7 +9,7 @@ object content in LMDB, both under one database directory.
 Sections, in the order data flows through them:
     Errors and console → Names → Vocabulary → Manifest → Object store
     → Metadata store → Database → Output capture (plain, FUSE) → Task execution
-    → Scheduler → Commands → Inspecting and managing a database → CLI
+    → Slurm executor → Scheduler → Commands → Inspecting and managing a database → CLI
 """
 from __future__ import annotations
 
@@ -4027,9 +4027,9 @@ def error_line(error: str) -> str:
 # writes a dispatch round's tasks of one step into a job folder on the shared
 # work dir and submits one array job; each element runs `grit -worker FOLDER`
 # over its chunk, with the LocalExecutor of that node (its own output capture
-# and scratch database), and leaves, per task, its objects and one result
-# record in the folder. One poller thread submits, ingests records (each
-# object's hash checked as it streams into LMDB) and asks squeue about the
+# and scratch database), and leaves one result file per task in the folder:
+# its record, then its objects. One poller thread submits, ingests results
+# (each object's hash checked as it goes into LMDB) and asks squeue about the
 # whole run now and then. Job folders are in the database (slurm_job), so a
 # run after a kill -9 adopts them.
 
@@ -4371,9 +4371,10 @@ class SlurmExecutor:
                        row["slurm_id"] or "", adopted=True)
             self._add(job)
         if self._jobs:
+            adopted = len(self._jobs)
             self._collect()
             self._squeue()
-            self.console.info(f"slurm: adopted {len(self._jobs)} job(s) of an earlier run; "
+            self.console.info(f"slurm: adopted {adopted} job(s) of an earlier run; "
                               f"{len(self._where)} of their task(s) still to finish")
 
     def _add(self, job: _Job) -> None:
@@ -4466,7 +4467,8 @@ class SlurmExecutor:
         try:
             job.slurm_id = self._sbatch(job, definition, size)
         except GritError as e:
-            self._drop(job, str(e))
+            if not self._cancel.is_set():  # else its tasks end interrupted, not failed
+                self._drop(job, str(e))
             return
         self.book.submitted(name, job.slurm_id)
         self.console.detail(f"slurm: job {job.slurm_id}: {definition.name}, {len(specs)} "

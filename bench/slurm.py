@@ -28,21 +28,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
-from compare import make_inputs  # noqa: E402  (the same inputs as compare.py's W1)
+from compare import Grit, make_inputs  # noqa: E402  (compare.py's W1: inputs, manifest)
 
-MANIFEST = '''
-[[step]]
-name = "seed"
-files = ["inputs/in-*"]
-[[step]]
-name = "upper"
-inputs = ["in-*"]
-script = 'tr a-z A-Z < "$INPUT_FILE" > "$OUTPUT_DIR/upper-$GRIT_INPUT_NAME"'
-[[step]]
-name = "reverse"
-inputs = ["upper-*"]
-script = 'rev "$INPUT_FILE" > "$OUTPUT_DIR/rev-$GRIT_INPUT_NAME"'
-'''
 
 
 def timed(argv: list[str], cwd: str, env: dict) -> float:
@@ -56,8 +43,7 @@ def timed(argv: list[str], cwd: str, env: dict) -> float:
 def grit_run(grit: str, n: int, executor: str, env: dict) -> float:
     with tempfile.TemporaryDirectory(dir=ROOT, prefix=".bench-slurm-") as work:
         make_inputs(work, n)
-        with open(os.path.join(work, "m.toml"), "w") as f:
-            f.write(MANIFEST)
+        Grit("auto").manifest(work)  # writes m.toml
         extra = ["-executor", "slurm"] if executor == "slurm" else ["-parallel", "2"]
         return timed([sys.executable, grit, "-manifest", "m.toml", "-db", "db", "-run",
                       "-quiet", *extra], work, env)
