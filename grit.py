@@ -882,7 +882,7 @@ CREATE TABLE slurm_job (
     running     INTEGER NOT NULL DEFAULT 0, -- elements running at the last squeue
     submitted_at TEXT NOT NULL
 )"""
-SCHEMA = SLURM_JOB_TABLE + ";" + """
+SCHEMA = """
 -- One row per version of a step definition (script, inputs, files, gather). A changed
 -- definition adds a version; old versions stay as history.
 CREATE TABLE step (
@@ -971,7 +971,7 @@ CREATE TABLE source_file (
     mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL,
     PRIMARY KEY (step, path)
 ) WITHOUT ROWID;
-"""
+""" + SLURM_JOB_TABLE + ";"
 # Statements that bring a database of schema N to N + 1.
 MIGRATIONS = {1: ["ALTER TABLE resource ADD COLUMN deleted_at TEXT"],
               2: ["ALTER TABLE task ADD COLUMN passes TEXT"],
