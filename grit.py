@@ -4239,6 +4239,7 @@ class _Job:
     step: str
     elements: list[_Element]
     slurm_id: str = ""
+    throttle: int = 0  # most of its elements Slurm runs at once (its share of -parallel)
     adopted: bool = False  # submitted by an earlier run
     never_runs: str = ""  # a pending reason that never clears
     recorded: set[str] = field(default_factory=set)  # record files ingested
@@ -4257,7 +4258,7 @@ class SlurmExecutor:
         self.db = db
         self.console = console
         self.steps = {d.name: d for d in manifest.steps}
-        self.parallel = parallel  # array elements of one job running at once
+        self.parallel = parallel  # most array elements of the run in flight
         self.capacity = SLURM_CAPACITY
         self.work = os.path.join(work_dir, hashlib.sha256(db.path.encode()).hexdigest()[:12])
         self.output_mode = output_mode
@@ -4394,6 +4395,7 @@ class SlurmExecutor:
                 self._wake.clear()
                 if self._cancel.is_set():
                     break
+                self._raise_throttles()
                 self._submit_waiting()
                 self._collect()
                 if self._jobs and time.monotonic() - last_squeue >= SQUEUE_SECONDS:
@@ -4427,16 +4429,35 @@ class SlurmExecutor:
                 self._held_since.pop(step, None)
                 self._submit_job(self.steps[step], group)
 
+    def _in_flight(self) -> int:
+        """Elements that run or may run now: each job's unfinished ones, up to its throttle."""
+        return sum(min(job.throttle or len(job.elements), sum(1 for e in job.elements if e.left))
+                   for job in self._jobs.values())
+
     def _holds(self, step: str) -> bool:
-        """Whether a step's waiting tasks wait (at most HOLD_SECONDS) to join a
-        bigger job: while the run's elements fill -parallel, or one of the
-        step's elements has not started."""
-        unfinished = [(job, e) for job in self._jobs.values() for e in job.elements if e.left]
-        queued = any(job.step == step and not e.started and e.state == "PENDING"
-                     for job, e in unfinished)
+        """Whether a step's waiting tasks wait: while the run's elements fill
+        -parallel (its cap), or, at most HOLD_SECONDS, while one of the step's
+        elements has not started (they join one bigger job)."""
+        if self._in_flight() >= self.parallel:
+            return True
+        queued = any(job.step == step and e.left and not e.started and e.state == "PENDING"
+                     for job in self._jobs.values() for e in job.elements)
         since = self._held_since.setdefault(step, time.monotonic())
-        return (queued or len(unfinished) >= self.parallel) \
-            and time.monotonic() - since < HOLD_SECONDS
+        return queued and time.monotonic() - since < HOLD_SECONDS
+
+    def _raise_throttles(self) -> None:
+        """Slots of -parallel that elements freed go first to jobs whose elements
+        wait behind their throttle (scontrol raises it), oldest job first."""
+        free = self.parallel - self._in_flight()
+        for job in list(self._jobs.values()):
+            more = min(free, sum(1 for e in job.elements if e.left) - job.throttle)
+            if more <= 0 or not job.slurm_id or not job.throttle:
+                continue
+            done = slurm_command(["scontrol", "update", f"JobId={job.slurm_id}",
+                                  f"ArrayTaskThrottle={job.throttle + more}"])
+            if done.returncode == 0:
+                job.throttle += more
+                free -= more
 
     def _submit_job(self, definition: StepDef, specs: list[TaskSpec]) -> None:
         size = chunk_size(definition, len(specs), self.parallel,
@@ -4446,7 +4467,8 @@ class SlurmExecutor:
                f"{next(self._serial)}"
         folder = os.path.join(self.work, "jobs", name)
         job = _Job(name, folder, definition.name, [_Element([s.task_id for s in c])
-                                                   for c in chunks])
+                                                   for c in chunks],
+                   throttle=max(1, self.parallel - self._in_flight()))
         try:
             for sub in ("records", "objects"):
                 os.makedirs(os.path.join(folder, sub))
@@ -4477,7 +4499,7 @@ class SlurmExecutor:
     def _sbatch_argv(self, job: _Job, definition: StepDef, chunk: int) -> list[str]:
         count = len(job.elements)
         return ["sbatch", "--parsable", f"--job-name={self.job_name}", f"--comment={job.name}",
-                f"--array=0-{count - 1}" + (f"%{self.parallel}" if count > self.parallel else ""),
+                f"--array=0-{count - 1}" + (f"%{job.throttle}" if count > job.throttle else ""),
                 f"--output={job.folder}/element-%a.out",
                 *sbatch_options(definition, self.timeout, chunk),
                 "--wrap", f"exec {self.command} -worker {shlex.quote(job.folder)}"]
@@ -5988,7 +6010,7 @@ def build_parser() -> argparse.ArgumentParser:
     flag("run", action="store_true", help="execute the pipeline")
     flag("parallel", metavar="N", type=int,
          help="most scripts running at once (default: number of CPUs); with -executor slurm, "
-              "most elements of one array job running at once (default: the cluster's CPUs)")
+              "most array elements of the run at once (default: the cluster's CPUs)")
     flag("start", metavar="STEP", help="run STEP and the steps downstream of it")
     flag("step", metavar="STEP", action="append", default=[],
          help="run only this step (repeatable)")

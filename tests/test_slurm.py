@@ -248,3 +248,26 @@ def test_sbatch_is_retried_while_the_controller_is_down(grit, cluster):
     assert proc.returncode == 0, stderr
     assert "Unable to contact slurm controller" in stderr and "trying again" in stderr
     assert grit.contents("a") == [b"a\n"]
+
+
+def test_parallel_caps_the_elements_of_all_the_runs_jobs(grit, cluster, tmp_path):
+    running = tmp_path / "running"
+    running.mkdir()
+    step = '''
+        [[step]]
+        name = "{name}"
+        inputs = ["{inputs}"]
+        batch = 1
+        script = """
+        touch {running}/$GRIT_TASK_ID; ls {running} | wc -l > $OUTPUT_DIR/seen-$GRIT_TASK_ID
+        sleep 1; rm {running}/$GRIT_TASK_ID; cp $INPUT_FILE $OUTPUT_DIR/{name}-$GRIT_INPUT_NAME
+        """
+    '''
+    grit.write('[[step]]\nname = "seed"\nscript = "for i in 1 2 3 4 5; do echo $i > '
+               '$OUTPUT_DIR/n-$i; done"\n'
+               + step.format(name="a", inputs="n-*", running=running)
+               + step.format(name="b", inputs="a-*", running=running))
+    on_slurm(grit, cluster, "-parallel", "2")  # the cluster has 4 CPUs: 4 would fit
+    names = [n for n in grit.status()["resources"]["names"] if n.startswith("seen-")]
+    seen = [int(c) for name in names for c in grit.contents(name)]
+    assert len(seen) == 10 and max(seen) <= 2, seen
