@@ -4532,22 +4532,28 @@ class SlurmExecutor:
                 job.recorded.add(name)
                 if name.endswith(".task"):
                     self._finish(self._ingest(job, name))
-                elif name.startswith("started-"):  # the worker's first sign of life
+                elif name.startswith("started-") and name[8:].isdigit():  # first sign of life
                     job.elements[int(name[8:])].started = True
 
     def _ingest(self, job: _Job, name: str) -> TaskResult:
         """A task's result file: its record, its objects into the store."""
-        with open(os.path.join(job.folder, "records", name), "rb") as f:
-            line = f.readline()
-            data = json.loads(line)
-            result = result_from_json(data)
-            self._note_mode(data["mode"], data["node"])
-            for digest in result_hashes(result):
-                problem = unpack_object(self.store, digest, f, len(line), data["pack"],
-                                        os.path.join(job.folder, "objects"))
-                if problem:  # changed on the way: the task fails, nothing is recorded
-                    return TaskResult(result.task_id, error=f"a result {problem}",
-                                      started_at=result.started_at, duration=result.duration)
+        path = os.path.join(job.folder, "records", name)
+        try:
+            with open(path, "rb") as f:
+                line = f.readline()
+                data = json.loads(line)
+                result = result_from_json(data)
+                self._note_mode(data["mode"], data["node"])
+                for digest in result_hashes(result):
+                    problem = unpack_object(self.store, digest, f, len(line), data["pack"],
+                                            os.path.join(job.folder, "objects"))
+                    if problem:  # changed on the way: the task fails, nothing is recorded
+                        return TaskResult(result.task_id, error=f"a result {problem}",
+                                          started_at=result.started_at,
+                                          duration=result.duration)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            return TaskResult(int(name.split(".")[0]), error=f"unreadable result {path}: {e}",
+                              started_at=utc_now())
         return result
 
     def _note_mode(self, mode: str, node: str) -> None:
@@ -4682,7 +4688,7 @@ class SlurmExecutor:
             slurm_command(["scancel", *ids])
         deadline = time.monotonic() + CANCEL_WAIT_SECONDS
         while ids and time.monotonic() < deadline:
-            time.sleep(RECORD_INTERVAL)
+            time.sleep(1.0)  # squeue once a second while waiting, not in a tight loop
             self._collect()
             left = slurm_command(["squeue", "-h", f"--name={self.job_name}", "-o", "%F"])
             if left.returncode == 0 and not left.stdout.strip():
