@@ -43,7 +43,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import IO, Callable, Iterable, Iterator, Protocol, Sequence
 
 try:
@@ -4065,27 +4065,16 @@ SLURM_NEVER_RUNS = {"PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit
                     "QOSMaxMemoryPerJob", "QOSMaxWallDurationPerJobLimit"}
 
 
-def spec_json(spec: TaskSpec) -> dict:
-    data = {k: getattr(spec, k) for k in TaskSpec.__dataclass_fields__}
-    if spec.gathered is not None:
-        data["gathered"] = [[o.name, o.hash, o.size] for o in spec.gathered]
-    return data
-
-
 def spec_from_json(data: dict) -> TaskSpec:
+    """A TaskSpec from its asdict() form."""
     gathered = data.pop("gathered")
-    return TaskSpec(**data, gathered=None if gathered is None else [Output(*o) for o in gathered])
-
-
-def result_json(result: TaskResult, mode: str) -> dict:
-    data = {k: getattr(result, k) for k in TaskResult.__dataclass_fields__}
-    data["outputs"] = [[o.name, o.hash, o.size] for o in result.outputs]
-    return dict(data, mode=mode, node=os.uname().nodename)
+    return TaskSpec(**data, gathered=None if gathered is None else [Output(**o) for o in gathered])
 
 
 def result_from_json(data: dict) -> TaskResult:
+    """A TaskResult from its asdict() form (and whatever the record adds)."""
     fields = {k: data[k] for k in TaskResult.__dataclass_fields__}
-    return TaskResult(**dict(fields, outputs=[Output(*o) for o in data["outputs"]]))
+    return TaskResult(**dict(fields, outputs=[Output(**o) for o in data["outputs"]]))
 
 
 def write_atomically(path: str, write: Callable[[IO[bytes]], None]) -> None:
@@ -4221,7 +4210,6 @@ class _Element:
 
     tasks: list[int]
     state: str = "PENDING"
-    reason: str = ""
     ended: float = 0.0  # when squeue first showed it ended or gone (monotonic); 0: not
     started: bool = False
     left: int = -1  # its tasks without a result yet
@@ -4354,7 +4342,8 @@ class SlurmExecutor:
         if os.path.isfile(here):  # running from a zipapp
             target = os.path.join(os.path.dirname(self.work), "grit.pyz")
             if not os.path.exists(target) or not filecmp.cmp(here, target, shallow=False):
-                write_atomically(target, lambda f: f.write(open(here, "rb").read()))
+                with open(here, "rb") as pyz:
+                    write_atomically(target, lambda f: shutil.copyfileobj(pyz, f))
             return f"python3 {shlex.quote(target)}"
         return f"{shlex.quote(sys.executable)} {shlex.quote(os.path.abspath(__file__))}"
 
@@ -4476,7 +4465,7 @@ class SlurmExecutor:
             index = pack_index(self.store, (d for s in specs for d in task_hashes(s)), big_dir)
             with open(os.path.join(folder, "inputs.pack"), "wb") as pack:
                 pack_objects(self.store, index, pack)
-            plan = {"chunks": [[spec_json(s) for s in c] for c in chunks], "pack": index,
+            plan = {"chunks": [[asdict(s) for s in c] for c in chunks], "pack": index,
                     "objects": big_dir, "cpus": definition.cpus,
                     "output_mode": self.output_mode, "timeout": self.timeout}
             write_atomically(os.path.join(folder, "tasks.json"),
@@ -4631,11 +4620,11 @@ class SlurmExecutor:
                 self.book.submitted(job.name, job.slurm_id)
             states = seen.get(job.slurm_id, {})
             for k, element in enumerate(job.elements):
-                element.state, element.reason = states.get(k, ("GONE", ""))
+                element.state, reason = states.get(k, ("GONE", ""))
                 if element.state not in SLURM_ALIVE:
                     element.ended = element.ended or now
-                elif element.state == "PENDING" and element.reason in SLURM_NEVER_RUNS:
-                    job.never_runs = element.reason
+                elif element.state == "PENDING" and reason in SLURM_NEVER_RUNS:
+                    job.never_runs = reason
             counts[job.name] = (sum(e.state == "PENDING" for e in job.elements),
                                 sum(e.state == "RUNNING" for e in job.elements))
         self.book.states(counts)
@@ -4767,7 +4756,8 @@ def record_result(store: ObjectStore, folder: str, result: TaskResult, mode: str
     """One file per task, written then renamed: its record (a JSON line), then
     the bytes of its small objects; its large objects go first, as files."""
     index = pack_index(store, result_hashes(result), os.path.join(folder, "objects"))
-    line = json.dumps(dict(result_json(result, mode), pack=index)).encode() + b"\n"
+    line = json.dumps(dict(asdict(result), mode=mode, node=os.uname().nodename,
+                           pack=index)).encode() + b"\n"
 
     def write(f: IO[bytes]) -> None:
         f.write(line)
