@@ -38,9 +38,12 @@ def test_kill_9_at_many_moments(tmp_path, mode):
     hit = {"early": 0, "middle": 0}  # kills before any downstream task was done / among them
     for i in range(KILL_POINTS):
         proc = grit.popen("-output-mode", mode, "-parallel", "2")
-        # 0.1 s to 0.48 s after launch: during start-up, the seed, FUSE
-        # writes, a task's exit before its commit, commits.
-        time.sleep(0.1 + 0.02 * i)
+        # Kill once the pipeline got to its i-th tenth of the tasks (the first
+        # during start-up), a little after: start-up, the seed, FUSE writes, a
+        # task's exit before its commit, commits. Progress, not a clock, sets the
+        # moment, so a slow machine is hit all along the run as a fast one is.
+        wait_for(lambda: proc.poll() is not None or done_tasks(grit) >= 10 * i, timeout=60)
+        time.sleep(0.01 * (i % 5))
         proc.kill()
         proc.wait()
         counts = grit.sql_if_ready(
@@ -51,9 +54,7 @@ def test_kill_9_at_many_moments(tmp_path, mode):
             hit["early"] += 1  # registration, the seed, or just after its commit
         elif unfinished:
             hit["middle"] += 1  # tasks running, exiting, committing
-    # the kills really hit unfinished work, spread over the run (how many land
-    # before the seed's first commit depends on how fast this machine starts
-    # a run: 3 of 20 on one day, 13 on another)
+    # the kills really hit unfinished work, spread over the run
     assert hit["early"] >= 1 and hit["middle"] >= 5 and sum(hit.values()) >= 15, hit
     wait_for(lambda: not mounts_under(grit.db), timeout=10)
     grit.run("-output-mode", mode, "-parallel", "2")
@@ -116,3 +117,8 @@ script = "head -c 30000000 /dev/urandom > $OUTPUT_DIR/big; echo s > $OUTPUT_DIR/
     assert grit.sql("SELECT count(*) FROM task") == [(1,)]
     wait_for(lambda: not mounts_under(grit.db), timeout=10)
     assert mounts_under(grit.db) == []
+
+
+def done_tasks(grit: Grit) -> int:
+    counts = grit.sql_if_ready("SELECT count(*) FROM task WHERE status = 'done'")
+    return counts[0][0] if counts else 0
