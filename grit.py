@@ -608,6 +608,9 @@ CHUNK_SIZE = 256 * 1024 - 16
 # LMDB's single writer lock for seconds, but each commit has a fixed cost
 # (measured for 1 GiB: 16 MiB transactions 3.8 s, 32 MiB 1.0 s, 64 MiB 1.9 s).
 TXN_BYTES = 32 * 1024 * 1024
+# The same for an object written as it arrives (ObjectWriter): less, because
+# the FUSE server holding the batch must stay small (tests/test_fuse.py).
+WRITER_TXN_BYTES = 8 * 1024 * 1024
 # First LMDB map size; the map doubles whenever it fills, so this is not a limit.
 # It is address space, not disk (the file grows as pages are written): growing
 # in the middle of storing a large object costs a retried transaction and a
@@ -616,9 +619,15 @@ TXN_BYTES = 32 * 1024 * 1024
 # the file instead.
 INITIAL_MAP_SIZE = 4 * 1024 * 1024 * 1024
 SMALL_MAP_SIZE = 256 * 1024 * 1024
+# From this size on, a file is stored in one pass (hashed while written).
+STREAM_MIN_BYTES = 1024 * 1024
+STREAM_BLOCK_BYTES = 1024 * 1024
 # Bytes read per LMDB read transaction: bounds the memory of one reader.
 READ_BATCH_BYTES = 4 * 1024 * 1024
 HEADER = struct.Struct(">QI")  # object header: size in bytes, number of chunks
+# The header of an object written before its hash was known (ObjectWriter):
+# its chunks stay under the random key they were written under.
+WRITTEN_HEADER = struct.Struct(">QI32s")
 
 
 class DamagedObject(GritError):
@@ -629,9 +638,11 @@ class ObjectStore:
     """Content-addressed objects: put, open, has, delete. Knows nothing of names.
 
     An object is a header under its hash in the `objects` table and its bytes in
-    CHUNK_SIZE pieces under (hash, index) in `chunks`. The header is written
-    last, so an object is either complete or absent; chunks left by a crash
-    mid-put are overwritten by the next put of the same hash.
+    CHUNK_SIZE pieces under (key, index) in `chunks`, where the key is the hash
+    itself, or for an object written as it arrived (ObjectWriter) a random key
+    the header names. The header is written last, so an object is either
+    complete or absent; chunks left by a crash mid-put are overwritten by the
+    next put of the same hash, or removed by gc.
     """
 
     def __init__(self, path: str, readonly: bool = False) -> None:
@@ -675,7 +686,9 @@ class ObjectStore:
         self.env.sync(True)
 
     def _write(self, fn: Callable[[object], None]) -> None:
-        """Run fn(txn) in a write transaction, growing the map when it is full."""
+        """Run fn(txn) in a write transaction, growing the map when it is full
+        (or adopting the size another process grew it to: the FUSE server
+        writes objects too)."""
         with self._guard:
             while True:
                 try:
@@ -684,9 +697,11 @@ class ObjectStore:
                     return
                 except self._lmdb.MapFullError:
                     self.env.set_mapsize(self.env.info()["map_size"] * 2)
+                except self._lmdb.MapResizedError:
+                    self.env.set_mapsize(0)
 
     def has(self, digest: str) -> bool:
-        with self._guard, self.env.begin() as txn:
+        with self._guard, self._reader() as txn:
             return txn.get(bytes.fromhex(digest), db=self._objects) is not None
 
     def put(self, f: IO[bytes], digest: str | None = None) -> tuple[str, int]:
@@ -717,8 +732,28 @@ class ObjectStore:
         return digest, size
 
     def put_file(self, path: str) -> tuple[str, int]:
+        """Store a file's bytes. A large file is read once: each block is hashed
+        on a helper thread while this one writes it into LMDB under a writer's
+        key, named by the hash at the end (bench/compare.py W4, dir mode)."""
         with open(path, "rb", buffering=0) as f:
-            return self.put(f)  # type: ignore[arg-type]
+            if os.fstat(f.fileno()).st_size < STREAM_MIN_BYTES:
+                return self.put(f)  # type: ignore[arg-type]
+            h, size, writer = hashlib.sha256(), 0, self.writer()
+            with concurrent.futures.ThreadPoolExecutor(1) as helper:
+                hashing = helper.submit(lambda: None)
+                for block in iter(lambda: f.read(STREAM_BLOCK_BYTES), b""):
+                    hashing.result()
+                    hashing = helper.submit(h.update, block)
+                    writer.append(block)
+                    size += len(block)
+                hashing.result()
+        writer.finish()
+        if writer.failed:
+            writer.abandon()
+            raise OSError(f"cannot store {path}: {writer.failed}")
+        digest = h.hexdigest()
+        self.adopt(digest, size, writer.key, writer.count)
+        return digest, size
 
     def _put_small(self, digest: str, data: bytes) -> None:
         """A one-chunk object, unless stored already: one write transaction."""
@@ -756,10 +791,28 @@ class ObjectStore:
             self._write(write)
             count += len(batch)
 
+    def writer(self) -> "ObjectWriter":
+        """Store bytes as they arrive, before their hash is known."""
+        return ObjectWriter(self)
+
+    def adopt(self, digest: str, size: int, chunks_key: bytes, count: int) -> None:
+        """Name a finished ObjectWriter's chunks by their hash: the object is
+        stored without copying them (unless stored already: then they go)."""
+        key = bytes.fromhex(digest)
+
+        def name(txn: object) -> None:
+            if txn.get(key, db=self._objects) is None:  # type: ignore[attr-defined]
+                header = WRITTEN_HEADER.pack(size, count, chunks_key)
+                txn.put(key, header, db=self._objects)  # type: ignore[attr-defined]
+            else:
+                self._delete_chunks(txn, chunks_key)
+
+        self._write(name)
+
     def open(self, digest: str) -> Iterator[bytes]:
         """The object's bytes, chunk by chunk. Raises KeyError if absent."""
-        _, count = self._header(digest)
-        return self._read_chunks(bytes.fromhex(digest), count)
+        _, count, key = self._header(digest)
+        return self._read_chunks(key, count)
 
     def size(self, digest: str) -> int:
         return self._header(digest)[0]
@@ -768,9 +821,9 @@ class ObjectStore:
         """Up to `size` bytes of an object from `offset` (the FUSE server's
         reads of a gather task's inputs). Chunks of one object are all of its
         first chunk's length but the last."""
-        key = bytes.fromhex(digest)
         with self._guard, self._reader() as txn:
-            total, count = HEADER.unpack(txn.get(key, db=self._objects))
+            total, count, key = self._unpack(bytes.fromhex(digest),
+                                             txn.get(bytes.fromhex(digest), db=self._objects))
             if offset >= total:
                 return b""
             first = txn.get(key + struct.pack(">I", 0), db=self._chunks)
@@ -793,18 +846,24 @@ class ObjectStore:
             self.env.set_mapsize(0)
             return self.env.begin()
 
-    def _header(self, digest: str) -> tuple[int, int]:
-        """(size, chunks) of an object; KeyError if absent."""
-        with self._guard, self.env.begin() as txn:
+    def _header(self, digest: str) -> tuple[int, int, bytes]:
+        """(size, chunks, key of the chunks) of an object; KeyError if absent."""
+        with self._guard, self._reader() as txn:
             header = txn.get(bytes.fromhex(digest), db=self._objects)
         if header is None:
             raise KeyError(digest)
-        return HEADER.unpack(header)
+        return self._unpack(bytes.fromhex(digest), header)
+
+    @staticmethod
+    def _unpack(key: bytes, header: bytes) -> tuple[int, int, bytes]:
+        if len(header) == WRITTEN_HEADER.size:
+            return WRITTEN_HEADER.unpack(header)
+        return HEADER.unpack(header) + (key,)
 
     def _read_chunks(self, key: bytes, count: int) -> Iterator[bytes]:
         per_txn = max(1, READ_BATCH_BYTES // CHUNK_SIZE)
         for first in range(0, count, per_txn):
-            with self._guard, self.env.begin() as txn:
+            with self._guard, self._reader() as txn:
                 batch = [txn.get(key + struct.pack(">I", i), db=self._chunks)
                          for i in range(first, min(count, first + per_txn))]
             for i, chunk in enumerate(batch, start=first):
@@ -828,37 +887,117 @@ class ObjectStore:
 
     def free_bytes(self) -> int:
         """Bytes of the LMDB file that hold no data (free pages, unused tail)."""
-        with self._guard, self.env.begin() as txn:
+        with self._guard, self._reader() as txn:
             stats = [self.env.stat()] + [txn.stat(db) for db in (self._objects, self._chunks)]
         used = 2 + sum(s["branch_pages"] + s["leaf_pages"] + s["overflow_pages"] for s in stats)
         path = os.path.join(self.env.path(), "data.mdb")
         return max(0, os.path.getsize(path) - used * stats[0]["psize"])
 
     def hashes(self) -> set[str]:
-        """Every hash with an object or with chunks (a put cut short leaves chunks
-        without a header)."""
-        found = set()
-        with self._guard, self.env.begin() as txn:
-            for db in (self._objects, self._chunks):
-                for key in txn.cursor(db=db).iternext(keys=True, values=False):
-                    found.add(key[:32].hex())
-        return found
+        """Every object's hash, and the key of chunks no object names (a put or
+        a FUSE write cut short leaves them); delete() takes either."""
+        objects, named, keys = set(), set(), set()
+        with self._guard, self._reader() as txn:
+            for key, header in txn.cursor(db=self._objects):
+                objects.add(key)
+                named.add(self._unpack(key, header)[2])
+            for key in txn.cursor(db=self._chunks).iternext(keys=True, values=False):
+                keys.add(key[:32])
+        return {k.hex() for k in objects | (keys - named)}
 
     def copy_compacted(self, target: str) -> None:
         """Write a copy of the store without its free pages into directory `target`."""
         self.env.copy(target, compact=True)
 
     def delete(self, digest: str) -> None:
+        """Remove an object, or chunks no object names (by their key)."""
         key = bytes.fromhex(digest)
 
         def remove(txn: object) -> None:
-            txn.delete(key, db=self._objects)  # type: ignore[attr-defined]
-            cursor = txn.cursor(db=self._chunks)  # type: ignore[attr-defined]
-            if cursor.set_range(key):
-                while cursor.key()[:32] == key and cursor.delete():
-                    pass
+            header = txn.get(key, db=self._objects)  # type: ignore[attr-defined]
+            if header is not None:
+                txn.delete(key, db=self._objects)  # type: ignore[attr-defined]
+                self._delete_chunks(txn, self._unpack(key, header)[2])
+            self._delete_chunks(txn, key)
 
         self._write(remove)
+
+    def _delete_chunks(self, txn: object, key: bytes) -> None:
+        cursor = txn.cursor(db=self._chunks)  # type: ignore[attr-defined]
+        if cursor.set_range(key):
+            while cursor.key()[:32] == key and cursor.delete():
+                pass
+
+
+class ObjectWriter:
+    """An object written as its bytes arrive in order (a large FUSE output),
+    before its hash is known: CHUNK_SIZE chunks under a random key, a write
+    transaction per WRITER_TXN_BYTES; ObjectStore.adopt names them by hash at the end,
+    so the bytes are written into LMDB once, while the script still runs."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+        self.key = os.urandom(32)
+        self.count = 0  # chunks written
+        self.failed = ""  # why writing failed (a full disk): the caller stores the bytes anew
+        self._batch: list = []  # whole chunks not yet written
+        self._batch_bytes = 0
+        self._partial = bytearray()  # the start of the next chunk
+
+    def append(self, data: bytes) -> None:
+        if self.failed:
+            return
+        view = memoryview(data)
+        if self._partial:
+            take = CHUNK_SIZE - len(self._partial)
+            self._partial += view[:take]
+            view = view[take:]
+            if len(self._partial) < CHUNK_SIZE:
+                return
+            self._add(bytes(self._partial))
+            self._partial = bytearray()
+        while len(view) >= CHUNK_SIZE:
+            self._add(view[:CHUNK_SIZE])
+            view = view[CHUNK_SIZE:]
+        self._partial += view
+
+    def _add(self, chunk: object) -> None:
+        self._batch.append(chunk)
+        self._batch_bytes += CHUNK_SIZE
+        if self._batch_bytes >= WRITER_TXN_BYTES:
+            self._commit()
+
+    def _commit(self) -> None:
+        batch, first = self._batch, self.count
+
+        def write(txn: object) -> None:
+            for i, chunk in enumerate(batch, start=first):
+                txn.put(self.key + struct.pack(">I", i), chunk, db=self.store._chunks)  # type: ignore[attr-defined]
+
+        self._batch, self._batch_bytes = [], 0
+        if batch and not self.failed:
+            try:
+                self.store._write(write)
+            except Exception as e:
+                self.failed = str(e) or type(e).__name__
+                return
+            self.count += len(batch)
+
+    def finish(self) -> None:
+        """Write what is left; the chunks are then ready to be adopted."""
+        if self._partial:
+            self._batch.append(bytes(self._partial))
+            self._partial = bytearray()
+        self._commit()
+
+    def abandon(self) -> None:
+        """Remove the chunks written so far (the content changed out of order);
+        if that fails too, gc removes them."""
+        self._batch, self._partial = [], bytearray()
+        self.failed = self.failed or "abandoned"
+        if self.count:
+            with contextlib.suppress(Exception):
+                self.store._write(lambda txn: self.store._delete_chunks(txn, self.key))
 
 
 # =============================================================================
@@ -867,7 +1006,7 @@ class ObjectStore:
 # Steps and their versions, tasks and resources, in SQLite: the schema and
 # the queries. Knows nothing of object bytes.
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 # -executor slurm's array jobs still to be finished with: a run after a kill -9
 # adopts them (section "Slurm executor").
 SLURM_JOB_TABLE = """
@@ -1008,7 +1147,10 @@ MIGRATIONS = {1: ["ALTER TABLE resource ADD COLUMN deleted_at TEXT"],
                   "resource_id INTEGER NOT NULL REFERENCES resource(id), "
                   "PRIMARY KEY (task_id, resource_id)) WITHOUT ROWID",
                   "CREATE INDEX gathered_resource ON gathered(resource_id)"],
-              5: [SLURM_JOB_TABLE]}
+              5: [SLURM_JOB_TABLE],
+              # No SQL: schema 7 marks the object store's second header form
+              # (ObjectWriter), which a grit of schema 6 cannot read.
+              6: []}
 # Schemas before 4 had no live view: it is computed once, after the upgrade.
 LIVE_VIEW_SINCE = 4
 
@@ -2451,7 +2593,10 @@ def _is_real_dir(path: str) -> bool:
 # unguessable subdirectory of the mount (the root cannot be listed). The child
 # keeps each name's pending content (in memory while small, else in a spool
 # file), hashes it as it streams, and at the end of the task hands the parent
-# the list of emitted resources; the parent stores them in LMDB.
+# the list of emitted resources; the parent stores them in LMDB. A large
+# content written in order is also written into LMDB as it streams (an
+# ObjectWriter), so the parent only names it by its hash: the bytes reach LMDB
+# while the script runs, not after it (bench/compare.py W4).
 
 # A name's content stays in memory up to this size, then moves to a spool file
 # on disk, so memory does not grow with a file's size.
@@ -2479,8 +2624,10 @@ class FuseUnavailable(Exception):
 class _Content:
     """The pending content of one name: bytes in memory, or a spool file.
 
-    SHA-256 is computed as bytes arrive in order; a write before the hashed
-    prefix (or a truncation into it) makes the end of the task hash again.
+    SHA-256 is computed as bytes arrive in order, and a spooled content's
+    bytes go into the object store in the same order; a write before the
+    hashed prefix (or a truncation into it) makes the end of the task hash
+    again, and the parent store the spool file instead.
     """
 
     def __init__(self, fs: "OutputFS") -> None:
@@ -2493,6 +2640,7 @@ class _Content:
         self.size = 0
         self.hasher: "hashlib._Hash | None" = hashlib.sha256()
         self.hashed = 0
+        self.writer: ObjectWriter | None = None  # the hashed prefix, into LMDB
         self.closed = False    # a close came after the last change
         self.handles = 0
         self.frozen = False    # emitted: no more changes
@@ -2529,13 +2677,19 @@ class _Content:
         if self.hasher is None:
             return
         if offset == self.hashed:
-            if later:
-                self.fs.hash_later(self.hasher, data)  # large: hash on another core
+            if later:  # large: hash (and store) on another core
+                self.fs.stream_later(self.hasher, self.writer, data)
             else:
                 self.hasher.update(data)
             self.hashed = offset + len(data)
         elif offset < self.hashed:
             self.hasher = None
+            self._drop_writer()
+
+    def _drop_writer(self) -> None:
+        if self.writer is not None:
+            self.fs.stream_later(None, self.writer, None)  # after its pending bytes
+            self.writer = None
 
     def _flush(self) -> None:
         """Write the gathered bytes to the spool file (before it is read, cut or closed)."""
@@ -2550,6 +2704,7 @@ class _Content:
             self._flush()
         if length < self.hashed:
             self.hasher, self.hashed = (hashlib.sha256(), 0) if length == 0 else (None, 0)
+            self._drop_writer()
         if self.spool is not None:
             os.ftruncate(self.spool, length)
         elif length <= len(self.buf):
@@ -2571,6 +2726,10 @@ class _Content:
     def _spill(self) -> None:
         fd, self.spool_path = self.fs.new_spool()
         os.write(fd, self.buf)
+        if self.hasher is not None and self.hashed == len(self.buf):
+            self.writer = self.fs.object_writer()
+            if self.writer is not None and self.buf:
+                self.fs.stream_later(None, self.writer, bytes(self.buf))
         self.fs.memory -= len(self.buf)
         self.buf = bytearray()
         self.spool = fd
@@ -2589,8 +2748,20 @@ class _Content:
             else:
                 block = bytes(self.buf[self.hashed:self.hashed + n])
             self.hasher.update(block)
+            if self.writer is not None:
+                self.writer.append(block)
             self.hashed += len(block)
         return self.hasher.hexdigest()
+
+    def _finish_writer(self) -> ObjectWriter | None:
+        """The writer holding this whole content in the object store, if any."""
+        writer, self.writer = self.writer, None
+        if writer is not None:
+            writer.finish()
+            if not writer.failed:
+                return writer
+            writer.abandon()  # the parent stores the spool file instead
+        return None
 
     def emission(self, name: str) -> dict:
         """Freeze this content as an emitted resource description."""
@@ -2600,6 +2771,9 @@ class _Content:
             os.close(self.spool)
             self.spool = None
             out["spool"] = self.spool_path
+            written = self._finish_writer()
+            if written is not None:
+                out["written"], out["chunks"] = written.key.hex(), written.count
         else:
             out["data"] = bytes(self.buf).hex()
             self.fs.memory -= len(self.buf)
@@ -2608,6 +2782,7 @@ class _Content:
 
     def discard(self) -> None:
         self.gathered = bytearray()
+        self._drop_writer()
         if self.spool is not None:
             os.close(self.spool)
             os.unlink(self.spool_path)
@@ -2708,8 +2883,8 @@ class OutputFS:
         self.spool_dir = spool_dir
         self.libfuse = libfuse  # the major version of the libfuse serving it
         self.writeback = False  # the kernel granted its writeback cache
-        self.objects_path = objects_path
-        self._store: ObjectStore | None = None  # opened at the first gather task's read
+        self.objects_path = objects_path  # "" (tests): spooled contents are not written
+        self._store: ObjectStore | None = None  # opened when first needed
         self.views: dict[str, _InputView] = {}  # task token -> its $INPUT_DIR
         self.view_handles: dict[int, tuple[str, int]] = {}  # fh -> (hash, size)
         self.tasks: dict[str, _TaskDir] = {}
@@ -2717,10 +2892,11 @@ class OutputFS:
         self.memory = 0
         self.mutex = threading.Condition()  # FUSE thread vs. control threads
         self.ready = threading.Event()
-        # Hashing a large file's writes in a thread of its own overlaps it with
-        # serving the next write (hashlib releases the GIL); 1 GiB end to end
-        # went from 285 to 393 MB/s here (bench/capture.py).
-        # Each item names the hasher it updates, so a reset never mixes data.
+        # Hashing a large file's writes (and writing them into LMDB) in a thread
+        # of its own overlaps it with serving the next write (hashlib and LMDB
+        # release the GIL); 1 GiB end to end went from 285 to 393 MB/s here
+        # (bench/capture.py). Each item names the hasher and writer it feeds,
+        # so a reset never mixes data.
         self.hash_queue: "queue.Queue[tuple]" = queue.Queue(maxsize=HASH_QUEUE_ITEMS)
         threading.Thread(target=self._hash_worker, daemon=True).start()
         self._next_fh = 1
@@ -2730,14 +2906,40 @@ class OutputFS:
 
     # -- helpers (names that are not FUSE operations) ---------------------------
 
-    def hash_later(self, hasher: "hashlib._Hash", data: bytes) -> None:
-        self.hash_queue.put((hasher, data))
+    def stream_later(self, hasher: "hashlib._Hash | None", writer: ObjectWriter | None,
+                     data: bytes | None) -> None:
+        """Feed data to a hasher and a writer on the hash thread; data None
+        abandons the writer once what was queued before is written."""
+        self.hash_queue.put((hasher, writer, data))
 
     def _hash_worker(self) -> None:
         while True:
-            hasher, data = self.hash_queue.get()
-            hasher.update(data)
+            hasher, writer, data = self.hash_queue.get()
+            if data is None:
+                writer.abandon()
+            else:
+                if hasher is not None:
+                    hasher.update(data)
+                if writer is not None:
+                    writer.append(data)
             self.hash_queue.task_done()
+
+    def objects(self) -> ObjectStore:
+        if self._store is None:
+            self._store = ObjectStore(self.objects_path)
+        return self._store
+
+    def object_writer(self) -> ObjectWriter | None:
+        """A writer into the run's object store (None where there is none, or
+        it cannot be opened: the parent then stores the spool file)."""
+        if not self.objects_path:
+            return None
+        try:
+            return self.objects().writer()
+        except GritError as e:
+            print(f"cannot write objects as they arrive: {e}", file=sys.stderr, flush=True)
+            self.objects_path = ""
+            return None
 
     def over_budget(self) -> bool:
         return self.memory > SPOOL_MEMORY_BUDGET
@@ -2866,9 +3068,7 @@ class OutputFS:
         return fh
 
     def view_read(self, view: _InputView, rel: str, size: int, offset: int, fh: int) -> bytes:
-        if self._store is None:
-            self._store = ObjectStore(self.objects_path, readonly=True)
-        return self._store.read(self.view_handles[fh][0], offset, size)
+        return self.objects().read(self.view_handles[fh][0], offset, size)
 
     def view_flush(self, view: _InputView, rel: str, fh: int) -> None:
         pass
@@ -2909,6 +3109,8 @@ class OutputFS:
                 for out in task.emitted:
                     if "spool" in out:
                         os.unlink(out["spool"])
+                    if "written" in out:
+                        self.objects().delete(out["written"])
                 if not task.errors and task.refused_read:  # may be why the script failed
                     task.errors.append(f"the script tried to read {quote(task.refused_read)} "
                                        "back, but $OUTPUT_DIR is write-only (-output-mode dir "
@@ -3485,9 +3687,13 @@ class FuseCapture:
         outputs = []
         for item in reply["outputs"]:
             outputs.append(Output(item["name"], item["hash"], item["size"]))
-            if "spool" in item:
+            if "written" in item:  # already in LMDB, under the writer's key
+                store.adopt(item["hash"], item["size"], bytes.fromhex(item["written"]),
+                            item["chunks"])
+            elif "spool" in item:
                 with open(item["spool"], "rb") as f:
                     store.put(f, item["hash"])
+            if "spool" in item:
                 cache.keep(item["spool"], outputs[-1])
             else:
                 store.put(io.BytesIO(bytes.fromhex(item["data"])))

@@ -105,6 +105,65 @@ def test_spilled_content_is_exact(libfuse, grit):
     assert out["big"] == [data]
 
 
+# Large contents (past the 256 KiB kept in memory) go into the object store as
+# they arrive, in order; out-of-order changes fall back to storing the spool
+# file. Either way every row must hold, and nothing may be left behind in LMDB.
+def mib(n, char):
+    return f"head -c {n}M /dev/zero | tr '\\0' {char}"
+
+
+BIG_RULES = [
+    (f'{mib(3, "a")} > $OUTPUT_DIR/x', {"x": [b"a" * (3 << 20)]}),
+    (f'for i in 1 2; do {mib(1, "$i")} > $OUTPUT_DIR/x; done',
+     {"x": [b"1" * (1 << 20), b"2" * (1 << 20)]}),
+    (f'{mib(1, "a")} > $OUTPUT_DIR/x; {mib(1, "b")} >> $OUTPUT_DIR/x',
+     {"x": [b"a" * (1 << 20) + b"b" * (1 << 20)]}),
+    # overwritten in place, and cut (not to zero) after close
+    (f'{mib(2, "a")} > $OUTPUT_DIR/x; printf XY | dd of=$OUTPUT_DIR/x bs=1 seek=1000 '
+     f'conv=notrunc 2>/dev/null; {mib(2, "c")} > $OUTPUT_DIR/y; truncate -s 1M $OUTPUT_DIR/y',
+     {"x": [b"a" * 1000 + b"XY" + b"a" * ((2 << 20) - 1002)], "y": [b"c" * (1 << 20)]}),
+    (f'{mib(1, "a")} > $OUTPUT_DIR/x; truncate -s 0 $OUTPUT_DIR/x; {mib(1, "b")} >> $OUTPUT_DIR/x',
+     {"x": [b"a" * (1 << 20), b"b" * (1 << 20)]}),
+    # the same content under two names (and twice under one) is one object
+    (f'for n in x y x; do {mib(2, "s")} > $OUTPUT_DIR/$n; done',
+     {"x": [b"s" * (2 << 20)], "y": [b"s" * (2 << 20)]}),
+    (f'{mib(1, "a")} > $OUTPUT_DIR/x; {mib(1, "b")} > $OUTPUT_DIR/x; rm $OUTPUT_DIR/x; '
+     f'{mib(1, "d")} > $OUTPUT_DIR/gone; rm $OUTPUT_DIR/gone', {"x": [b"a" * (1 << 20)]}),
+]
+
+
+@pytest.mark.parametrize("script,expected", BIG_RULES)
+def test_large_contents_follow_the_same_rules_and_leave_nothing_behind(libfuse, grit, script,
+                                                                         expected):
+    assert emitted(grit, script) == expected
+    assert "0 problem(s)" in grit("-db", str(grit.db), "-verify").stderr
+    gc = grit("-db", str(grit.db), "-gc").stderr
+    assert "removed 0 unreferenced object(s)" in gc, gc
+
+
+def test_large_output_of_a_killed_run_is_removed_by_gc(grit, tmp_path):
+    """kill -9 while a large output is half written into LMDB: its chunks
+    belong to no object; -gc removes them and the rerun stores the output."""
+    marker = tmp_path / "written"
+    grit.write(f"""[[step]]\nname = "s"\nscript = '''exec 3> $OUTPUT_DIR/big; {mib(48, "z")} >&3
+sync $OUTPUT_DIR/big; touch {marker}; sleep 60'''\n""")
+    proc = grit.popen("-output-mode", "fuse")
+    data = grit.db / "objects" / "data.mdb"
+    assert wait_for(lambda: marker.exists() and data.stat().st_size > 40 << 20, timeout=60)
+    proc.kill()
+    proc.wait()
+    for pid in processes_using(tmp_path):  # the script's sleep
+        os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not mounts_under(grit.db), timeout=10)
+    gc = grit("-db", str(grit.db), "-gc").stderr
+    assert "removed 1 unreferenced object(s)" in gc and "compacted" in gc, gc
+    assert data.stat().st_size < 1 << 20
+    grit.write(f"[[step]]\nname = \"s\"\nscript = '''{mib(48, 'z')} > $OUTPUT_DIR/big'''\n")
+    grit.run("-output-mode", "fuse")
+    assert grit.contents("big") == [b"z" * (48 << 20)]
+    assert "removed 0 unreferenced object(s)" in grit("-db", str(grit.db), "-gc").stderr
+
+
 def test_output_dir_is_write_only(libfuse, grit):
     grit.write('''
 [[step]]

@@ -62,9 +62,41 @@ def test_identical_content_is_stored_once(store, tmp_path):
     assert store.env.info()["last_pgno"] == used
 
 
+def test_a_large_file_is_stored_in_one_pass_once(store, tmp_path):
+    """Files of 1 MiB or more are hashed while written, under a key named by
+    the hash at the end; a second copy of the same bytes leaves nothing behind."""
+    data = os.urandom(5 * (1 << 20) + 3)
+    for name in ("a", "b"):
+        (tmp_path / name).write_bytes(data)
+    digest, size = store.put_file(str(tmp_path / "a"))
+    assert (digest, size) == (hashlib.sha256(data).hexdigest(), len(data))
+    assert store.put_file(str(tmp_path / "b")) == (digest, size)
+    assert b"".join(store.open(digest)) == data and store.check(digest) is None
+    assert store.read(digest, grit.CHUNK_SIZE - 2, 5) == data[grit.CHUNK_SIZE - 2:][:5]
+    assert store.hashes() == {digest}  # the duplicate's chunks are gone
+    store.delete(digest)
+    assert store.hashes() == set()
+
+
+def test_chunks_no_object_names_are_listed_and_deleted(store):
+    """What a run killed mid-write leaves: gc finds it by its key and removes it."""
+    writer = store.writer()
+    writer.append(os.urandom(3 * grit.CHUNK_SIZE))  # written, never adopted
+    writer.finish()
+    kept = store.writer()
+    kept.append(b"k" * (2 * grit.CHUNK_SIZE))
+    kept.finish()
+    digest = hashlib.sha256(b"k" * (2 * grit.CHUNK_SIZE)).hexdigest()
+    store.adopt(digest, 2 * grit.CHUNK_SIZE, kept.key, kept.count)
+    assert store.hashes() == {digest, writer.key.hex()}
+    store.delete(writer.key.hex())
+    assert store.hashes() == {digest} and store.check(digest) is None
+
+
 def test_map_grows_when_full(tmp_path, monkeypatch):
     monkeypatch.setattr(grit, "INITIAL_MAP_SIZE", 1 << 20)
     monkeypatch.setattr(grit, "TXN_BYTES", 1 << 19)
+    monkeypatch.setattr(grit, "WRITER_TXN_BYTES", 1 << 19)
     store = ObjectStore(str(tmp_path / "objects"))
     data = os.urandom(5 << 20)
     (tmp_path / "big").write_bytes(data)
