@@ -611,6 +611,9 @@ TXN_BYTES = 32 * 1024 * 1024
 # The same for an object written as it arrives (ObjectWriter): less, because
 # the FUSE server holding the batch must stay small (tests/test_fuse.py).
 WRITER_TXN_BYTES = 8 * 1024 * 1024
+# A writer flushes LMDB to disk after this many bytes, so that the flush
+# before the metadata commit finds little left (1 GiB: 0.5-0.7 s at the end).
+WRITER_SYNC_BYTES = 64 * 1024 * 1024
 # First LMDB map size; the map doubles whenever it fills, so this is not a limit.
 # It is address space, not disk (the file grows as pages are written): growing
 # in the middle of storing a large object costs a retried transaction and a
@@ -978,6 +981,9 @@ class ObjectWriter:
         if batch and not self.failed:
             try:
                 self.store._write(write)
+                if (self.count + len(batch)) * CHUNK_SIZE // WRITER_SYNC_BYTES > \
+                        self.count * CHUNK_SIZE // WRITER_SYNC_BYTES:
+                    self.store.sync()
             except Exception as e:
                 self.failed = str(e) or type(e).__name__
                 return
