@@ -285,10 +285,15 @@ def main() -> None:
                   f"{w2[0]:.3f} s | {w3[0]:.3f} s | {rss} MiB |", flush=True)
     if args.w4:
         print("\n| W4: 1 GiB then sha256 | time | ratio | peak RSS |\n| --- | --- | --- | --- |")
+        names = ["make -j2", "grit (fuse)", "grit (dir)"]
+        runs: dict[str, list] = {name: [] for name in names}
+        for i in range(args.repeat):  # alternated, so a machine slowing down weighs on all
+            for name in names if i % 2 == 0 else names[::-1]:
+                runs[name].append(w4(name))
         base = None
-        for name in ("make -j2", "grit (fuse)", "grit (dir)"):
-            runs = [w4(name) for _ in range(args.repeat)]
-            t, rss = statistics.median(r[0] for r in runs), max(r[1] for r in runs)
+        for name in names:
+            t = statistics.median(r[0] for r in runs[name])
+            rss = max(r[1] for r in runs[name])
             base = base or t
             print(f"| {name} | {t:.2f} s | {t / base:.2f}x | {rss} MiB |", flush=True)
 
