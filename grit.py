@@ -787,17 +787,27 @@ class ObjectStore:
             first = count
 
             def write(txn: object, batch: list[bytes] = batch, first: int = first) -> None:
-                for i, chunk in enumerate(batch, start=first):
-                    txn.put(key + struct.pack(">I", i), chunk, db=self._chunks)  # type: ignore[attr-defined]
+                self._put_batch(txn, key, first, batch)
                 if done:
                     txn.put(key, HEADER.pack(size, first + len(batch)), db=self._objects)  # type: ignore[attr-defined]
 
             self._write(write)
             count += len(batch)
 
+    def _put_batch(self, txn: object, key: bytes, first: int, batch: list) -> None:
+        for i, chunk in enumerate(batch, start=first):
+            txn.put(key + struct.pack(">I", i), chunk, db=self._chunks)  # type: ignore[attr-defined]
+
     def writer(self) -> "ObjectWriter":
         """Store bytes as they arrive, before their hash is known."""
         return ObjectWriter(self)
+
+    def write_chunks(self, key: bytes, first: int, batch: list) -> None:
+        """Chunks first, first + 1, … under `key` (an ObjectWriter's)."""
+        self._write(lambda txn: self._put_batch(txn, key, first, batch))
+
+    def delete_chunks(self, key: bytes) -> None:
+        self._write(lambda txn: self._delete_chunks(txn, key))
 
     def adopt(self, digest: str, size: int, chunks_key: bytes, count: int) -> None:
         """Name a finished ObjectWriter's chunks by their hash: the object is
@@ -947,6 +957,7 @@ class ObjectWriter:
         self._batch: list = []  # whole chunks not yet written
         self._batch_bytes = 0
         self._partial = bytearray()  # the start of the next chunk
+        self._unsynced = 0  # bytes written since LMDB was last flushed
 
     def append(self, data: bytes) -> None:
         if self.failed:
@@ -972,23 +983,18 @@ class ObjectWriter:
             self._commit()
 
     def _commit(self) -> None:
-        batch, first = self._batch, self.count
-
-        def write(txn: object) -> None:
-            for i, chunk in enumerate(batch, start=first):
-                txn.put(self.key + struct.pack(">I", i), chunk, db=self.store._chunks)  # type: ignore[attr-defined]
-
+        batch = self._batch
         self._batch, self._batch_bytes = [], 0
         if batch and not self.failed:
             try:
-                self.store._write(write)
-                if (self.count + len(batch)) * CHUNK_SIZE // WRITER_SYNC_BYTES > \
-                        self.count * CHUNK_SIZE // WRITER_SYNC_BYTES:
+                self.store.write_chunks(self.key, self.count, batch)
+                self.count += len(batch)  # before a failing sync: abandon() deletes them
+                self._unsynced += len(batch) * CHUNK_SIZE
+                if self._unsynced >= WRITER_SYNC_BYTES:
                     self.store.sync()
+                    self._unsynced = 0
             except Exception as e:
                 self.failed = str(e) or type(e).__name__
-                return
-            self.count += len(batch)
 
     def finish(self) -> None:
         """Write what is left; the chunks are then ready to be adopted."""
@@ -1004,7 +1010,7 @@ class ObjectWriter:
         self.failed = self.failed or "abandoned"
         if self.count:
             with contextlib.suppress(Exception):
-                self.store._write(lambda txn: self.store._delete_chunks(txn, self.key))
+                self.store.delete_chunks(self.key)
 
 
 # =============================================================================
@@ -2628,6 +2634,16 @@ class FuseUnavailable(Exception):
     """FUSE cannot be used here; the message says why."""
 
 
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """All of `data` at `offset`: a full disk gives a short write first, then ENOSPC."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        if written == 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view, offset = view[written:], offset + written
+
+
 class _Content:
     """The pending content of one name: bytes in memory, or a spool file.
 
@@ -2652,6 +2668,7 @@ class _Content:
         self.handles = 0
         self.frozen = False    # emitted: no more changes
         self.detached = False  # unlinked or replaced while open
+        self.failed = ""       # why the spool file lacks bytes the script wrote
 
     def write(self, data: bytes, offset: int) -> None:
         end = offset + len(data)
@@ -2663,7 +2680,7 @@ class _Content:
                 self.gathered_at = offset
             if not self.gathered and len(data) >= SPOOL_GATHER_BYTES:
                 # already large (the writeback cache sends 1 MiB requests): no gathering copy
-                os.pwrite(self.spool, data, offset)
+                self._spool_write(data, offset)
                 self._hash_in_order(data, offset, later=True)
                 self.gathered_at = offset + len(data)
             else:
@@ -2702,9 +2719,17 @@ class _Content:
         """Write the gathered bytes to the spool file (before it is read, cut or closed)."""
         if self.gathered:
             data = bytes(self.gathered)
-            os.pwrite(self.spool, data, self.gathered_at)
-            self._hash_in_order(data, self.gathered_at, later=True)
             self.gathered = bytearray()
+            self._spool_write(data, self.gathered_at)
+            self._hash_in_order(data, self.gathered_at, later=True)
+
+    def _spool_write(self, data: bytes, offset: int) -> None:
+        try:
+            _pwrite_all(self.spool, data, offset)  # type: ignore[arg-type]
+        except OSError as e:
+            # the task fails at its end even if the script ignored the error
+            self.failed = self.failed or (e.strerror or str(e)).lower()
+            raise
 
     def truncate(self, length: int) -> None:
         if self.spool is not None:
@@ -2731,15 +2756,14 @@ class _Content:
         return os.pread(self.spool, size, offset)
 
     def _spill(self) -> None:
-        fd, self.spool_path = self.fs.new_spool()
-        os.write(fd, self.buf)
-        if self.hasher is not None and self.hashed == len(self.buf):
+        self.spool, self.spool_path = self.fs.new_spool()  # emission or discard removes it
+        buf, self.buf = self.buf, bytearray()
+        self.fs.memory -= len(buf)
+        self._spool_write(buf, 0)
+        if self.hasher is not None and self.hashed == len(buf):
             self.writer = self.fs.object_writer()
-            if self.writer is not None and self.buf:
-                self.fs.stream_later(None, self.writer, bytes(self.buf))
-        self.fs.memory -= len(self.buf)
-        self.buf = bytearray()
-        self.spool = fd
+            if self.writer is not None and buf:
+                self.fs.stream_later(None, self.writer, bytes(buf))
 
     def digest(self) -> str:
         """Finish the hash: read whatever was not hashed in order."""
@@ -2773,7 +2797,13 @@ class _Content:
     def emission(self, name: str) -> dict:
         """Freeze this content as an emitted resource description."""
         self.frozen = True
-        out = {"name": name, "hash": self.digest(), "size": self.size}
+        try:
+            digest = self.digest()
+        except OSError:  # _spool_write said why
+            digest = ""
+        out = {"name": name, "hash": digest, "size": self.size}
+        if self.failed:
+            out["failed"] = self.failed
         if self.spool is not None:
             os.close(self.spool)
             self.spool = None
@@ -2890,7 +2920,8 @@ class OutputFS:
         self.spool_dir = spool_dir
         self.libfuse = libfuse  # the major version of the libfuse serving it
         self.writeback = False  # the kernel granted its writeback cache
-        self.objects_path = objects_path  # "" (tests): spooled contents are not written
+        self.objects_path = objects_path
+        self.write_objects = bool(objects_path)  # "" (tests): spooled contents are not
         self._store: ObjectStore | None = None  # opened when first needed
         self.views: dict[str, _InputView] = {}  # task token -> its $INPUT_DIR
         self.view_handles: dict[int, tuple[str, int]] = {}  # fh -> (hash, size)
@@ -2929,14 +2960,16 @@ class OutputFS:
     def _hash_worker(self) -> None:
         while True:
             hasher, writer, data = self.hash_queue.get()
-            if data is None:
-                writer.abandon()
-            else:
-                if hasher is not None:
-                    hasher.update(data)
-                if writer is not None:
-                    writer.append(data)
-            self.hash_queue.task_done()
+            try:  # a writer keeps its own errors; hashing cannot fail
+                if data is None:
+                    writer.abandon()
+                else:
+                    if hasher is not None:
+                        hasher.update(data)
+                    if writer is not None:
+                        writer.append(data)
+            finally:
+                self.hash_queue.task_done()  # digest() waits on join()
 
     def objects(self) -> ObjectStore:
         if self._store is None:
@@ -2946,13 +2979,13 @@ class OutputFS:
     def object_writer(self) -> ObjectWriter | None:
         """A writer into the run's object store (None where there is none, or
         it cannot be opened: the parent then stores the spool file)."""
-        if not self.objects_path:
+        if not self.write_objects:
             return None
         try:
             return self.objects().writer()
         except GritError as e:
             print(f"cannot write objects as they arrive: {e}", file=sys.stderr, flush=True)
-            self.objects_path = ""
+            self.write_objects = False
             return None
 
     def over_budget(self) -> bool:
@@ -3119,6 +3152,8 @@ class OutputFS:
             del self.tasks[token]
             for name in sorted(task.names):
                 task.emitted.append(task.names[name].emission(name))
+            task.errors += [f"output {out['name']!r} could not be written: {out['failed']}"
+                            for out in task.emitted if "failed" in out]
             if task.errors or not keep:
                 for out in task.emitted:
                     if "spool" in out:
@@ -3706,6 +3741,9 @@ class FuseCapture:
                             item["chunks"])
             elif "spool" in item:
                 with open(item["spool"], "rb") as f:
+                    if os.fstat(f.fileno()).st_size != item["size"]:  # the hash is trusted
+                        raise OutputError(f"output {item['name']!r}: its spool file is "
+                                          "incomplete")
                     store.put(f, item["hash"])
             if "spool" in item:
                 cache.keep(item["spool"], outputs[-1])
