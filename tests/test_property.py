@@ -6,7 +6,7 @@ pipeline ends in a gather step (over every live `len`) and a step after it.
 
 Each sequence runs grit in this process (grit.main), which is what makes
 hundreds of them affordable. GRIT_PROPERTY_EXAMPLES sets how many sequences
-per mode (default 200); `GRIT_PROPERTY_EXAMPLES=5000 tests/run -k property`
+per mode (default 100); `GRIT_PROPERTY_EXAMPLES=5000 tests/run -k property`
 is the long run. derandomize: CI sees the same histories every time."""
 import contextlib
 import io
@@ -144,7 +144,7 @@ def with_known(test):
 
 
 @pytest.mark.parametrize("mode", ["dir", "fuse"])
-@settings(max_examples=examples(200), deadline=None, derandomize=True,
+@settings(max_examples=examples(100), deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @with_known
 @given(edits=HISTORIES)
