@@ -4003,10 +4003,12 @@ class LocalExecutor:
         log_out, log_err = slot.stdout, slot.stderr
         log_out.seek(0)
         log_err.seek(0)
-        if self.console.verbose:
-            status = self._spawn_streaming(spec, env, log_out.fileno(), log_err.fileno())
-        else:
-            status = self._spawn_and_wait(spec, env, log_out.fileno(), log_err.fileno())
+        spawn = self._spawn_streaming if self.console.verbose else self._spawn_and_wait
+        try:
+            status = spawn(spec, env, log_out.fileno(), log_err.fileno())
+        except BaseException:  # a timeout: what the script wrote must not reach the next task
+            self.capture.discard(out)
+            raise
         truncate_here(log_out.fileno())
         truncate_here(log_err.fileno())
         result.duration = time.monotonic() - started

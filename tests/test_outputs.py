@@ -146,18 +146,23 @@ def test_daemon_writing_after_the_script_exits_is_not_collected(grit, output_mod
 
 
 def test_timeout_kills_a_script_that_never_ends(grit, output_mode):
-    grit.write('''
+    """The killed task's files go with it: the tasks its worker runs next
+    (-parallel 1: the others wait for its slot) start from an empty $OUTPUT_DIR."""
+    others = "".join(f'''
+        [[step]]
+        name = "other{i}"
+        script = "sleep 0.2; echo fine > $OUTPUT_DIR/fine{i}"
+    ''' for i in range(6))
+    grit.write(others + '''
         [[step]]
         name = "forever"
         timeout = 1
         script = "echo partial > $OUTPUT_DIR/p; sleep 1000"
-        [[step]]
-        name = "other"
-        script = "sleep 0.2; echo fine > $OUTPUT_DIR/fine"
     ''')
-    proc = grit.run("-output-mode", output_mode, check=1, timeout=60)
+    proc = grit.run("-output-mode", output_mode, "-parallel", "1", check=1, timeout=60)
     assert "(forever) failed: timed out after 1 s" in proc.stderr
-    assert grit.has("fine") and not grit.has("p")
+    assert all(grit.has(f"fine{i}") for i in range(6))
+    assert not grit.has("p")
     # the global -timeout covers steps without their own
     grit.write('''
         [[step]]
