@@ -214,3 +214,52 @@ def test_dir_mode_fails_a_task_that_writes_next_to_its_output_dir(grit):
     # the next run (retrying both) finds a clean scratch directory: the same two failures
     again = grit.run("-output-mode", "dir", check=1)
     assert "2 task(s) run, 2 failed" in again.stderr
+
+
+MIB = 1 << 20
+# 10 MiB of 'a': followed while the script runs, more than one LMDB write (8 MiB)
+A10 = "head -c 10485760 /dev/zero | tr '\\0' a"
+CHANGED_AFTER_FOLLOWED = {
+    # case: (script, {name: expected content})
+    "overwritten_in_place": (
+        f"{A10} > $OUTPUT_DIR/f; sleep 0.6; "
+        "printf XYZ | dd of=$OUTPUT_DIR/f bs=1 seek=100 conv=notrunc 2>/dev/null",
+        {"f": b"a" * 100 + b"XYZ" + b"a" * (10 * MIB - 103)}),
+    "rewritten_smaller": (
+        f"{A10} > $OUTPUT_DIR/f; sleep 0.6; printf small > $OUTPUT_DIR/f",
+        {"f": b"small"}),
+    "rewritten_larger": (
+        f"{A10} > $OUTPUT_DIR/f; sleep 0.6; {A10} | tr a b > $OUTPUT_DIR/f; {A10} >> $OUTPUT_DIR/f",
+        {"f": b"b" * 10 * MIB + b"a" * 10 * MIB}),
+    "appended": (
+        f"{A10} > $OUTPUT_DIR/f; sleep 0.6; printf end >> $OUTPUT_DIR/f",
+        {"f": b"a" * 10 * MIB + b"end"}),
+    "renamed": (
+        f"mkdir $OUTPUT_DIR/d; {A10} > $OUTPUT_DIR/d/tmp; sleep 0.6; mv $OUTPUT_DIR/d/tmp $OUTPUT_DIR/f",
+        {"f": b"a" * 10 * MIB}),
+    "deleted": (  # noticed while the script runs
+        f"{A10} > $OUTPUT_DIR/gone; sleep 0.6; rm $OUTPUT_DIR/gone; sleep 0.6; echo kept > $OUTPUT_DIR/f",
+        {"f": b"kept\n"}),
+    "deleted_at_the_end": (
+        f"echo kept > $OUTPUT_DIR/f; {A10} > $OUTPUT_DIR/gone; sleep 0.6; rm $OUTPUT_DIR/gone",
+        {"f": b"kept\n"}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CHANGED_AFTER_FOLLOWED))
+def test_dir_mode_stores_a_large_file_as_it_is_at_the_end(grit, case):
+    """Dir mode stores a large file while the script writes it; whatever the
+    script does to the file afterwards, the resource is the file's final
+    content, and nothing written along the way is left in the store."""
+    script, expected = CHANGED_AFTER_FOLLOWED[case]
+    grit.write(f'''
+        [[step]]
+        name = "write"
+        script = \'\'\'{script}\'\'\'
+    ''')
+    grit.run("-output-mode", "dir")
+    for name, content in expected.items():
+        assert grit.contents(name) == [content]
+    assert grit.count("*") == len(expected)
+    assert "0 problem(s)" in grit("-db", str(grit.db), "-verify").stderr
+    assert "removed 0 unreferenced object(s)" in grit("-db", str(grit.db), "-gc").stderr
