@@ -2607,7 +2607,7 @@ class DirCapture:
     def __init__(self, store: ObjectStore) -> None:
         self._store = store
         self._previous: dict[str, str] = {}  # worker slot -> its last output directory
-        self._followers: dict[str, _Follower] = {}  # $OUTPUT_DIR of a running task -> its
+        self._followers: dict[str, _Follower] = {}  # running task's $OUTPUT_DIR -> follower
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -2627,7 +2627,6 @@ class DirCapture:
         previous = self._previous.get(slot)
         self._previous[slot] = out
         if previous and _is_real_dir(previous):
-            self.discard(previous)  # empty already, unless its task ended in an error
             os.rename(previous, out)
         else:
             if previous and os.path.lexists(previous):
@@ -4176,6 +4175,17 @@ class LocalExecutor:
         started = time.monotonic()
         input_file = self._write_input(spec, slot.path) if spec.input_hash else ""
         out = self.capture.prepare(slot.path, spec.task_id)
+        try:
+            self._run_script(spec, slot, out, input_file, result, started)
+        except BaseException:  # a timeout, or grit's own error: what the script
+            self.capture.discard(out)  # wrote must not reach the worker's next task
+            raise
+        return result
+
+    def _run_script(self, spec: TaskSpec, slot: "_Slot", out: str, input_file: str,
+                    result: TaskResult, started: float) -> None:
+        """Run the task's script in `out` and fill in `result`: its outputs
+        collected, or why it failed (its outputs discarded)."""
         input_dir, input_list = self._gather(spec, slot.path, out)
         env = dict(self._environ, INPUT_FILE=input_file, INPUT_DIR=input_dir,
                    INPUT_LIST=input_list, OUTPUT_DIR=out, GRIT_STEP=spec.step,
@@ -4185,18 +4195,14 @@ class LocalExecutor:
         log_out.seek(0)
         log_err.seek(0)
         spawn = self._spawn_streaming if self.console.verbose else self._spawn_and_wait
-        try:
-            status = spawn(spec, env, log_out.fileno(), log_err.fileno())
-        except BaseException:  # a timeout: what the script wrote must not reach the next task
-            self.capture.discard(out)
-            raise
+        status = spawn(spec, env, log_out.fileno(), log_err.fileno())
         truncate_here(log_out.fileno())
         truncate_here(log_err.fileno())
         result.duration = time.monotonic() - started
         if status is None:
             result.interrupted = True
             self.capture.discard(out)
-            return result
+            return
         result.exit_code = status
         try:
             if status == 0:
@@ -4216,7 +4222,6 @@ class LocalExecutor:
             self.capture.discard(out)
         result.stdout_hash = self._keep_log(log_out)
         result.stderr_hash = self._keep_log(log_err)
-        return result
 
     def _write_input(self, spec: TaskSpec, slot: str) -> str:
         path = os.path.join(slot, "input")
