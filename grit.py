@@ -613,7 +613,11 @@ TXN_BYTES = 32 * 1024 * 1024
 # the FUSE server holding the batch must stay small (tests/test_fuse.py).
 WRITER_TXN_BYTES = 8 * 1024 * 1024
 # A writer flushes LMDB to disk after this many bytes, so that the flush
-# before the metadata commit finds little left (1 GiB: 0.5-0.7 s at the end).
+# before the metadata commit finds little left (1 GiB: 0.5-0.7 s at the end),
+# and then drops LMDB's flushed pages from the page cache: a large output's
+# copy in LMDB is cold (the next task reads the spool or the file itself),
+# and its pages are then reused for the next bytes instead of fresh ones,
+# which cost this VM 5-10x more (bench/RESULTS.md, W4 1.36x -> 1.15x make).
 WRITER_SYNC_BYTES = 64 * 1024 * 1024
 # First LMDB map size; the map doubles whenever it fills, so this is not a limit.
 # It is address space, not disk (the file grows as pages are written): growing
@@ -705,6 +709,15 @@ class ObjectStore:
     def sync(self) -> None:
         """Flush written objects to disk; called before metadata that names them commits."""
         self.env.sync(True)
+
+    def drop_cached(self) -> None:
+        """Drop the store's clean pages from the page cache (dirty ones stay:
+        nothing unflushed is lost, and a later read comes from disk)."""
+        fd = os.open(os.path.join(self.env.path(), "data.mdb"), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
     def _write(self, fn: Callable[[object], None]) -> None:
         """Run fn(txn) in a write transaction, growing the map when it is full
@@ -1001,6 +1014,7 @@ class ObjectWriter:
                 self._unsynced += len(batch) * CHUNK_SIZE
                 if self._unsynced >= WRITER_SYNC_BYTES:
                     self.store.sync()
+                    self.store.drop_cached()
                     self._unsynced = 0
             except Exception as e:
                 self.failed = str(e) or type(e).__name__
@@ -2808,6 +2822,11 @@ SPOOL_GATHER_BYTES = 1024 * 1024
 HASH_QUEUE_ITEMS = 8
 # How long a run waits for the trial mount to answer, and for the server to exit.
 MOUNT_TIMEOUT_SECONDS = 10.0
+# Under the writeback cache the kernel keeps a FUSE file's pages after sending
+# them: a third copy of a large output, next to the spool and LMDB, all of it
+# fresh memory. Each time an output grows past a multiple of this, the server
+# asks the kernel to drop its copy (W4: 1.15x -> 1.10x make, bench/RESULTS.md).
+KERNEL_CACHE_DROP_BYTES = 64 * 1024 * 1024
 
 
 class FuseUnavailable(Exception):
@@ -3053,6 +3072,54 @@ class _InputView:
             self.add(parent)
 
 
+class _KernelCache:
+    """Drops large outputs' pages from the kernel's cache of the FUSE files
+    (libfuse3 with the writeback cache). Each drop runs on a thread of its
+    own: the kernel first sends the file's dirty pages, which the FUSE thread
+    must be free to serve, so that thread only queues paths and never waits."""
+
+    def __init__(self) -> None:
+        self._lib: object = None
+        self._fuse: int | None = None  # libfuse's struct fuse, while it exists
+        self._lock = threading.Lock()  # held by a drop and by stop()
+        self._paths: "queue.Queue[str]" = queue.Queue(maxsize=4)
+
+    def start(self) -> None:
+        """In the FUSE thread at init, where libfuse's context names the filesystem."""
+        import ctypes
+
+        class Context(ctypes.Structure):  # the first field of libfuse's fuse_context
+            _fields_ = [("fuse", ctypes.c_void_p)]
+        try:
+            lib = ctypes.CDLL(os.environ.get("FUSE_LIBRARY_PATH") or "libfuse3.so.3")
+            lib.fuse_get_context.restype = ctypes.POINTER(Context)
+            lib.fuse_invalidate_path.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+            self._fuse = lib.fuse_get_context().contents.fuse
+        except (OSError, AttributeError, ValueError):  # no library, symbol or context:
+            return  # the pages stay until the task's files are removed, as before
+        self._lib = lib
+        threading.Thread(target=self._drop_queued, daemon=True).start()
+
+    def drop_later(self, path: str | None) -> None:
+        """Queue a drop (skipped when a few are queued already: the next will do)."""
+        if self._fuse and isinstance(path, str):  # None: the file was removed
+            with contextlib.suppress(queue.Full):
+                self._paths.put_nowait(path)
+
+    def _drop_queued(self) -> None:
+        while True:
+            path = self._paths.get()
+            with self._lock:
+                if self._fuse:  # a path removed or renamed since is unknown: no harm
+                    drop = self._lib.fuse_invalidate_path  # type: ignore[attr-defined]
+                    drop(self._fuse, path.encode("latin-1"))
+
+    def stop(self) -> None:
+        """Before libfuse frees its struct fuse."""
+        with self._lock:
+            self._fuse = None
+
+
 def _fuse_error(code: int) -> OSError:
     return OSError(code, os.strerror(code))
 
@@ -3117,6 +3184,7 @@ class OutputFS:
         # so a reset never mixes data.
         self.hash_queue: "queue.Queue[tuple]" = queue.Queue(maxsize=HASH_QUEUE_ITEMS)
         threading.Thread(target=self._hash_worker, daemon=True).start()
+        self.kernel_cache = _KernelCache()
         self._next_fh = 1
         self._spools = 0
         self._uid, self._gid = os.getuid(), os.getgid()
@@ -3360,10 +3428,16 @@ class OutputFS:
                 if conn.capable & capability:  # type: ignore[attr-defined]
                     conn.want |= capability  # type: ignore[attr-defined]
             self.writeback = bool(conn.want & FUSE_CAP_WRITEBACK_CACHE)  # type: ignore[attr-defined]
+            if self.writeback:
+                self.kernel_cache.start()
             conn.max_write = FUSE_MAX_WRITE  # type: ignore[attr-defined]
             if not self.writeback and config is not None:
                 config.direct_io = 1  # type: ignore[attr-defined]  # as on libfuse2
         self.ready.set()
+
+    def destroy(self, path: str) -> None:
+        """At unmount, before libfuse frees what a queued drop would use."""
+        self.kernel_cache.stop()
 
     @_operation
     def getattr(self, path: str, fh: int | None = None) -> dict:
@@ -3455,7 +3529,10 @@ class OutputFS:
         content = self.handles[fh].content
         if content.frozen:
             raise _fuse_error(errno.EIO)
+        before = content.size
         content.write(data, offset)
+        if content.size // KERNEL_CACHE_DROP_BYTES > before // KERNEL_CACHE_DROP_BYTES:
+            self.kernel_cache.drop_later(path)
         return len(data)
 
     @_operation
