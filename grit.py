@@ -2499,15 +2499,22 @@ class _Followed:
     def proven(self) -> tuple[str, int] | None:
         """(hash, size) when hashing the whole file anew gives what was
         followed, so the bytes in LMDB are its content (a script may have
-        rewritten a part already taken in); None otherwise."""
-        if not self.read_new():
+        rewritten a part already taken in); None otherwise. The new hash runs
+        on another core while the bytes written since the last look are taken in."""
+        with concurrent.futures.ThreadPoolExecutor(1) as helper:
+            whole = helper.submit(self._hash_file)
+            caught_up = self.read_new()
+            digest, size = whole.result()
+        if not caught_up:
             return None
-        with open(self.fd, "rb", buffering=0, closefd=False) as f:
-            digest, size = hash_blocks(f)
         self.writer.finish()
         if (digest, size) != (self.hash.hexdigest(), self.size) or self.writer.failed:
             return None
         return digest, size
+
+    def _hash_file(self) -> tuple[str, int]:
+        with open(self.fd, "rb", buffering=0, closefd=False) as f:
+            return hash_blocks(f)
 
     def close(self, abandon: bool = True) -> None:
         if abandon:
