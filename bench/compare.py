@@ -8,12 +8,13 @@ each A output (2N tasks, plus grit's seed task that reads the inputs).
   W2  no-op rerun right after
   W3  one new input and one changed input, then rerun
   W4  one task writes 1 GiB, the next computes its sha256 (grit and make only)
+  W5  the same with two readers, sha256 and md5 (the second reads it from the store)
 
 Medians of --repeat runs; each runner's time and peak RSS (largest process)
 next to make -j2's, measured in the same run. Results are printed as a
 Markdown table (bench/RESULTS.md keeps a copy).
 
-    bench/compare.py [--sizes 1000,10000] [--repeat 3] [--snakemake-max 1000] [--w4]
+    bench/compare.py [--sizes 1000,10000] [--repeat 3] [--snakemake-max 1000] [--w4] [--w5]
                      [--runners make,grit-fuse,grit-dir,xargs,parallel] [--grit PATH]
 
 --grit runs another grit.py (an older commit's, say) in place of this one;
@@ -225,18 +226,23 @@ def check_outputs(runner, work: str, n: int) -> None:
         assert os.path.exists(os.path.join(work, "rev", f"in-{n + 1}")), runner.name
 
 
-def w4(runner_name: str) -> tuple[float, int]:
+def w4(runner_name: str, readers: int = 1) -> tuple[float, int]:
+    """One task writes 1 GiB; `readers` tasks then read it (sha256sum, md5sum):
+    with two, the second reads the object out of the store (W5)."""
+    tools = ["sha256sum", "md5sum"][:readers]
     work = tempfile.mkdtemp(prefix="grit-w4-")
     try:
         if runner_name == "make -j2":
             with open(os.path.join(work, "Makefile"), "w") as f:
-                f.write("sum: big\n\tsha256sum big > sum\nbig:\n\thead -c 1G /dev/urandom > big\n")
+                f.write(f"all: {' '.join(tools)}\n" +
+                        "".join(f"{t}: big\n\t{t} big > {t}\n" for t in tools) +
+                        "big:\n\thead -c 1G /dev/urandom > big\n")
             return sh("make -j2 -s", work)
         mode = runner_name.split("(")[1].rstrip(")")
         with open(os.path.join(work, "m.toml"), "w") as f:
-            f.write('[[step]]\nname = "big"\nscript = "head -c 1G /dev/urandom > $OUTPUT_DIR/big"\n'
-                    '[[step]]\nname = "sum"\ninputs = ["big"]\n'
-                    'script = "sha256sum $INPUT_FILE > $OUTPUT_DIR/sum"\n')
+            f.write('[[step]]\nname = "big"\nscript = "head -c 1G /dev/urandom > $OUTPUT_DIR/big"\n' +
+                    "".join(f'[[step]]\nname = "{t}"\ninputs = ["big"]\n'
+                            f'script = "{t} $INPUT_FILE > $OUTPUT_DIR/{t}"\n' for t in tools))
         return sh(f"{sys.executable} {GRIT} -manifest m.toml -db db -run -quiet "
                   f"-output-mode {mode}", work)
     finally:
@@ -254,6 +260,7 @@ def main() -> None:
     ap.add_argument("--snakemake-max", type=int, default=1000,
                     help="largest N to run Snakemake at (it is slow)")
     ap.add_argument("--w4", action="store_true", help="also run W4 (1 GiB)")
+    ap.add_argument("--w5", action="store_true", help="also run W5 (1 GiB, two readers)")
     ap.add_argument("--runners", default="make,grit-fuse,grit-dir,xargs,parallel,snakemake",
                     help="which runners, make first (the baseline of the ratios)")
     ap.add_argument("--grit", default=GRIT, help="the grit.py to run")
@@ -283,20 +290,22 @@ def main() -> None:
             rss = max(w1[1], w2[1], w3[1])
             print(f"| {n:,} | {runner.name} | {w1[0]:.2f} s | {w1[0] / base:.2f}x | "
                   f"{w2[0]:.3f} s | {w3[0]:.3f} s | {rss} MiB |", flush=True)
-    if args.w4:
-        print("\n| W4: 1 GiB then sha256 | time | ratio | peak RSS |\n| --- | --- | --- | --- |")
+    for flag, readers, title in ((args.w4, 1, "W4: 1 GiB then sha256"),
+                                 (args.w5, 2, "W5: 1 GiB then sha256 and md5")):
+        if not flag:
+            continue
+        print(f"\n| {title} | time | ratio | peak RSS |\n| --- | --- | --- | --- |")
         names = ["make -j2", "grit (fuse)", "grit (dir)"]
         runs: dict[str, list] = {name: [] for name in names}
         for i in range(args.repeat):  # alternated, so a machine slowing down weighs on all
             for name in names if i % 2 == 0 else names[::-1]:
-                runs[name].append(w4(name))
+                runs[name].append(w4(name, readers))
         base = None
         for name in names:
             t = statistics.median(r[0] for r in runs[name])
             rss = max(r[1] for r in runs[name])
             base = base or t
             print(f"| {name} | {t:.2f} s | {t / base:.2f}x | {rss} MiB |", flush=True)
-
 
 if __name__ == "__main__":
     main()
