@@ -220,12 +220,22 @@ def test_dir_mode_fails_a_task_that_writes_next_to_its_output_dir(grit):
 MIB = 1 << 20
 # 10 MiB of 'a': followed while the script runs, more than one LMDB write (8 MiB)
 A10 = "head -c 10485760 /dev/zero | tr '\\0' a"
+# 136 MiB: proven in pieces that start at the hash state followed to there (64 MiB apart)
+A136 = "head -c 142606336 /dev/zero | tr '\\0' a"
 CHANGED_AFTER_FOLLOWED = {
     # case: (script, {name: expected content})
     "overwritten_in_place": (
         f"{A10} > $OUTPUT_DIR/f; sleep 0.6; "
         "printf XYZ | dd of=$OUTPUT_DIR/f bs=1 seek=100 conv=notrunc 2>/dev/null",
         {"f": b"a" * 100 + b"XYZ" + b"a" * (10 * MIB - 103)}),
+    "overwritten_in_the_first_piece": (
+        f"{A136} > $OUTPUT_DIR/f; sleep 1; "
+        "printf XYZ | dd of=$OUTPUT_DIR/f bs=1 seek=100 conv=notrunc 2>/dev/null",
+        {"f": b"a" * 100 + b"XYZ" + b"a" * (136 * MIB - 103)}),
+    "overwritten_in_the_last_piece": (
+        f"{A136} > $OUTPUT_DIR/f; sleep 1; "
+        f"printf XYZ | dd of=$OUTPUT_DIR/f bs=1 seek={130 * MIB} conv=notrunc 2>/dev/null",
+        {"f": b"a" * 130 * MIB + b"XYZ" + b"a" * (6 * MIB - 3)}),
     "rewritten_smaller": (
         f"{A10} > $OUTPUT_DIR/f; sleep 0.6; printf small > $OUTPUT_DIR/f",
         {"f": b"small"}),
