@@ -612,13 +612,14 @@ TXN_BYTES = 32 * 1024 * 1024
 # The same for an object written as it arrives (ObjectWriter): less, because
 # the FUSE server holding the batch must stay small (tests/test_fuse.py).
 WRITER_TXN_BYTES = 8 * 1024 * 1024
-# A writer flushes LMDB to disk after this many bytes, so that the flush
-# before the metadata commit finds little left (1 GiB: 0.5-0.7 s at the end),
-# and then drops LMDB's flushed pages from the page cache: a large output's
-# copy in LMDB is cold (the next task reads the spool or the file itself),
-# and its pages are then reused for the next bytes instead of fresh ones,
-# which cost this VM 5-10x more (bench/RESULTS.md, W4 1.36x -> 1.15x make).
-WRITER_SYNC_BYTES = 64 * 1024 * 1024
+# A writer drops LMDB's pages from the page cache after this many bytes: a
+# large output's copy in LMDB is cold (the next task reads the spool or the
+# file itself), and its pages are then reused for the next bytes instead of
+# fresh ones, which cost this VM 5-10x more (bench/RESULTS.md, W4 1.36x ->
+# 1.15x make). Dropping starts writing the dirty pages to disk without waiting
+# (they go at the next drop), so the flush before the metadata commit finds
+# little left; flushing here instead held the writer 0.45 s per GiB.
+WRITER_DROP_BYTES = 64 * 1024 * 1024
 # First LMDB map size; the map doubles whenever it fills, so this is not a limit.
 # It is address space, not disk (the file grows as pages are written): growing
 # in the middle of storing a large object costs a retried transaction and a
@@ -715,8 +716,9 @@ class ObjectStore:
         self.env.sync(True)
 
     def drop_cached(self) -> None:
-        """Drop the store's clean pages from the page cache (dirty ones stay:
-        nothing unflushed is lost, and a later read comes from disk)."""
+        """Drop the store's clean pages from the page cache, and start writing
+        its dirty ones to disk (they stay until written: nothing unflushed is
+        lost; a later read comes from disk)."""
         fd = os.open(os.path.join(self.env.path(), "data.mdb"), os.O_RDONLY | os.O_CLOEXEC)
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -983,7 +985,7 @@ class ObjectWriter:
         self._batch: list = []  # whole chunks not yet written
         self._batch_bytes = 0
         self._partial = bytearray()  # the start of the next chunk
-        self._unsynced = 0  # bytes written since LMDB was last flushed
+        self._undropped = 0  # bytes written since LMDB's pages were last dropped
 
     def append(self, data: bytes) -> None:
         if self.failed:
@@ -1014,12 +1016,11 @@ class ObjectWriter:
         if batch and not self.failed:
             try:
                 self.store.write_chunks(self.key, self.count, batch)
-                self.count += len(batch)  # before a failing sync: abandon() deletes them
-                self._unsynced += len(batch) * CHUNK_SIZE
-                if self._unsynced >= WRITER_SYNC_BYTES:
-                    self.store.sync()
+                self.count += len(batch)  # before anything fails: abandon() deletes them
+                self._undropped += len(batch) * CHUNK_SIZE
+                if self._undropped >= WRITER_DROP_BYTES:
                     self.store.drop_cached()
-                    self._unsynced = 0
+                    self._undropped = 0
             except Exception as e:
                 self.failed = str(e) or type(e).__name__
 
