@@ -2509,9 +2509,8 @@ class _Followed:
         end = os.fstat(self.fd)
         if end.st_nlink == 0 or end.st_size < self.size:
             return False
-        while self.size < end.st_size and not self.writer.failed and not (stop and stop.is_set()):
-            block = os.pread(self.fd, min(STREAM_BLOCK_BYTES, end.st_size - self.size), self.size)
-            if not block:
+        for block in self._blocks(self.size, end.st_size):
+            if self.writer.failed or (stop and stop.is_set()):
                 break
             self.hash.update(block)
             self.writer.append(block)
@@ -2552,13 +2551,19 @@ class _Followed:
     def _hash_piece(self, piece: _Piece) -> tuple[str, int]:
         """(the hash state at the piece's start updated with its bytes now, where they ended)."""
         h, offset = piece.state.copy(), piece.start
-        while offset < piece.end:
-            block = os.pread(self.fd, min(STREAM_BLOCK_BYTES, piece.end - offset), offset)
-            if not block:
-                break
+        for block in self._blocks(piece.start, piece.end):
             h.update(block)
             offset += len(block)
         return h.hexdigest(), offset
+
+    def _blocks(self, start: int, end: int) -> Iterator[bytes]:
+        """The file's bytes [start, end) as they are now, block by block (fewer if it shrank)."""
+        while start < end:
+            block = os.pread(self.fd, min(STREAM_BLOCK_BYTES, end - start), start)
+            if not block:
+                return
+            yield block
+            start += len(block)
 
     def close(self, abandon: bool = True) -> None:
         if abandon:
