@@ -7,9 +7,14 @@ $OUTPUT_DIR becomes a named, SHA-256 content-addressed resource; steps whose
 object content in LMDB, both under one database directory.
 
 Sections, in the order data flows through them:
-    Errors and console → Names → Vocabulary → Manifest → Object store
-    → Metadata store → Database → Output capture (plain, FUSE) → Task execution
-    → Slurm executor → Scheduler → Commands → Inspecting and managing a database → CLI
+    Errors and console → Names → Vocabulary → Manifest → Object store (LMDB)
+    → Metadata schema → Live view → Metadata store (SQLite)
+    → Files, processes and mounts → Database → Sources → Output capture
+    → Output capture: FUSE → Task execution → Node workers → Slurm executor
+    → Scheduler → Running a pipeline → Inspecting a database
+    → Managing a database → CLI
+Each section opens with what it owns and uses only itself and the sections
+above it (tests/test_structure.py checks).
 """
 from __future__ import annotations
 
@@ -185,6 +190,20 @@ class Console:
             if self._progress_shown:
                 self._put("\r\033[K")
                 self._progress_shown = False
+
+
+def emit_json(data: object) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def human_bytes(n: float) -> str:
+    if n < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        n /= 1024
+        if n < 1024 or unit == "TiB":
+            break
+    return f"{n:.1f} {unit}"
 
 
 # =============================================================================
@@ -1042,10 +1061,10 @@ class ObjectWriter:
 
 
 # =============================================================================
-# Metadata store (SQLite)
+# Metadata schema
 # =============================================================================
-# Steps and their versions, tasks and resources, in SQLite: the schema and
-# the queries. Knows nothing of object bytes.
+# The SQLite schema of steps and their versions, tasks and resources, its
+# migrations, and the small rules the queries share. Knows nothing of object bytes.
 
 SCHEMA_VERSION = 7
 # -executor slurm's array jobs still to be finished with: a run after a kill -9
@@ -1223,6 +1242,299 @@ def is_current(row: tuple, definition: StepDef) -> bool:
     return row[2] == definition.script and row[3] == json.dumps(list(definition.inputs)) \
         and row[4] == files_json(definition) and bool(row[5]) == definition.gather
 
+
+# =============================================================================
+# Live view
+# =============================================================================
+# Which tasks and resources are live: what a clean run on the current manifest
+# and files would make. Kept incrementally in the metadata's own connection
+# and transaction; knows the schema, nothing of objects or processes.
+
+@dataclass
+class Consumer:
+    """A current step version with inputs: the tasks a live resource gets."""
+
+    step_id: int
+    name: str
+    inputs: tuple[str, ...]
+
+
+@dataclass
+class Gathering:
+    """What settling a gather step found: how many live inputs, and whether
+    their set is the one its live task has (unchanged), one it ran or tried
+    before (seen before), a new one, or empty (no inputs)."""
+
+    inputs: int
+    outcome: str
+    task_id: int | None = None
+
+
+GATHER_TEXT = {"new": "a new set of inputs", "unchanged": "its inputs have not changed",
+               "seen before": "a set of inputs it ran before (its results come back)",
+               "no inputs": "no inputs",
+               "waiting": "waiting for upstream: it runs once the steps before it are done, "
+                          "over what they leave live"}
+
+
+def input_set_key(pairs: Iterable[tuple[str, str]]) -> str:
+    """A gather task's identity: SHA-256 of its inputs' sorted name<TAB>hash lines."""
+    h = hashlib.sha256()
+    for batch in iter(lambda it=iter(pairs): list(itertools.islice(it, 1000)), []):
+        h.update("".join(f"{name}\t{digest}\n" for name, digest in batch)
+                 .encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
+class LiveView:
+    """Keeps task.live and resource.live true to the rule: a seed's newest run
+    and a source's current files are live; a task of a current step version is
+    live while its input is; a resource is live while a live task emits it.
+
+    A resource that becomes live makes (or revives) the tasks of current
+    versions that match it, so nothing is found by scanning. Retiring is
+    delete and re-derive: everything that depended on what went is retired,
+    then what is still emitted by a live task comes back. Both cost what they
+    touch, and a cycle cannot keep itself alive. A gather step's live task is
+    the one for its inputs' set when the run last reached it (settle).
+    """
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self.new_tasks: collections.Counter = collections.Counter()  # step id -> made since taken
+        self.retired_tasks: set[int] = set()  # retired since taken (a run drops them if queued)
+        self.load_steps()
+
+    def load_steps(self) -> None:
+        """Read the current step versions (after registration changes them)."""
+        rows = self.db.execute("SELECT id, name, inputs FROM step WHERE current = 1 "
+                               "AND inputs != '[]' AND gather = 0").fetchall()
+        self.exact: dict[str, list[Consumer]] = collections.defaultdict(list)
+        self.patterned: list[Consumer] = []
+        for step_id, name, inputs in rows:
+            consumer = Consumer(step_id, name, tuple(json.loads(inputs)))
+            for pattern in consumer.inputs:
+                if is_pattern(pattern):
+                    self.patterned.append(consumer)
+                    break
+            else:
+                for exact in consumer.inputs:
+                    self.exact[exact].append(consumer)
+
+    def consumers_of(self, name: str) -> list[Consumer]:
+        return self.exact.get(name, []) + [c for c in self.patterned
+                                           if matches_inputs(name, c.inputs)]
+
+    def emitted(self, task_id: int) -> list[int]:
+        return [r for (r,) in self.db.execute("SELECT resource_id FROM emission WHERE task_id = ?",
+                                              (task_id,))]
+
+    # -- becoming live -----------------------------------------------------------
+
+    def make_live(self, resource_ids: Iterable[int]) -> None:
+        """These resources are emitted by a live task now: they, and what
+        depends on them, are live."""
+        stack = list(resource_ids)
+        while stack:
+            rid = stack.pop()
+            name, live, producer, deleted = self.db.execute(
+                "SELECT name, live, task_id, deleted_at FROM resource WHERE id = ?",
+                (rid,)).fetchone()
+            if not live:
+                self.db.execute("UPDATE resource SET live = 1 WHERE id = ?", (rid,))
+                if not deleted:  # no task reads a resource whose content -delete removed
+                    stack.extend(self.spread(rid, name, producer))
+
+    def spread(self, rid: int, name: str, producer: int | None) -> list[int]:
+        """Give a newly live resource its tasks in every current version that
+        matches it; returns what revived done tasks emitted (live in turn)."""
+        consumers = self.consumers_of(name)
+        passes = self.passes_of(producer) if consumers else None
+        return [r for consumer in consumers for r in self.task_for(consumer, rid, passes)]
+
+    def passes_of(self, task_id: int | None) -> str | None:
+        row = self.db.execute("SELECT passes FROM task WHERE id = ?",
+                              (task_id,)).fetchone() if task_id else None
+        return row[0] if row else None
+
+    def task_for(self, consumer: Consumer, rid: int, passes: str | None) -> list[int]:
+        """The live task of `consumer` on resource `rid`: made, or revived (then
+        what it emitted, if it is done)."""
+        made = self.db.execute(
+            "INSERT OR IGNORE INTO task (step_id, input_resource_id, passes, live) "
+            "VALUES (?, ?, ?, 1)", (consumer.step_id, rid,
+                                    one_more_pass(passes, consumer.name))).rowcount
+        if made:
+            self.new_tasks[consumer.step_id] += 1
+            return []
+        task_id, live, status = self.db.execute(
+            "SELECT id, live, status FROM task WHERE step_id = ? AND input_resource_id = ?",
+            (consumer.step_id, rid)).fetchone()
+        if live:
+            return []
+        return self.revive(task_id, consumer.step_id, status)
+
+    def revive(self, task_id: int, step_id: int, status: str) -> list[int]:
+        """A task is live again: what it emitted, if it is done and all of that
+        is still stored; otherwise it is to run (again)."""
+        self.db.execute("UPDATE task SET live = 1 WHERE id = ?", (task_id,))
+        if status == "done" and not self.db.execute(
+                "SELECT 1 FROM emission e JOIN resource r ON r.id = e.resource_id WHERE "
+                "e.task_id = ? AND r.deleted_at IS NOT NULL LIMIT 1", (task_id,)).fetchone():
+            return self.emitted(task_id)
+        if status == "done":  # -gc -retired deleted some of its outputs: make them again
+            self.db.execute("UPDATE task SET status = 'pending' WHERE id = ?", (task_id,))
+        self.new_tasks[step_id] += 1
+        return []
+
+    # -- retiring ------------------------------------------------------------------
+
+    def retire(self, tasks: Iterable[int] = (), emissions: Iterable[tuple[int, int]] = ()) -> None:
+        """Tasks no longer live (an old version, a replaced seed run) and
+        emissions that no longer hold (a source's changed or gone file), with
+        everything that depended only on them."""
+        doubtful: list[int] = []
+        for task_id in tasks:
+            self.db.execute("UPDATE task SET live = 0 WHERE id = ?", (task_id,))
+            doubtful += self.emitted(task_id)
+        for task_id, rid in emissions:
+            self.db.execute("DELETE FROM emission WHERE task_id = ? AND resource_id = ?",
+                            (task_id, rid))
+            doubtful.append(rid)
+        gone_resources, gone_tasks = self.reachable(doubtful)
+        self.db.executemany("UPDATE resource SET live = 0 WHERE id = ?",
+                            ((r,) for r in gone_resources))
+        self.db.executemany("UPDATE task SET live = 0 WHERE id = ?", ((t,) for t in gone_tasks))
+        self.retired_tasks |= gone_tasks
+        # Re-derive: what a live task outside the retired part still emits stays.
+        still = [r for r in gone_resources if self.db.execute(
+            "SELECT 1 FROM emission e JOIN task t ON t.id = e.task_id WHERE e.resource_id = ? "
+            "AND t.live = 1 AND t.status = 'done' LIMIT 1", (r,)).fetchone()]
+        self.make_live(still)
+
+    def reachable(self, resources: list[int]) -> tuple[set[int], set[int]]:
+        """The live resources among these and every live task and resource that
+        depends on them, following inputs and emissions."""
+        gone_resources: set[int] = set()
+        gone_tasks: set[int] = set()
+        stack = list(resources)
+        while stack:
+            rid = stack.pop()
+            if rid in gone_resources or not self.db.execute(
+                    "SELECT live FROM resource WHERE id = ?", (rid,)).fetchone()[0]:
+                continue
+            gone_resources.add(rid)
+            for task_id, status in self.db.execute(
+                    "SELECT id, status FROM task WHERE input_resource_id = ? AND live = 1",
+                    (rid,)).fetchall():
+                gone_tasks.add(task_id)
+                if status == "done":
+                    stack += self.emitted(task_id)
+        return gone_resources, gone_tasks
+
+    # -- whole steps ---------------------------------------------------------------
+
+    def adopt(self, step_id: int) -> None:
+        """A step version just became current: its root task (a seed's or a
+        source's) is live, and it has a live task for every live resource its
+        inputs match (made, or revived when it ran before)."""
+        inputs, gather = self.db.execute("SELECT inputs, gather FROM step WHERE id = ?",
+                                         (step_id,)).fetchone()
+        inputs = json.loads(inputs)
+        if gather:  # its task comes when the run reaches it (settle)
+            return
+        if not inputs:  # its newest successful run, and a newer one still to run
+            for done in ("status = 'done'", "status != 'done'"):
+                for task_id, status in self.db.execute(
+                        "SELECT id, status FROM task WHERE step_id = ? AND input_resource_id IS "
+                        f"NULL AND {done} ORDER BY run DESC LIMIT 1", (step_id,)).fetchall():
+                    self.make_live(self.revive(task_id, step_id, status))
+            return
+        name = self.db.execute("SELECT name FROM step WHERE id = ?", (step_id,)).fetchone()[0]
+        consumer = Consumer(step_id, name, tuple(inputs))
+        live = "live = 1 AND deleted_at IS NULL"
+        rows = self.db.execute(f"SELECT id, name, task_id FROM resource WHERE {live}").fetchall() \
+            if any(map(is_pattern, inputs)) else self.db.execute(
+            f"SELECT id, name, task_id FROM resource WHERE {live} AND name IN (%s)"
+            % ",".join("?" * len(inputs)), inputs).fetchall()
+        self.make_live([r for rid, rname, producer in rows if matches_inputs(rname, inputs)
+                        for r in self.task_for(consumer, rid, self.passes_of(producer))])
+
+    def recompute(self) -> None:
+        """The whole live view from the roots (after an upgrade from a schema
+        without one): cost proportional to the database, once. Adopting the
+        seeds and sources reaches every current step through make_live."""
+        self.db.execute("UPDATE task SET live = 0")
+        self.db.execute("UPDATE resource SET live = 0 WHERE live = 1")
+        for (step_id,) in self.db.execute("SELECT id FROM step WHERE current = 1 AND "
+                                          "inputs = '[]' ORDER BY id").fetchall():
+            self.adopt(step_id)
+
+    # -- gather steps ----------------------------------------------------------------
+
+    def gather_set(self, inputs: Sequence[str]) -> list[tuple[int, str, str]]:
+        """(id, name, hash) of the live resources `inputs` match, by name and hash."""
+        live = "SELECT id, name, hash FROM resource WHERE live = 1 AND deleted_at IS NULL"
+        prefixes = sorted({literal_prefix(p) for p in inputs})
+        if "" in prefixes:  # a pattern such as "*.txt": every live resource is a candidate
+            ranges, where = [()], ""
+        else:  # only the names that start like an input (the live index, by range)
+            ranges, where = [(p, p + "\U0010ffff") for p in prefixes], " AND name >= ? AND name < ?"
+        match = input_matcher(tuple(inputs))
+        found = [r for bounds in ranges
+                 for r in self.db.execute(f"{live}{where} ORDER BY name, hash", bounds)
+                 if match(r[1])]
+        if len(ranges) > 1:  # one prefix may start another's: each resource once, in order
+            found = sorted(set(found), key=lambda r: (r[1], r[2]))
+        return found
+
+    def current_set(self, inputs: Sequence[str]) -> tuple[list[tuple[int, str, str]], str | None]:
+        """The live resources `inputs` match now, and their set's key (None if none)."""
+        found = self.gather_set(inputs)
+        return found, input_set_key((n, h) for _, n, h in found) if found else None
+
+    def settle(self, step: Consumer) -> Gathering:
+        """Make a gather step version's live task the one for the set of live
+        resources its inputs match now: kept; found again (done: its outputs
+        are live again, else it is to run); or made. The task it replaces
+        retires, with what its outputs led to."""
+        found, key = self.current_set(step.inputs)
+        live = self.db.execute("SELECT id, input_set FROM task WHERE step_id = ? AND live = 1",
+                               (step.step_id,)).fetchone()
+        if live and live[1] == key:
+            return Gathering(len(found), "unchanged", live[0])
+        if live:
+            self.retire(tasks=[live[0]])
+        if key is None:
+            return Gathering(0, "no inputs")
+        cur = self.db.execute("INSERT OR IGNORE INTO task (step_id, input_set, passes, live) "
+                              "VALUES (?, ?, ?, 1)",
+                              (step.step_id, key, one_more_pass(None, step.name)))
+        if cur.rowcount:
+            self.db.executemany("INSERT INTO gathered VALUES (?, ?)",
+                                ((cur.lastrowid, r[0]) for r in found))
+            self.new_tasks[step.step_id] += 1
+            return Gathering(len(found), "new", cur.lastrowid)
+        task_id, status = self.db.execute("SELECT id, status FROM task WHERE step_id = ? AND "
+                                          "input_set = ?", (step.step_id, key)).fetchone()
+        self.make_live(self.revive(task_id, step.step_id, status))
+        return Gathering(len(found), "seen before", task_id)
+
+    def take_new_tasks(self) -> tuple[collections.Counter, set[int]]:
+        """Tasks made (or revived) to run since the last call, per step id, and
+        the ids of tasks retired meanwhile (those still live are left out)."""
+        made, self.new_tasks = self.new_tasks, collections.Counter()
+        retired, self.retired_tasks = self.retired_tasks, set()
+        return made, {t for t in retired if not self.db.execute(
+            "SELECT live FROM task WHERE id = ?", (t,)).fetchone()[0]}
+
+
+# =============================================================================
+# Metadata store (SQLite)
+# =============================================================================
+# Every query of the metadata: steps and versions, tasks, resources, sources,
+# and what the inspecting commands read. All of grit's SQL is in this section
+# and the two above it. Knows nothing of object bytes.
 
 class Metadata:
     """Steps, tasks and resources in SQLite. Knows nothing of object bytes."""
@@ -1718,282 +2030,120 @@ class SlurmJobs:
 
 
 # =============================================================================
-# Live view
+# Files, processes and mounts
 # =============================================================================
-# Which tasks and resources are live: what a clean run on the current manifest
-# and files would make. Kept incrementally in the metadata's own connection
-# and transaction; knows the schema, nothing of objects or processes.
+# What grit asks of the operating system beyond files of its own: which
+# filesystem holds a path, unmounting what a killed run left, process groups
+# and signals. Knows nothing of grit's data.
 
-@dataclass
-class Consumer:
-    """A current step version with inputs: the tasks a live resource gets."""
-
-    step_id: int
-    name: str
-    inputs: tuple[str, ...]
+# Filesystems on which LMDB's memory map and locks, and SQLite's WAL, are not
+# safe (both projects say: use a local disk).
+NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "afs", "9p", "lustre", "gpfs",
+                       "beegfs", "ceph", "glusterfs", "fuse.sshfs", "fuse.glusterfs",
+                       "fuse.ceph-fuse"}
 
 
-@dataclass
-class Gathering:
-    """What settling a gather step found: how many live inputs, and whether
-    their set is the one its live task has (unchanged), one it ran or tried
-    before (seen before), a new one, or empty (no inputs)."""
-
-    inputs: int
-    outcome: str
-    task_id: int | None = None
+# RELEASE reaches the filesystem asynchronously after a script closes a file;
+# the end of a task waits this long for them before failing the task.
+RELEASE_GRACE_SECONDS = 2.0
 
 
-def input_set_key(pairs: Iterable[tuple[str, str]]) -> str:
-    """A gather task's identity: SHA-256 of its inputs' sorted name<TAB>hash lines."""
-    h = hashlib.sha256()
-    for batch in iter(lambda it=iter(pairs): list(itertools.islice(it, 1000)), []):
-        h.update("".join(f"{name}\t{digest}\n" for name, digest in batch)
-                 .encode("utf-8", "surrogateescape"))
-    return h.hexdigest()
+def _unmount(mount: str) -> None:
+    """Unmount, waiting a little for busy files, then detach lazily."""
+    fusermount = shutil.which("fusermount") or shutil.which("fusermount3")
+    for attempt in range(20):
+        if fusermount:
+            done = os.spawnv(os.P_WAIT, fusermount,
+                             [fusermount, "-u", "-q"] + (["-z"] if attempt == 19 else []) + [mount])
+            if done == 0:
+                return
+        else:
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.umount2(mount.encode(), 2 if attempt == 19 else 0) == 0:  # 2 = MNT_DETACH
+                return
+        time.sleep(RELEASE_GRACE_SECONDS / 20)
 
 
-class LiveView:
-    """Keeps task.live and resource.live true to the rule: a seed's newest run
-    and a source's current files are live; a task of a current step version is
-    live while its input is; a resource is live while a live task emits it.
-
-    A resource that becomes live makes (or revives) the tasks of current
-    versions that match it, so nothing is found by scanning. Retiring is
-    delete and re-derive: everything that depended on what went is retired,
-    then what is still emitted by a live task comes back. Both cost what they
-    touch, and a cycle cannot keep itself alive. A gather step's live task is
-    the one for its inputs' set when the run last reached it (settle).
-    """
-
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
-        self.new_tasks: collections.Counter = collections.Counter()  # step id -> made since taken
-        self.retired_tasks: set[int] = set()  # retired since taken (a run drops them if queued)
-        self.load_steps()
-
-    def load_steps(self) -> None:
-        """Read the current step versions (after registration changes them)."""
-        rows = self.db.execute("SELECT id, name, inputs FROM step WHERE current = 1 "
-                               "AND inputs != '[]' AND gather = 0").fetchall()
-        self.exact: dict[str, list[Consumer]] = collections.defaultdict(list)
-        self.patterned: list[Consumer] = []
-        for step_id, name, inputs in rows:
-            consumer = Consumer(step_id, name, tuple(json.loads(inputs)))
-            for pattern in consumer.inputs:
-                if is_pattern(pattern):
-                    self.patterned.append(consumer)
-                    break
-            else:
-                for exact in consumer.inputs:
-                    self.exact[exact].append(consumer)
-
-    def consumers_of(self, name: str) -> list[Consumer]:
-        return self.exact.get(name, []) + [c for c in self.patterned
-                                           if matches_inputs(name, c.inputs)]
-
-    def emitted(self, task_id: int) -> list[int]:
-        return [r for (r,) in self.db.execute("SELECT resource_id FROM emission WHERE task_id = ?",
-                                              (task_id,))]
-
-    # -- becoming live -----------------------------------------------------------
-
-    def make_live(self, resource_ids: Iterable[int]) -> None:
-        """These resources are emitted by a live task now: they, and what
-        depends on them, are live."""
-        stack = list(resource_ids)
-        while stack:
-            rid = stack.pop()
-            name, live, producer, deleted = self.db.execute(
-                "SELECT name, live, task_id, deleted_at FROM resource WHERE id = ?",
-                (rid,)).fetchone()
-            if not live:
-                self.db.execute("UPDATE resource SET live = 1 WHERE id = ?", (rid,))
-                if not deleted:  # no task reads a resource whose content -delete removed
-                    stack.extend(self.spread(rid, name, producer))
-
-    def spread(self, rid: int, name: str, producer: int | None) -> list[int]:
-        """Give a newly live resource its tasks in every current version that
-        matches it; returns what revived done tasks emitted (live in turn)."""
-        consumers = self.consumers_of(name)
-        passes = self.passes_of(producer) if consumers else None
-        return [r for consumer in consumers for r in self.task_for(consumer, rid, passes)]
-
-    def passes_of(self, task_id: int | None) -> str | None:
-        row = self.db.execute("SELECT passes FROM task WHERE id = ?",
-                              (task_id,)).fetchone() if task_id else None
-        return row[0] if row else None
-
-    def task_for(self, consumer: Consumer, rid: int, passes: str | None) -> list[int]:
-        """The live task of `consumer` on resource `rid`: made, or revived (then
-        what it emitted, if it is done)."""
-        made = self.db.execute(
-            "INSERT OR IGNORE INTO task (step_id, input_resource_id, passes, live) "
-            "VALUES (?, ?, ?, 1)", (consumer.step_id, rid,
-                                    one_more_pass(passes, consumer.name))).rowcount
-        if made:
-            self.new_tasks[consumer.step_id] += 1
-            return []
-        task_id, live, status = self.db.execute(
-            "SELECT id, live, status FROM task WHERE step_id = ? AND input_resource_id = ?",
-            (consumer.step_id, rid)).fetchone()
-        if live:
-            return []
-        return self.revive(task_id, consumer.step_id, status)
-
-    def revive(self, task_id: int, step_id: int, status: str) -> list[int]:
-        """A task is live again: what it emitted, if it is done and all of that
-        is still stored; otherwise it is to run (again)."""
-        self.db.execute("UPDATE task SET live = 1 WHERE id = ?", (task_id,))
-        if status == "done" and not self.db.execute(
-                "SELECT 1 FROM emission e JOIN resource r ON r.id = e.resource_id WHERE "
-                "e.task_id = ? AND r.deleted_at IS NOT NULL LIMIT 1", (task_id,)).fetchone():
-            return self.emitted(task_id)
-        if status == "done":  # -gc -retired deleted some of its outputs: make them again
-            self.db.execute("UPDATE task SET status = 'pending' WHERE id = ?", (task_id,))
-        self.new_tasks[step_id] += 1
+def mounts() -> list[tuple[str, str]]:
+    """(mount point, filesystem type) of every mount, in mount order."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
         return []
+    return parse_mountinfo(lines)
 
-    # -- retiring ------------------------------------------------------------------
 
-    def retire(self, tasks: Iterable[int] = (), emissions: Iterable[tuple[int, int]] = ()) -> None:
-        """Tasks no longer live (an old version, a replaced seed run) and
-        emissions that no longer hold (a source's changed or gone file), with
-        everything that depended only on them."""
-        doubtful: list[int] = []
-        for task_id in tasks:
-            self.db.execute("UPDATE task SET live = 0 WHERE id = ?", (task_id,))
-            doubtful += self.emitted(task_id)
-        for task_id, rid in emissions:
-            self.db.execute("DELETE FROM emission WHERE task_id = ? AND resource_id = ?",
-                            (task_id, rid))
-            doubtful.append(rid)
-        gone_resources, gone_tasks = self.reachable(doubtful)
-        self.db.executemany("UPDATE resource SET live = 0 WHERE id = ?",
-                            ((r,) for r in gone_resources))
-        self.db.executemany("UPDATE task SET live = 0 WHERE id = ?", ((t,) for t in gone_tasks))
-        self.retired_tasks |= gone_tasks
-        # Re-derive: what a live task outside the retired part still emits stays.
-        still = [r for r in gone_resources if self.db.execute(
-            "SELECT 1 FROM emission e JOIN task t ON t.id = e.task_id WHERE e.resource_id = ? "
-            "AND t.live = 1 AND t.status = 'done' LIMIT 1", (r,)).fetchone()]
-        self.make_live(still)
+def parse_mountinfo(lines: Iterable[str]) -> list[tuple[str, str]]:
+    found = []
+    for line in lines:
+        before, _, after = line.partition(" - ")  # optional fields end at " - "
+        fields = before.split()
+        if len(fields) >= 5 and after:
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+            found.append((point, after.split()[0]))
+    return found
 
-    def reachable(self, resources: list[int]) -> tuple[set[int], set[int]]:
-        """The live resources among these and every live task and resource that
-        depends on them, following inputs and emissions."""
-        gone_resources: set[int] = set()
-        gone_tasks: set[int] = set()
-        stack = list(resources)
-        while stack:
-            rid = stack.pop()
-            if rid in gone_resources or not self.db.execute(
-                    "SELECT live FROM resource WHERE id = ?", (rid,)).fetchone()[0]:
-                continue
-            gone_resources.add(rid)
-            for task_id, status in self.db.execute(
-                    "SELECT id, status FROM task WHERE input_resource_id = ? AND live = 1",
-                    (rid,)).fetchall():
-                gone_tasks.add(task_id)
-                if status == "done":
-                    stack += self.emitted(task_id)
-        return gone_resources, gone_tasks
 
-    # -- whole steps ---------------------------------------------------------------
+def filesystem_type(path: str, table: list[tuple[str, str]]) -> str:
+    """The type of the filesystem holding `path`: its deepest mount (the last
+    one mounted, if several share a point)."""
+    path = os.path.realpath(path) + "/"
+    best, kind = "", ""
+    for point, fstype in table:
+        if path.startswith(point.rstrip("/") + "/") and len(point) >= len(best):
+            best, kind = point, fstype
+    return kind
 
-    def adopt(self, step_id: int) -> None:
-        """A step version just became current: its root task (a seed's or a
-        source's) is live, and it has a live task for every live resource its
-        inputs match (made, or revived when it ran before)."""
-        inputs, gather = self.db.execute("SELECT inputs, gather FROM step WHERE id = ?",
-                                         (step_id,)).fetchone()
-        inputs = json.loads(inputs)
-        if gather:  # its task comes when the run reaches it (settle)
-            return
-        if not inputs:  # its newest successful run, and a newer one still to run
-            for done in ("status = 'done'", "status != 'done'"):
-                for task_id, status in self.db.execute(
-                        "SELECT id, status FROM task WHERE step_id = ? AND input_resource_id IS "
-                        f"NULL AND {done} ORDER BY run DESC LIMIT 1", (step_id,)).fetchall():
-                    self.make_live(self.revive(task_id, step_id, status))
-            return
-        name = self.db.execute("SELECT name FROM step WHERE id = ?", (step_id,)).fetchone()[0]
-        consumer = Consumer(step_id, name, tuple(inputs))
-        live = "live = 1 AND deleted_at IS NULL"
-        rows = self.db.execute(f"SELECT id, name, task_id FROM resource WHERE {live}").fetchall() \
-            if any(map(is_pattern, inputs)) else self.db.execute(
-            f"SELECT id, name, task_id FROM resource WHERE {live} AND name IN (%s)"
-            % ",".join("?" * len(inputs)), inputs).fetchall()
-        self.make_live([r for rid, rname, producer in rows if matches_inputs(rname, inputs)
-                        for r in self.task_for(consumer, rid, self.passes_of(producer))])
 
-    def recompute(self) -> None:
-        """The whole live view from the roots (after an upgrade from a schema
-        without one): cost proportional to the database, once. Adopting the
-        seeds and sources reaches every current step through make_live."""
-        self.db.execute("UPDATE task SET live = 0")
-        self.db.execute("UPDATE resource SET live = 0 WHERE live = 1")
-        for (step_id,) in self.db.execute("SELECT id FROM step WHERE current = 1 AND "
-                                          "inputs = '[]' ORDER BY id").fetchall():
-            self.adopt(step_id)
+def unmount_stale(root: str) -> None:
+    """Unmount FUSE mounts left under `root` by a grit that was killed."""
+    root = os.path.realpath(root) + "/"
+    for point, _ in mounts():
+        if (point + "/").startswith(root):
+            _unmount(point)
 
-    # -- gather steps ----------------------------------------------------------------
 
-    def gather_set(self, inputs: Sequence[str]) -> list[tuple[int, str, str]]:
-        """(id, name, hash) of the live resources `inputs` match, by name and hash."""
-        live = "SELECT id, name, hash FROM resource WHERE live = 1 AND deleted_at IS NULL"
-        prefixes = sorted({literal_prefix(p) for p in inputs})
-        if "" in prefixes:  # a pattern such as "*.txt": every live resource is a candidate
-            ranges, where = [()], ""
-        else:  # only the names that start like an input (the live index, by range)
-            ranges, where = [(p, p + "\U0010ffff") for p in prefixes], " AND name >= ? AND name < ?"
-        match = input_matcher(tuple(inputs))
-        found = [r for bounds in ranges
-                 for r in self.db.execute(f"{live}{where} ORDER BY name, hash", bounds)
-                 if match(r[1])]
-        if len(ranges) > 1:  # one prefix may start another's: each resource once, in order
-            found = sorted(set(found), key=lambda r: (r[1], r[2]))
-        return found
+def _last_line(path: str) -> str:
+    """The last line of a log, for an error message ("" if none)."""
+    try:
+        with open(path, errors="replace") as f:
+            lines = f.read().strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
 
-    def current_set(self, inputs: Sequence[str]) -> tuple[list[tuple[int, str, str]], str | None]:
-        """The live resources `inputs` match now, and their set's key (None if none)."""
-        found = self.gather_set(inputs)
-        return found, input_set_key((n, h) for _, n, h in found) if found else None
 
-    def settle(self, step: Consumer) -> Gathering:
-        """Make a gather step version's live task the one for the set of live
-        resources its inputs match now: kept; found again (done: its outputs
-        are live again, else it is to run); or made. The task it replaces
-        retires, with what its outputs led to."""
-        found, key = self.current_set(step.inputs)
-        live = self.db.execute("SELECT id, input_set FROM task WHERE step_id = ? AND live = 1",
-                               (step.step_id,)).fetchone()
-        if live and live[1] == key:
-            return Gathering(len(found), "unchanged", live[0])
-        if live:
-            self.retire(tasks=[live[0]])
-        if key is None:
-            return Gathering(0, "no inputs")
-        cur = self.db.execute("INSERT OR IGNORE INTO task (step_id, input_set, passes, live) "
-                              "VALUES (?, ?, ?, 1)",
-                              (step.step_id, key, one_more_pass(None, step.name)))
-        if cur.rowcount:
-            self.db.executemany("INSERT INTO gathered VALUES (?, ?)",
-                                ((cur.lastrowid, r[0]) for r in found))
-            self.new_tasks[step.step_id] += 1
-            return Gathering(len(found), "new", cur.lastrowid)
-        task_id, status = self.db.execute("SELECT id, status FROM task WHERE step_id = ? AND "
-                                          "input_set = ?", (step.step_id, key)).fetchone()
-        self.make_live(self.revive(task_id, step.step_id, status))
-        return Gathering(len(found), "seen before", task_id)
+def write_atomically(path: str, write: Callable[[IO[bytes]], None]) -> None:
+    """Readers on other nodes see the whole file or none: write, then rename."""
+    tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        write(f)
+    os.rename(tmp, path)
 
-    def take_new_tasks(self) -> tuple[collections.Counter, set[int]]:
-        """Tasks made (or revived) to run since the last call, per step id, and
-        the ids of tasks retired meanwhile (those still live are left out)."""
-        made, self.new_tasks = self.new_tasks, collections.Counter()
-        retired, self.retired_tasks = self.retired_tasks, set()
-        return made, {t for t in retired if not self.db.execute(
-            "SELECT live FROM task WHERE id = ?", (t,)).fetchone()[0]}
+
+def _kill_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class stop_on_signals:
+    """While active, SIGINT and SIGTERM call `stop` instead of killing grit."""
+
+    def __init__(self, stop: Callable[[], None]) -> None:
+        self.stop = stop
+        self.saved: dict[int, object] = {}
+
+    def __enter__(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.saved[sig] = signal.signal(sig, lambda *_: self.stop())
+
+    def __exit__(self, *_: object) -> None:
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
 
 
 # =============================================================================
@@ -2004,13 +2154,6 @@ class LiveView:
 # Database; nothing above this section touches sqlite3 or LMDB.
 
 DISK_WARN_FRACTION = 0.85  # warn before a run when the database's disk is fuller
-
-# Filesystems on which LMDB's memory map and locks, and SQLite's WAL, are not
-# safe (both projects say: use a local disk).
-NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "afs", "9p", "lustre", "gpfs",
-                       "beegfs", "ceph", "glusterfs", "fuse.sshfs", "fuse.glusterfs",
-                       "fuse.ceph-fuse"}
-
 
 def warn_if_network_filesystem(path: str, console: Console) -> None:
     kind = filesystem_type(path, mounts())
@@ -2368,6 +2511,37 @@ def read_source_file(db: Database, step_name: str, name: str, path: str,
 def forget_source_file(db: Database, step_name: str, path: str, task: int, rid: int) -> None:
     db.meta.live.retire(emissions=[(task, rid)])
     db.meta.drop_source_file(step_name, path)
+
+
+def preview_source(meta: Metadata | None, step: StepDef, base_dir: str) -> SourceScan:
+    """What import_source would find: changed files are read and hashed, and
+    nothing is stored."""
+    scan = SourceScan()
+    known = meta.source_files(step.name) if meta else {}
+    for name, (path, signature) in sorted(match_files(step, base_dir).items()):
+        old = known.pop(path, None)
+        if old and old[1] == signature and meta and meta.output_of(old[0]).name == name:
+            continue
+        try:
+            digest = file_hash(path)
+        except OSError as e:
+            scan.failed.append(f"{step.name}: cannot read {path}: {e.strerror or e}")
+            continue
+        if old and meta and meta.resource_id(name, digest) == old[0]:
+            continue  # touched: same content
+        scan.changed += bool(old)
+        scan.new += not old
+        scan.names.append(name)
+    scan.gone = len(known)
+    return scan
+
+
+def file_hash(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK_SIZE), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 # =============================================================================
@@ -2850,7 +3024,6 @@ def _is_real_dir(path: str) -> bool:
 # =============================================================================
 # Output capture: FUSE
 # =============================================================================
-#
 # One write-only FUSE filesystem per run, served by a child process forked
 # before grit opens its stores or starts threads: the FUSE handlers then
 # never wait for the GIL behind busy scheduler threads, and libfuse's signal
@@ -2869,9 +3042,6 @@ SPOOL_MEMORY_LIMIT = CHUNK_SIZE
 # All pending contents together keep at most this much in memory; past it,
 # every growing content spills to disk at once (10,000 small files in a task).
 SPOOL_MEMORY_BUDGET = 64 * 1024 * 1024
-# RELEASE reaches the filesystem asynchronously after a script closes a file;
-# the end of a task waits this long for them before failing the task.
-RELEASE_GRACE_SECONDS = 2.0
 # Consecutive writes to a spooled content are gathered up to this size before
 # one pwrite and one hand-off to the hasher: writers like `head -c` send 8 KiB
 # requests, and per-request work was a third of the server's time.
@@ -3794,73 +3964,6 @@ def _send(sock: "socket.socket", message: dict) -> None:
     sock.sendall(json.dumps(message).encode() + b"\n")
 
 
-def _unmount(mount: str) -> None:
-    """Unmount, waiting a little for busy files, then detach lazily."""
-    fusermount = shutil.which("fusermount") or shutil.which("fusermount3")
-    for attempt in range(20):
-        if fusermount:
-            done = os.spawnv(os.P_WAIT, fusermount,
-                             [fusermount, "-u", "-q"] + (["-z"] if attempt == 19 else []) + [mount])
-            if done == 0:
-                return
-        else:
-            import ctypes
-            libc = ctypes.CDLL(None, use_errno=True)
-            if libc.umount2(mount.encode(), 2 if attempt == 19 else 0) == 0:  # 2 = MNT_DETACH
-                return
-        time.sleep(RELEASE_GRACE_SECONDS / 20)
-
-
-def mounts() -> list[tuple[str, str]]:
-    """(mount point, filesystem type) of every mount, in mount order."""
-    try:
-        with open("/proc/self/mountinfo") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return []
-    return parse_mountinfo(lines)
-
-
-def parse_mountinfo(lines: Iterable[str]) -> list[tuple[str, str]]:
-    found = []
-    for line in lines:
-        before, _, after = line.partition(" - ")  # optional fields end at " - "
-        fields = before.split()
-        if len(fields) >= 5 and after:
-            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
-            found.append((point, after.split()[0]))
-    return found
-
-
-def filesystem_type(path: str, table: list[tuple[str, str]]) -> str:
-    """The type of the filesystem holding `path`: its deepest mount (the last
-    one mounted, if several share a point)."""
-    path = os.path.realpath(path) + "/"
-    best, kind = "", ""
-    for point, fstype in table:
-        if path.startswith(point.rstrip("/") + "/") and len(point) >= len(best):
-            best, kind = point, fstype
-    return kind
-
-
-def unmount_stale(root: str) -> None:
-    """Unmount FUSE mounts left under `root` by a grit that was killed."""
-    root = os.path.realpath(root) + "/"
-    for point, _ in mounts():
-        if (point + "/").startswith(root):
-            _unmount(point)
-
-
-def _last_line(path: str) -> str:
-    """The last line of a log, for an error message ("" if none)."""
-    try:
-        with open(path, errors="replace") as f:
-            lines = f.read().strip().splitlines()
-    except OSError:
-        return ""
-    return lines[-1] if lines else ""
-
-
 def fuse_binding() -> object:
     """mfusepy on libfuse3 where it exists (it offers the kernel's writeback
     cache), else on libfuse2. GRIT_LIBFUSE=2 or 3 picks one; FUSE_LIBRARY_PATH,
@@ -4562,13 +4665,6 @@ def truncate_here(fd: int) -> None:
         os.ftruncate(fd, here)
 
 
-def _kill_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 def describe_exit(status: int) -> str:
     if status < 0:
         try:
@@ -4602,48 +4698,23 @@ def error_line(error: str) -> str:
 
 
 # =============================================================================
-# Slurm executor
+# Node workers
 # =============================================================================
-# -executor slurm: tasks as Slurm array jobs. The coordinator (this process)
-# writes a dispatch round's tasks of one step into a job folder on the shared
-# work dir and submits one array job; each element runs `grit -worker FOLDER`
-# over its chunk, with the LocalExecutor of that node (its own output capture
-# and scratch database), and leaves one result file per task in the folder:
-# its record, then its objects. One poller thread submits, ingests results
-# (each object's hash checked as it goes into LMDB) and asks squeue about the
-# whole run now and then. Job folders are in the database (slurm_job), so a
-# run after a kill -9 adopts them.
+# How a task runs on another machine: the coordinator writes a job folder
+# (tasks.json: the tasks as specs in chunks; inputs.pack: their small input
+# objects; large ones as files named by hash), and `grit -worker FOLDER` runs
+# one chunk there with a LocalExecutor over a scratch database, leaving one
+# result record per task in FOLDER/records (its TaskResult as a JSON line,
+# then its small objects) for the coordinator to ingest. A remote executor
+# only moves folders and starts workers.
 
 RECORD_INTERVAL = 0.2  # seconds between looks for new result records (a listing per job)
-# squeue for the whole run at most this often (Slurm asks programs not to poll it
-# in loops); records, not squeue, tell that tasks finished.
-SQUEUE_SECONDS = float(os.environ.get("GRIT_SLURM_POLL", "30"))
-# An element squeue shows ended (or no longer shows) gets this long for its
-# records to appear (a network filesystem's attribute cache) before its tasks fail.
-RECORD_GRACE_SECONDS = float(os.environ.get("GRIT_SLURM_GRACE", "30"))
-ELEMENT_SECONDS = 60.0  # an element runs about this long once a step's durations are known
-ELEMENT_LEAST_SECONDS = 2.0  # and at least this long: its start-up costs about a second
-# A step's new tasks wait while one of its elements has not started (the
-# cluster is full): they join the next job instead of making many small ones.
-HOLD_SECONDS = 30.0
-SUBMIT_SETTLE_SECONDS = 0.05  # the scheduler hands over a round's tasks in a burst
+
+
 # Objects smaller than this travel inside one file: a job's input pack, a task's
 # result file. Creating a file cost 0.5-0.9 ms here (on NFS a round trip to the
 # server), so not one per object; larger ones go as files named by hash.
 INLINE_BYTES = 1024 * 1024
-SBATCH_TRIES = 6  # a busy controller gets 1 + 2 + 4 + 8 + 16 s
-SBATCH_TRANSIENT = re.compile(r"temporarily unavailable|timed? ?out|try again|Unable to contact",
-                              re.IGNORECASE)
-CANCEL_WAIT_SECONDS = 30.0  # after scancel: most to wait for records and an empty squeue
-SLURM_CAPACITY = 100_000  # tasks handed to Slurm at once (each step's parallel still caps)
-# States of a job that has not ended; any other state (COMPLETED, FAILED,
-# TIMEOUT, OUT_OF_MEMORY, NODE_FAIL, CANCELLED, ...) is final.
-SLURM_ALIVE = {"PENDING", "RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "REQUEUED",
-               "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED"}
-# Reasons a job pends that waiting never clears: it is cancelled, its tasks fail.
-SLURM_NEVER_RUNS = {"PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit",
-                    "BadConstraints", "InvalidAccount", "InvalidQOS", "QOSMaxCpuPerJobLimit",
-                    "QOSMaxMemoryPerJob", "QOSMaxWallDurationPerJobLimit"}
 
 
 def spec_from_json(data: dict) -> TaskSpec:
@@ -4656,14 +4727,6 @@ def result_from_json(data: dict) -> TaskResult:
     """A TaskResult from its asdict() form (and whatever the record adds)."""
     fields = {k: data[k] for k in TaskResult.__dataclass_fields__}
     return TaskResult(**dict(fields, outputs=[Output(**o) for o in data["outputs"]]))
-
-
-def write_atomically(path: str, write: Callable[[IO[bytes]], None]) -> None:
-    """Readers on other nodes see the whole file or none: write, then rename."""
-    tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        write(f)
-    os.rename(tmp, path)
 
 
 def export_object(store: ObjectStore, digest: str, folder: str) -> None:
@@ -4721,6 +4784,117 @@ def unpack_object(store: ObjectStore, digest: str, pack: IO[bytes], base: int,
         return f"object {digest[:12]} unreadable in the work dir ({e.strerror})"
     return "" if stored == digest else \
         f"object {digest[:12]} arrived as {stored[:12]} (damaged on the way)"
+
+
+def cmd_worker(folder: str, console: Console) -> int:
+    """-worker FOLDER: this array element's chunk of tasks (SLURM_ARRAY_TASK_ID),
+    run by a LocalExecutor here over a scratch database; per task, one result
+    file goes into FOLDER."""
+    with open(os.path.join(folder, "tasks.json"), encoding="utf-8") as f:
+        plan = json.load(f)
+    element = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
+    records = os.path.join(folder, "records")
+    open(os.path.join(records, f"started-{element}"), "w").close()  # for the coordinator
+    done = set(os.listdir(records))  # a requeued element skips what it did
+    specs = [spec_from_json(t) for t in plan["chunks"][element]
+             if f"{t['task_id']}.task" not in done]
+    scratch = tempfile.mkdtemp(prefix="grit-worker-")
+    try:
+        with Database.for_run(os.path.join(scratch, "db"), console) as db, \
+                LocalExecutor(db, console, plan["cpus"], plan["output_mode"],
+                              plan["timeout"]) as executor, \
+                open(os.path.join(folder, "inputs.pack"), "rb") as pack:
+            run_chunk(db.objects, executor, specs, plan, pack, folder)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return EXIT_OK
+
+
+def run_chunk(store: ObjectStore, executor: LocalExecutor, specs: list[TaskSpec], plan: dict,
+              pack: IO[bytes], folder: str) -> None:
+    # scancel signals the scripts too: one that dies of it once this worker
+    # was told to stop is interrupted (it stays pending), not failed.
+    stopping = threading.Event()
+    with stop_on_signals(lambda: (stopping.set(), executor.cancel())):
+        running = set()
+        for spec in specs:
+            problem = load_inputs(store, spec, plan, pack)
+            if problem:
+                record_result(store, folder, TaskResult(spec.task_id, error=problem,
+                                                        started_at=utc_now()), "")
+            else:
+                running.add(executor.submit(spec))
+        while running:
+            done, running = concurrent.futures.wait(
+                running, timeout=RECORD_INTERVAL, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in done:
+                result = future.result()
+                if result.ok or not stopping.is_set():
+                    record_result(store, folder, result, executor.capture.description)
+
+
+def load_inputs(store: ObjectStore, spec: TaskSpec, plan: dict, pack: IO[bytes]) -> str:
+    """A task's inputs from the job's pack (or the work dir) into the scratch
+    store, each hash checked: "", or what went wrong."""
+    for digest in task_hashes(spec):
+        problem = unpack_object(store, digest, pack, 0, plan["pack"], plan["objects"])
+        if problem:
+            return f"input {problem}"
+    return ""
+
+
+def record_result(store: ObjectStore, folder: str, result: TaskResult, mode: str) -> None:
+    """One file per task, written then renamed: its record (a JSON line), then
+    the bytes of its small objects; its large objects go first, as files."""
+    index = pack_index(store, result_hashes(result), os.path.join(folder, "objects"))
+    line = json.dumps(dict(asdict(result), mode=mode, node=os.uname().nodename,
+                           pack=index)).encode() + b"\n"
+
+    def write(f: IO[bytes]) -> None:
+        f.write(line)
+        pack_objects(store, index, f)
+
+    write_atomically(os.path.join(folder, "records", f"{result.task_id}.task"), write)
+
+
+# =============================================================================
+# Slurm executor
+# =============================================================================
+# -executor slurm: tasks as Slurm array jobs. The coordinator (this process)
+# writes a dispatch round's tasks of one step into a job folder on the shared
+# work dir and submits one array job; each element runs `grit -worker FOLDER`
+# over its chunk, with the LocalExecutor of that node (its own output capture
+# and scratch database), and leaves one result file per task in the folder:
+# its record, then its objects. One poller thread submits, ingests results
+# (each object's hash checked as it goes into LMDB) and asks squeue about the
+# whole run now and then. Job folders are in the database (slurm_job), so a
+# run after a kill -9 adopts them.
+
+# squeue for the whole run at most this often (Slurm asks programs not to poll it
+# in loops); records, not squeue, tell that tasks finished.
+SQUEUE_SECONDS = float(os.environ.get("GRIT_SLURM_POLL", "30"))
+# An element squeue shows ended (or no longer shows) gets this long for its
+# records to appear (a network filesystem's attribute cache) before its tasks fail.
+RECORD_GRACE_SECONDS = float(os.environ.get("GRIT_SLURM_GRACE", "30"))
+ELEMENT_SECONDS = 60.0  # an element runs about this long once a step's durations are known
+ELEMENT_LEAST_SECONDS = 2.0  # and at least this long: its start-up costs about a second
+# A step's new tasks wait while one of its elements has not started (the
+# cluster is full): they join the next job instead of making many small ones.
+HOLD_SECONDS = 30.0
+SUBMIT_SETTLE_SECONDS = 0.05  # the scheduler hands over a round's tasks in a burst
+SBATCH_TRIES = 6  # a busy controller gets 1 + 2 + 4 + 8 + 16 s
+SBATCH_TRANSIENT = re.compile(r"temporarily unavailable|timed? ?out|try again|Unable to contact",
+                              re.IGNORECASE)
+CANCEL_WAIT_SECONDS = 30.0  # after scancel: most to wait for records and an empty squeue
+SLURM_CAPACITY = 100_000  # tasks handed to Slurm at once (each step's parallel still caps)
+# States of a job that has not ended; any other state (COMPLETED, FAILED,
+# TIMEOUT, OUT_OF_MEMORY, NODE_FAIL, CANCELLED, ...) is final.
+SLURM_ALIVE = {"PENDING", "RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "REQUEUED",
+               "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED"}
+# Reasons a job pends that waiting never clears: it is cancelled, its tasks fail.
+SLURM_NEVER_RUNS = {"PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit",
+                    "BadConstraints", "InvalidAccount", "InvalidQOS", "QOSMaxCpuPerJobLimit",
+                    "QOSMaxMemoryPerJob", "QOSMaxWallDurationPerJobLimit"}
 
 
 def chunk_size(definition: StepDef, tasks: int, parallel: int, mean: float | None) -> int:
@@ -5276,77 +5450,6 @@ class SlurmExecutor:
 
 # -- the worker: one array element, on a node -------------------------------------------
 
-def cmd_worker(folder: str, console: Console) -> int:
-    """-worker FOLDER: this array element's chunk of tasks (SLURM_ARRAY_TASK_ID),
-    run by a LocalExecutor here over a scratch database; per task, one result
-    file goes into FOLDER."""
-    with open(os.path.join(folder, "tasks.json"), encoding="utf-8") as f:
-        plan = json.load(f)
-    element = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
-    records = os.path.join(folder, "records")
-    open(os.path.join(records, f"started-{element}"), "w").close()  # for the coordinator
-    done = set(os.listdir(records))  # a requeued element skips what it did
-    specs = [spec_from_json(t) for t in plan["chunks"][element]
-             if f"{t['task_id']}.task" not in done]
-    scratch = tempfile.mkdtemp(prefix="grit-worker-")
-    try:
-        with Database.for_run(os.path.join(scratch, "db"), console) as db, \
-                LocalExecutor(db, console, plan["cpus"], plan["output_mode"],
-                              plan["timeout"]) as executor, \
-                open(os.path.join(folder, "inputs.pack"), "rb") as pack:
-            run_chunk(db.objects, executor, specs, plan, pack, folder)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return EXIT_OK
-
-
-def run_chunk(store: ObjectStore, executor: LocalExecutor, specs: list[TaskSpec], plan: dict,
-              pack: IO[bytes], folder: str) -> None:
-    # scancel signals the scripts too: one that dies of it once this worker
-    # was told to stop is interrupted (it stays pending), not failed.
-    stopping = threading.Event()
-    with stop_on_signals(lambda: (stopping.set(), executor.cancel())):
-        running = set()
-        for spec in specs:
-            problem = load_inputs(store, spec, plan, pack)
-            if problem:
-                record_result(store, folder, TaskResult(spec.task_id, error=problem,
-                                                        started_at=utc_now()), "")
-            else:
-                running.add(executor.submit(spec))
-        while running:
-            done, running = concurrent.futures.wait(
-                running, timeout=RECORD_INTERVAL, return_when=concurrent.futures.FIRST_COMPLETED)
-            for future in done:
-                result = future.result()
-                if result.ok or not stopping.is_set():
-                    record_result(store, folder, result, executor.capture.description)
-
-
-def load_inputs(store: ObjectStore, spec: TaskSpec, plan: dict, pack: IO[bytes]) -> str:
-    """A task's inputs from the job's pack (or the work dir) into the scratch
-    store, each hash checked: "", or what went wrong."""
-    for digest in task_hashes(spec):
-        problem = unpack_object(store, digest, pack, 0, plan["pack"], plan["objects"])
-        if problem:
-            return f"input {problem}"
-    return ""
-
-
-def record_result(store: ObjectStore, folder: str, result: TaskResult, mode: str) -> None:
-    """One file per task, written then renamed: its record (a JSON line), then
-    the bytes of its small objects; its large objects go first, as files."""
-    index = pack_index(store, result_hashes(result), os.path.join(folder, "objects"))
-    line = json.dumps(dict(asdict(result), mode=mode, node=os.uname().nodename,
-                           pack=index)).encode() + b"\n"
-
-    def write(f: IO[bytes]) -> None:
-        f.write(line)
-        pack_objects(store, index, f)
-
-    write_atomically(os.path.join(folder, "records", f"{result.task_id}.task"), write)
-
-
 # =============================================================================
 # Scheduler
 # =============================================================================
@@ -5719,11 +5822,10 @@ def format_duration(seconds: float) -> str:
 
 
 # =============================================================================
-# Commands
+# Running a pipeline
 # =============================================================================
-# -run as a story (database, executor, scheduler), -dry-run on the same rules,
-# and the commands that read or maintain objects. They use the sections above
-# and never sqlite3 or LMDB directly.
+# -run as a story (manifest, database, executor, scheduler) and -dry-run on the
+# same rules. Uses the sections above, never sqlite3 or LMDB directly.
 
 @dataclass
 class RunOptions:
@@ -5750,6 +5852,125 @@ def selected_steps(manifest: Manifest, opts: RunOptions) -> list[str]:
     if opts.steps:
         return [manifest.step(n).name for n in dict.fromkeys(opts.steps)]
     return [d.name for d in manifest.steps]
+
+
+def cmd_dry_run(opts: RunOptions, manifest: Manifest, selected: list[str]) -> int:
+    plan = plan_run(opts.db, manifest, selected, opts.start)
+    if opts.executor == "slurm":
+        plan_jobs(plan, manifest, opts)
+    if opts.json:
+        emit_json({"dry_run": True, "steps": plan, "tasks": sum(p["tasks"] for p in plan)})
+    else:
+        print_plan(plan)
+    return EXIT_OK
+
+
+def plan_run(db_path: str, manifest: Manifest, selected: list[str],
+             start: str | None) -> list[dict]:
+    """What a -run would start now, per step, and why; reads, never writes.
+    Versions and -start's downstream steps come from the functions the run uses."""
+    db = Database(db_path)
+    meta = db.meta if os.path.isfile(db.metadata_path) else None
+    names = set(selected)
+    if start:
+        names = steps_fed_by(manifest.steps, names,
+                             meta.names_produced_by if meta else lambda name: set())
+    base_dir = os.path.dirname(os.path.abspath(manifest.path))
+    plan = [plan_step(meta, d, base_dir) for d in manifest.steps if d.name in names]
+    for entry in plan:  # what new and changed files start downstream
+        names = entry.pop("source_names", [])
+        for other in plan:
+            count = sum(matches_inputs(n, manifest.step(other["name"]).inputs) for n in names)
+            if count and "gather" not in other:
+                entry["source"]["tasks"][other["name"]] = count
+                other["reasons"]["new_resource"] = other["reasons"].get("new_resource", 0) + count
+                other["tasks"] += count
+    upstream = any(p["tasks"] for p in plan if "gather" not in p) or (
+        meta and meta.steps_pending(exclude=[]))
+    for entry in plan:  # a gather step runs once what feeds it is done
+        if "gather" in entry and (upstream or any(p["source"]["new"] + p["source"]["changed"]
+                                                  + p["source"]["gone"] for p in plan
+                                                  if "source" in p)):
+            entry["gather"]["state"] = GATHER_TEXT["waiting"]
+            entry["reasons"], entry["tasks"] = {}, 0
+    db.close()
+    return plan
+
+
+def plan_step(meta: Metadata | None, definition: StepDef, base_dir: str) -> dict:
+    """One step of the plan: its version and the tasks a run would start, by reason."""
+    current, version = meta.stored_version(definition) if meta else (None, 1)
+    reasons: dict[str, int] = {}
+    gathering = (meta.gather_preview(current.id if current else None, definition.inputs)
+                 if meta else Gathering(0, "no inputs")) if definition.gather else None
+    new = "new_step_version" if version > 1 else "new_step"
+    if gathering:  # one task for a new set of inputs, or a new version's first set
+        if gathering.outcome == "new":
+            reasons[new if current is None else "new_input_set"] = 1
+    elif current is None:
+        reasons[new] = int(definition.is_seed and not definition.files) if definition.is_seed \
+            else meta.count_matching(definition.inputs) if meta else 0
+    if current is not None:
+        reasons["retry_failed"] = meta.count_tasks(current.id, "failed")
+        reasons["left_pending"] = meta.count_tasks(current.id, "pending")
+        reasons["rerun_always"] = int(definition.rerun and not reasons["left_pending"])
+    entry = {"name": definition.name, "version": version, "new_version": current is None,
+             "reasons": {k: v for k, v in reasons.items() if v}}
+    entry["tasks"] = sum(entry["reasons"].values())
+    if gathering:
+        entry["gather"] = {"inputs": gathering.inputs, "state": GATHER_TEXT[gathering.outcome]}
+    if definition.files:
+        scan = preview_source(meta, definition, base_dir)
+        entry["source"] = {"new": scan.new, "changed": scan.changed, "gone": scan.gone,
+                           "failed": scan.failed, "tasks": {}}
+        entry["source_names"] = scan.names
+    return entry
+
+
+def plan_jobs(plan: list[dict], manifest: Manifest, opts: RunOptions) -> None:
+    """The array job each step's tasks would go to now (-executor slurm)."""
+    parallel = opts.parallel or cluster_cpus(Console(0))
+    db = Database(opts.db)
+    durations = db.meta.mean_durations() if os.path.isfile(db.metadata_path) else {}
+    db.close()
+    for entry in plan:
+        if entry["tasks"]:
+            definition = manifest.step(entry["name"])
+            size = chunk_size(definition, entry["tasks"], parallel,
+                              durations.get(definition.name))
+            entry["slurm_job"] = {"elements": -(-entry["tasks"] // size), "batch": size,
+                                  "sbatch": sbatch_options(definition, opts.timeout, size)}
+
+
+REASON_TEXT = {"new_step": "new step", "new_step_version": "new step version",
+               "new_input_set": "a new set of inputs to gather",
+               "new_resource": "new resource(s)", "retry_failed": "failed task(s) to retry",
+               "rerun_always": "rerun = \"always\"",
+               "left_pending": "left pending by an earlier run"}
+
+
+def print_plan(plan: list[dict]) -> None:
+    print("dry run: nothing is run or written")
+    width = max([len(p["name"]) for p in plan] + [4])
+    for p in plan:
+        why = ", ".join(f"{n} {REASON_TEXT[k]}" for k, n in p["reasons"].items())
+        version = f"v{p['version']}" + (" (new)" if p["new_version"] else "")
+        print(f"{p['name']:<{width}}  {version:<8}  {p['tasks']:>7} task(s)"
+              + (f": {why}" if why else ""))
+        if "source" in p:
+            src = p["source"]
+            after = ", ".join(f"{step} {n} task(s)" for step, n in src["tasks"].items())
+            print(f"{p['name']}: {src['new']} new, {src['changed']} changed, {src['gone']} gone"
+                  + (f" → {after}" if after else ""))
+        if "slurm_job" in p:
+            job = p["slurm_job"]
+            print(f"{p['name']}: an array job of {job['elements']} element(s) of up to "
+                  f"{job['batch']} task(s): sbatch {' '.join(job['sbatch'])}")
+        if "gather" in p:
+            print(f"{p['name']}: gather over {p['gather']['inputs']} live input(s): "
+                  f"{p['gather']['state']}")
+    total = sum(p["tasks"] for p in plan)
+    print(f"{total} task(s) would start; their outputs may make more work downstream")
 
 
 def cmd_run(opts: RunOptions, console: Console) -> int:
@@ -5867,20 +6088,17 @@ def report_run(summary: RunSummary, elapsed: float, console: Console) -> int:
     return EXIT_OK
 
 
-class stop_on_signals:
-    """While active, SIGINT and SIGTERM call `stop` instead of killing grit."""
+# =============================================================================
+# Inspecting a database
+# =============================================================================
+# -export, -export-hash, -export-tar, -status, -log, -lineage: what a database
+# holds, read through the Database; nothing here changes it.
 
-    def __init__(self, stop: Callable[[], None]) -> None:
-        self.stop = stop
-        self.saved: dict[int, object] = {}
-
-    def __enter__(self) -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.saved[sig] = signal.signal(sig, lambda *_: self.stop())
-
-    def __exit__(self, *_: object) -> None:
-        for sig, handler in self.saved.items():
-            signal.signal(sig, handler)  # type: ignore[arg-type]
+STATUS_NAMES_SHOWN = 20  # names and failed tasks listed by -status in text (-json lists all)
+GATHERED_SHOWN = 10      # a gather task's inputs listed by -log and -lineage in text
+LINEAGE_LIMIT = 10000    # most resources -lineage -descendants walks
+LINEAGE_DEPTH = 100      # most links followed each way (a cycle can make long chains)
+LINEAGE_GATHERED = 100   # a gather task's inputs -lineage includes (with their count)
 
 
 def cmd_export(db_path: str, name: str, live_only: bool) -> int:
@@ -5933,106 +6151,6 @@ def cmd_export_hash(db_path: str, prefix: str) -> int:
     finally:
         db.close()
     return EXIT_OK
-
-
-def cmd_gc(db_path: str, retired: bool, console: Console) -> int:
-    """Remove objects no resource or task log refers to (those of deleted
-    resources, of tasks killed or failed after storing outputs), then give
-    the free space back to the filesystem. With -retired, first delete the
-    content of every resource that is not live. Holds the run lock."""
-    with Database.for_change(db_path) as db:
-        if retired:
-            with db.transaction():
-                gone = db.meta.resources("live = 0 AND deleted_at IS NULL")
-                db.meta.mark_deleted([r["id"] for r in gone])
-            console.info(f"deleted the content of {len(gone)} retired resource(s)")
-        removed = unreferenced(db.meta, dict.fromkeys(db.objects.hashes(), 0))
-        remove_objects(db, removed, console)
-        before = db.sizes()["objects"]
-        compacted = compact_objects(db)
-        after = db.sizes()["objects"]
-    console.info(f"removed {len(removed)} unreferenced object(s); object store "
-                 + (f"compacted from {human_bytes(before)} to {human_bytes(after)}" if compacted
-                    else f"{human_bytes(after)}, little free space: not compacted"))
-    return EXIT_OK
-
-
-def compact_objects(db: Database) -> bool:
-    """Rewrite the LMDB file without its free pages, when they are worth it.
-    The copy is made beside the store and swapped in by two renames; a crash
-    at any point is completed or undone by the next lock holder."""
-    try:
-        if db.objects.free_bytes() < max(COMPACT_MIN_BYTES,
-                                         db.sizes()["objects"] * COMPACT_MIN_FRACTION):
-            return False
-        fresh = db.objects_path + ".compact"
-        shutil.rmtree(fresh, ignore_errors=True)
-        os.mkdir(fresh, 0o700)
-        db.objects.copy_compacted(fresh)
-    finally:
-        db.close_objects()
-    for name in os.listdir(fresh):
-        fd = os.open(os.path.join(fresh, name), os.O_RDONLY)
-        os.fchmod(fd, 0o600)
-        os.fsync(fd)
-        os.close(fd)
-    os.rename(db.objects_path, db.objects_path + ".old")
-    os.rename(fresh, db.objects_path)
-    shutil.rmtree(db.objects_path + ".old")
-    return True
-
-
-# -gc compacts the object store when at least this much of it is free.
-COMPACT_MIN_BYTES = 1024 * 1024
-COMPACT_MIN_FRACTION = 0.1
-
-
-def cmd_verify(db_path: str, console: Console) -> int:
-    """Check the metadata's integrity and that every object it names is present
-    and matches its hash. Problems go to stderr, one per line; exit 1 if any."""
-    db = Database.for_reading(db_path)
-    problems = [f"metadata: {p}" for p in db.meta.integrity_problems()]
-    hashes = db.meta.referenced_hashes()
-    for digest in hashes:
-        problem = db.objects.check(digest)
-        if problem:
-            problems.append(f"object {digest} {problem}")
-    db.close()
-    for problem in problems:
-        console.error(problem)
-    summary = f"verified {len(hashes)} object(s): {len(problems)} problem(s)"
-    if problems:
-        console.error(summary)
-        return EXIT_TASK_FAILED
-    console.info(summary)
-    return EXIT_OK
-
-
-# =============================================================================
-# Inspecting and managing a database
-# =============================================================================
-# -status, -log, -lineage, -delete, -prune, -export-tar: what a database
-# holds, shown or changed through the Database.
-
-STATUS_NAMES_SHOWN = 20  # names and failed tasks listed by -status in text (-json lists all)
-GATHERED_SHOWN = 10      # a gather task's inputs listed by -log and -lineage in text
-LINEAGE_LIMIT = 10000    # most resources -lineage -descendants walks
-LINEAGE_DEPTH = 100      # most links followed each way (a cycle can make long chains)
-LINEAGE_GATHERED = 100   # a gather task's inputs -lineage includes (with their count)
-
-
-def emit_json(data: object) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-
-
-def human_bytes(n: float) -> str:
-    if n < 1024:
-        return f"{n:.0f} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        n /= 1024
-        if n < 1024 or unit == "TiB":
-            break
-    return f"{n:.1f} {unit}"
 
 
 def resources_for_hash(meta: Metadata, prefix: str, db_path: str, flag: str) -> list[dict]:
@@ -6254,77 +6372,6 @@ def cmd_lineage(db_path: str, ref: str, with_descendants: bool, as_json: bool) -
     return EXIT_OK
 
 
-def delete_resources(db_path: str, pick: Callable[[Metadata], list[dict]], dry_run: bool,
-                     console: Console) -> int:
-    """Mark resources deleted and remove the objects nothing else refers to;
-    report what was derived from them (kept: it is data in its own right)."""
-    with Database.for_change(db_path) as db:
-        meta = db.meta
-        victims = pick(meta)
-        budget = [LINEAGE_LIMIT]
-        derived = sum(count_live(tree) for r in victims
-                      for tree in descendants(meta, r["id"], budget))
-        verb = "would delete" if dry_run else "deleted"
-        # A dry run makes the same change, sees what it frees, and rolls it back.
-        with meta.transaction(commit=not dry_run):
-            meta.mark_deleted([r["id"] for r in victims])
-            freed = unreferenced(meta, {r["hash"]: r["size"] for r in victims})
-        if not dry_run:
-            remove_objects(db, freed, console)
-        for r in victims:
-            console.detail(f"{verb} {describe_resource(r)}")
-        console.info(f"{verb} {len(victims)} resource(s), {len(freed)} object(s) "
-                     f"({human_bytes(sum(freed.values()))})"
-                     + (f"; {derived} resource(s) derived from them are kept "
-                        "(-lineage HASH -descendants shows them)" if derived else ""))
-    return EXIT_OK
-
-
-def count_live(consumer: dict) -> int:
-    return sum(1 + sum(count_live(c) for c in out["consumed_by"])
-               for out in consumer["outputs"] if not out["resource"]["deleted_at"])
-
-
-def unreferenced(meta: Metadata, candidates: dict[str, int]) -> dict[str, int]:
-    """Those of `candidates` (hash -> size) that no metadata refers to."""
-    return {h: candidates[h] for h in sorted(set(candidates) - set(meta.referenced_hashes()))}
-
-
-def remove_objects(db: Database, hashes: Iterable[str], console: Console) -> None:
-    for digest in hashes:
-        console.detail(f"removing object {digest}")
-        db.objects.delete(digest)
-    db.objects.sync()
-
-
-def cmd_delete(db_path: str, ref: str, dry_run: bool, console: Console) -> int:
-    """Delete one object's resources (by hash) or every resource of a name."""
-    def pick(meta: Metadata) -> list[dict]:
-        if is_hash_prefix(ref):
-            found = [r for r in meta.resources_with_hash(ref.lower()) if not r["deleted_at"]]
-            one_object([r["hash"] for r in found], ref)
-            if found:
-                return found
-        found = meta.resources_named(ref)
-        if not found:
-            raise NotFoundError(f"no resource named or with hash {quote(ref)} in {db_path}")
-        return found
-    return delete_resources(db_path, pick, dry_run, console)
-
-
-def cmd_prune(db_path: str, name: str, keep: int | None, dry_run: bool,
-              console: Console) -> int:
-    if keep is None or keep < 0:
-        raise GritError("-prune NAME needs -keep N (how many of the newest to keep, 0 or more)")
-
-    def pick(meta: Metadata) -> list[dict]:
-        found = meta.resources_named(name)
-        if not found:
-            raise NotFoundError(f"no resource named {quote(name)} in {db_path}")
-        return found[:max(0, len(found) - keep)]  # all but the newest `keep`
-    return delete_resources(db_path, pick, dry_run, console)
-
-
 class _ObjectReader(io.RawIOBase):
     """An object's chunks as a file, hashed as read: tarfile copies from it."""
 
@@ -6407,159 +6454,158 @@ def parse_utc(text: str) -> float:
     return calendar.timegm(time.strptime(text[:19], "%Y-%m-%dT%H:%M:%S"))
 
 
-def cmd_dry_run(opts: RunOptions, manifest: Manifest, selected: list[str]) -> int:
-    plan = plan_run(opts.db, manifest, selected, opts.start)
-    if opts.executor == "slurm":
-        plan_jobs(plan, manifest, opts)
-    if opts.json:
-        emit_json({"dry_run": True, "steps": plan, "tasks": sum(p["tasks"] for p in plan)})
-    else:
-        print_plan(plan)
+# =============================================================================
+# Managing a database
+# =============================================================================
+# -delete, -prune, -gc, -verify: what changes or checks a database's content
+# outside a run, holding the run lock while it changes anything.
+
+def delete_resources(db_path: str, pick: Callable[[Metadata], list[dict]], dry_run: bool,
+                     console: Console) -> int:
+    """Mark resources deleted and remove the objects nothing else refers to;
+    report what was derived from them (kept: it is data in its own right)."""
+    with Database.for_change(db_path) as db:
+        meta = db.meta
+        victims = pick(meta)
+        budget = [LINEAGE_LIMIT]
+        derived = sum(count_live(tree) for r in victims
+                      for tree in descendants(meta, r["id"], budget))
+        verb = "would delete" if dry_run else "deleted"
+        # A dry run makes the same change, sees what it frees, and rolls it back.
+        with meta.transaction(commit=not dry_run):
+            meta.mark_deleted([r["id"] for r in victims])
+            freed = unreferenced(meta, {r["hash"]: r["size"] for r in victims})
+        if not dry_run:
+            remove_objects(db, freed, console)
+        for r in victims:
+            console.detail(f"{verb} {describe_resource(r)}")
+        console.info(f"{verb} {len(victims)} resource(s), {len(freed)} object(s) "
+                     f"({human_bytes(sum(freed.values()))})"
+                     + (f"; {derived} resource(s) derived from them are kept "
+                        "(-lineage HASH -descendants shows them)" if derived else ""))
     return EXIT_OK
 
 
-def plan_run(db_path: str, manifest: Manifest, selected: list[str],
-             start: str | None) -> list[dict]:
-    """What a -run would start now, per step, and why; reads, never writes.
-    Versions and -start's downstream steps come from the functions the run uses."""
-    db = Database(db_path)
-    meta = db.meta if os.path.isfile(db.metadata_path) else None
-    names = set(selected)
-    if start:
-        names = steps_fed_by(manifest.steps, names,
-                             meta.names_produced_by if meta else lambda name: set())
-    base_dir = os.path.dirname(os.path.abspath(manifest.path))
-    plan = [plan_step(meta, d, base_dir) for d in manifest.steps if d.name in names]
-    for entry in plan:  # what new and changed files start downstream
-        names = entry.pop("source_names", [])
-        for other in plan:
-            count = sum(matches_inputs(n, manifest.step(other["name"]).inputs) for n in names)
-            if count and "gather" not in other:
-                entry["source"]["tasks"][other["name"]] = count
-                other["reasons"]["new_resource"] = other["reasons"].get("new_resource", 0) + count
-                other["tasks"] += count
-    upstream = any(p["tasks"] for p in plan if "gather" not in p) or (
-        meta and meta.steps_pending(exclude=[]))
-    for entry in plan:  # a gather step runs once what feeds it is done
-        if "gather" in entry and (upstream or any(p["source"]["new"] + p["source"]["changed"]
-                                                  + p["source"]["gone"] for p in plan
-                                                  if "source" in p)):
-            entry["gather"]["state"] = GATHER_TEXT["waiting"]
-            entry["reasons"], entry["tasks"] = {}, 0
+def count_live(consumer: dict) -> int:
+    return sum(1 + sum(count_live(c) for c in out["consumed_by"])
+               for out in consumer["outputs"] if not out["resource"]["deleted_at"])
+
+
+def unreferenced(meta: Metadata, candidates: dict[str, int]) -> dict[str, int]:
+    """Those of `candidates` (hash -> size) that no metadata refers to."""
+    return {h: candidates[h] for h in sorted(set(candidates) - set(meta.referenced_hashes()))}
+
+
+def remove_objects(db: Database, hashes: Iterable[str], console: Console) -> None:
+    for digest in hashes:
+        console.detail(f"removing object {digest}")
+        db.objects.delete(digest)
+    db.objects.sync()
+
+
+def cmd_delete(db_path: str, ref: str, dry_run: bool, console: Console) -> int:
+    """Delete one object's resources (by hash) or every resource of a name."""
+    def pick(meta: Metadata) -> list[dict]:
+        if is_hash_prefix(ref):
+            found = [r for r in meta.resources_with_hash(ref.lower()) if not r["deleted_at"]]
+            one_object([r["hash"] for r in found], ref)
+            if found:
+                return found
+        found = meta.resources_named(ref)
+        if not found:
+            raise NotFoundError(f"no resource named or with hash {quote(ref)} in {db_path}")
+        return found
+    return delete_resources(db_path, pick, dry_run, console)
+
+
+def cmd_prune(db_path: str, name: str, keep: int | None, dry_run: bool,
+              console: Console) -> int:
+    if keep is None or keep < 0:
+        raise GritError("-prune NAME needs -keep N (how many of the newest to keep, 0 or more)")
+
+    def pick(meta: Metadata) -> list[dict]:
+        found = meta.resources_named(name)
+        if not found:
+            raise NotFoundError(f"no resource named {quote(name)} in {db_path}")
+        return found[:max(0, len(found) - keep)]  # all but the newest `keep`
+    return delete_resources(db_path, pick, dry_run, console)
+
+
+def cmd_gc(db_path: str, retired: bool, console: Console) -> int:
+    """Remove objects no resource or task log refers to (those of deleted
+    resources, of tasks killed or failed after storing outputs), then give
+    the free space back to the filesystem. With -retired, first delete the
+    content of every resource that is not live. Holds the run lock."""
+    with Database.for_change(db_path) as db:
+        if retired:
+            with db.transaction():
+                gone = db.meta.resources("live = 0 AND deleted_at IS NULL")
+                db.meta.mark_deleted([r["id"] for r in gone])
+            console.info(f"deleted the content of {len(gone)} retired resource(s)")
+        removed = unreferenced(db.meta, dict.fromkeys(db.objects.hashes(), 0))
+        remove_objects(db, removed, console)
+        before = db.sizes()["objects"]
+        compacted = compact_objects(db)
+        after = db.sizes()["objects"]
+    console.info(f"removed {len(removed)} unreferenced object(s); object store "
+                 + (f"compacted from {human_bytes(before)} to {human_bytes(after)}" if compacted
+                    else f"{human_bytes(after)}, little free space: not compacted"))
+    return EXIT_OK
+
+
+def compact_objects(db: Database) -> bool:
+    """Rewrite the LMDB file without its free pages, when they are worth it.
+    The copy is made beside the store and swapped in by two renames; a crash
+    at any point is completed or undone by the next lock holder."""
+    try:
+        if db.objects.free_bytes() < max(COMPACT_MIN_BYTES,
+                                         db.sizes()["objects"] * COMPACT_MIN_FRACTION):
+            return False
+        fresh = db.objects_path + ".compact"
+        shutil.rmtree(fresh, ignore_errors=True)
+        os.mkdir(fresh, 0o700)
+        db.objects.copy_compacted(fresh)
+    finally:
+        db.close_objects()
+    for name in os.listdir(fresh):
+        fd = os.open(os.path.join(fresh, name), os.O_RDONLY)
+        os.fchmod(fd, 0o600)
+        os.fsync(fd)
+        os.close(fd)
+    os.rename(db.objects_path, db.objects_path + ".old")
+    os.rename(fresh, db.objects_path)
+    shutil.rmtree(db.objects_path + ".old")
+    return True
+
+
+# -gc compacts the object store when at least this much of it is free.
+COMPACT_MIN_BYTES = 1024 * 1024
+
+
+COMPACT_MIN_FRACTION = 0.1
+
+
+def cmd_verify(db_path: str, console: Console) -> int:
+    """Check the metadata's integrity and that every object it names is present
+    and matches its hash. Problems go to stderr, one per line; exit 1 if any."""
+    db = Database.for_reading(db_path)
+    problems = [f"metadata: {p}" for p in db.meta.integrity_problems()]
+    hashes = db.meta.referenced_hashes()
+    for digest in hashes:
+        problem = db.objects.check(digest)
+        if problem:
+            problems.append(f"object {digest} {problem}")
     db.close()
-    return plan
+    for problem in problems:
+        console.error(problem)
+    summary = f"verified {len(hashes)} object(s): {len(problems)} problem(s)"
+    if problems:
+        console.error(summary)
+        return EXIT_TASK_FAILED
+    console.info(summary)
+    return EXIT_OK
 
 
-def plan_step(meta: Metadata | None, definition: StepDef, base_dir: str) -> dict:
-    """One step of the plan: its version and the tasks a run would start, by reason."""
-    current, version = meta.stored_version(definition) if meta else (None, 1)
-    reasons: dict[str, int] = {}
-    gathering = (meta.gather_preview(current.id if current else None, definition.inputs)
-                 if meta else Gathering(0, "no inputs")) if definition.gather else None
-    new = "new_step_version" if version > 1 else "new_step"
-    if gathering:  # one task for a new set of inputs, or a new version's first set
-        if gathering.outcome == "new":
-            reasons[new if current is None else "new_input_set"] = 1
-    elif current is None:
-        reasons[new] = int(definition.is_seed and not definition.files) if definition.is_seed \
-            else meta.count_matching(definition.inputs) if meta else 0
-    if current is not None:
-        reasons["retry_failed"] = meta.count_tasks(current.id, "failed")
-        reasons["left_pending"] = meta.count_tasks(current.id, "pending")
-        reasons["rerun_always"] = int(definition.rerun and not reasons["left_pending"])
-    entry = {"name": definition.name, "version": version, "new_version": current is None,
-             "reasons": {k: v for k, v in reasons.items() if v}}
-    entry["tasks"] = sum(entry["reasons"].values())
-    if gathering:
-        entry["gather"] = {"inputs": gathering.inputs, "state": GATHER_TEXT[gathering.outcome]}
-    if definition.files:
-        scan = preview_source(meta, definition, base_dir)
-        entry["source"] = {"new": scan.new, "changed": scan.changed, "gone": scan.gone,
-                           "failed": scan.failed, "tasks": {}}
-        entry["source_names"] = scan.names
-    return entry
-
-
-def preview_source(meta: Metadata | None, step: StepDef, base_dir: str) -> SourceScan:
-    """What import_source would find: changed files are read and hashed, and
-    nothing is stored."""
-    scan = SourceScan()
-    known = meta.source_files(step.name) if meta else {}
-    for name, (path, signature) in sorted(match_files(step, base_dir).items()):
-        old = known.pop(path, None)
-        if old and old[1] == signature and meta and meta.output_of(old[0]).name == name:
-            continue
-        try:
-            digest = file_hash(path)
-        except OSError as e:
-            scan.failed.append(f"{step.name}: cannot read {path}: {e.strerror or e}")
-            continue
-        if old and meta and meta.resource_id(name, digest) == old[0]:
-            continue  # touched: same content
-        scan.changed += bool(old)
-        scan.new += not old
-        scan.names.append(name)
-    scan.gone = len(known)
-    return scan
-
-
-def file_hash(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK_SIZE), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def plan_jobs(plan: list[dict], manifest: Manifest, opts: RunOptions) -> None:
-    """The array job each step's tasks would go to now (-executor slurm)."""
-    parallel = opts.parallel or cluster_cpus(Console(0))
-    db = Database(opts.db)
-    durations = db.meta.mean_durations() if os.path.isfile(db.metadata_path) else {}
-    db.close()
-    for entry in plan:
-        if entry["tasks"]:
-            definition = manifest.step(entry["name"])
-            size = chunk_size(definition, entry["tasks"], parallel,
-                              durations.get(definition.name))
-            entry["slurm_job"] = {"elements": -(-entry["tasks"] // size), "batch": size,
-                                  "sbatch": sbatch_options(definition, opts.timeout, size)}
-
-
-GATHER_TEXT = {"new": "a new set of inputs", "unchanged": "its inputs have not changed",
-               "seen before": "a set of inputs it ran before (its results come back)",
-               "no inputs": "no inputs",
-               "waiting": "waiting for upstream: it runs once the steps before it are done, "
-                          "over what they leave live"}
-REASON_TEXT = {"new_step": "new step", "new_step_version": "new step version",
-               "new_input_set": "a new set of inputs to gather",
-               "new_resource": "new resource(s)", "retry_failed": "failed task(s) to retry",
-               "rerun_always": "rerun = \"always\"",
-               "left_pending": "left pending by an earlier run"}
-
-
-def print_plan(plan: list[dict]) -> None:
-    print("dry run: nothing is run or written")
-    width = max([len(p["name"]) for p in plan] + [4])
-    for p in plan:
-        why = ", ".join(f"{n} {REASON_TEXT[k]}" for k, n in p["reasons"].items())
-        version = f"v{p['version']}" + (" (new)" if p["new_version"] else "")
-        print(f"{p['name']:<{width}}  {version:<8}  {p['tasks']:>7} task(s)"
-              + (f": {why}" if why else ""))
-        if "source" in p:
-            src = p["source"]
-            after = ", ".join(f"{step} {n} task(s)" for step, n in src["tasks"].items())
-            print(f"{p['name']}: {src['new']} new, {src['changed']} changed, {src['gone']} gone"
-                  + (f" → {after}" if after else ""))
-        if "slurm_job" in p:
-            job = p["slurm_job"]
-            print(f"{p['name']}: an array job of {job['elements']} element(s) of up to "
-                  f"{job['batch']} task(s): sbatch {' '.join(job['sbatch'])}")
-        if "gather" in p:
-            print(f"{p['name']}: gather over {p['gather']['inputs']} live input(s): "
-                  f"{p['gather']['state']}")
-    total = sum(p["tasks"] for p in plan)
-    print(f"{total} task(s) would start; their outputs may make more work downstream")
 # =============================================================================
 # CLI
 # =============================================================================
