@@ -1067,24 +1067,12 @@ class ObjectWriter:
 # migrations, and the small rules the queries share. Knows nothing of object bytes.
 
 SCHEMA_VERSION = 7
-# -executor slurm's array jobs still to be finished with: a run after a kill -9
-# adopts them (section "Slurm executor").
-SLURM_JOB_TABLE = """
-CREATE TABLE slurm_job (
-    name        TEXT PRIMARY KEY,           -- its folder in the work dir, and its --comment
-    folder      TEXT NOT NULL,              -- absolute path of that folder
-    step        TEXT NOT NULL,
-    slurm_id    TEXT,                       -- NULL until sbatch answered
-    tasks       INTEGER NOT NULL,
-    elements    INTEGER NOT NULL,
-    queued      INTEGER NOT NULL DEFAULT 0, -- elements pending at the last squeue
-    running     INTEGER NOT NULL DEFAULT 0, -- elements running at the last squeue
-    submitted_at TEXT NOT NULL
-)"""
-SCHEMA = """
--- One row per version of a step definition (script, inputs, files, gather). A changed
--- definition adds a version; old versions stay as history.
-CREATE TABLE step (
+# Every table and index of the current schema, by name: SCHEMA creates them
+# all, and the migration that added one creates it from the same text.
+DDL = {
+    # One row per version of a step definition (script, inputs, files, gather). A
+    # changed definition adds a version; old versions stay as history.
+    "step": """CREATE TABLE step (
     id          INTEGER PRIMARY KEY,
     name        TEXT NOT NULL,
     version     INTEGER NOT NULL,
@@ -1094,11 +1082,9 @@ CREATE TABLE step (
     created_at  TEXT NOT NULL,
     current     INTEGER NOT NULL DEFAULT 0, -- 1: what the last -run's manifest says this step is
     gather      INTEGER NOT NULL DEFAULT 0, -- 1: one task per distinct set of live inputs
-    UNIQUE (name, version)
-);
-
--- A named object: (name, hash) is unique, so producing it again makes nothing new.
-CREATE TABLE resource (
+    UNIQUE (name, version))""",
+    # A named object: (name, hash) is unique, so producing it again makes nothing new.
+    "resource": """CREATE TABLE resource (
     id          INTEGER PRIMARY KEY,
     name        TEXT NOT NULL,
     hash        TEXT NOT NULL,              -- SHA-256 of the content, lowercase hex
@@ -1107,15 +1093,13 @@ CREATE TABLE resource (
     created_at  TEXT NOT NULL,
     deleted_at  TEXT,                       -- set by -delete/-prune: content gone, record kept
     live        INTEGER NOT NULL DEFAULT 0, -- 1: a clean run would make it (the live view)
-    UNIQUE (name, hash)
-);
-CREATE INDEX resource_name ON resource(name);   -- name lookups in id order
-CREATE INDEX resource_hash ON resource(hash);
-CREATE INDEX resource_live ON resource(name) WHERE live = 1;
-
--- One unit of work: a step version applied to one input resource (NULL for a
--- seed, source or gather task). Outputs and status='done' commit in one transaction.
-CREATE TABLE task (
+    UNIQUE (name, hash))""",
+    "resource_name": "CREATE INDEX resource_name ON resource(name)",  # name lookups in id order
+    "resource_hash": "CREATE INDEX resource_hash ON resource(hash)",
+    "resource_live": "CREATE INDEX resource_live ON resource(name) WHERE live = 1",
+    # One unit of work: a step version applied to one input resource (NULL for a
+    # seed, source or gather task). Outputs and status='done' commit in one transaction.
+    "task": """CREATE TABLE task (
     id          INTEGER PRIMARY KEY,
     step_id     INTEGER NOT NULL REFERENCES step(id),
     input_resource_id INTEGER REFERENCES resource(id),
@@ -1133,44 +1117,52 @@ CREATE TABLE task (
                                             -- that led here passed through it, this task included}
     input_set   TEXT,                       -- a gather task: SHA-256 of the "name<TAB>hash<LF>"
                                             -- lines of its inputs, sorted (its identity)
-    UNIQUE (step_id, input_resource_id)
-);
--- NULLs are distinct in UNIQUE, so seed tasks need their own rule: one per step version and run.
-CREATE UNIQUE INDEX task_seed ON task(step_id, run)
-    WHERE input_resource_id IS NULL AND input_set IS NULL;
--- A gather step version runs a set of inputs once.
-CREATE UNIQUE INDEX task_gather ON task(step_id, input_set) WHERE input_set IS NOT NULL;
--- Pending and failed tasks of a step, in id order, without reading its done ones.
-CREATE INDEX task_status ON task(step_id, status);
-CREATE INDEX task_input ON task(input_resource_id);  -- the consumers of a resource
-
--- Every resource every task emitted (a resource may come from several tasks:
--- dedup and early cutoff); a resource is live while a live task emits it.
-CREATE TABLE emission (
+    UNIQUE (step_id, input_resource_id))""",
+    # NULLs are distinct in UNIQUE, so seed tasks need their own rule: one per step
+    # version and run.
+    "task_seed": "CREATE UNIQUE INDEX task_seed ON task(step_id, run) "
+                 "WHERE input_resource_id IS NULL AND input_set IS NULL",
+    # A gather step version runs a set of inputs once.
+    "task_gather": "CREATE UNIQUE INDEX task_gather ON task(step_id, input_set) "
+                   "WHERE input_set IS NOT NULL",
+    # Pending and failed tasks of a step, in id order, without reading its done ones.
+    "task_status": "CREATE INDEX task_status ON task(step_id, status)",
+    "task_input": "CREATE INDEX task_input ON task(input_resource_id)",  # a resource's consumers
+    # Every resource every task emitted (a resource may come from several tasks:
+    # dedup and early cutoff); a resource is live while a live task emits it.
+    "emission": """CREATE TABLE emission (
     task_id     INTEGER NOT NULL REFERENCES task(id),
     resource_id INTEGER NOT NULL REFERENCES resource(id),
-    PRIMARY KEY (task_id, resource_id)
-) WITHOUT ROWID;
-CREATE INDEX emission_resource ON emission(resource_id);
-
--- The inputs of each gather task.
-CREATE TABLE gathered (
+    PRIMARY KEY (task_id, resource_id)) WITHOUT ROWID""",
+    "emission_resource": "CREATE INDEX emission_resource ON emission(resource_id)",
+    # The inputs of each gather task.
+    "gathered": """CREATE TABLE gathered (
     task_id     INTEGER NOT NULL REFERENCES task(id),
     resource_id INTEGER NOT NULL REFERENCES resource(id),
-    PRIMARY KEY (task_id, resource_id)
-) WITHOUT ROWID;
-CREATE INDEX gathered_resource ON gathered(resource_id);
-
--- The files a source step imported: a file whose stat signature is unchanged is not read again.
-CREATE TABLE source_file (
+    PRIMARY KEY (task_id, resource_id)) WITHOUT ROWID""",
+    "gathered_resource": "CREATE INDEX gathered_resource ON gathered(resource_id)",
+    # The files a source step imported: a file whose stat signature is unchanged
+    # is not read again.
+    "source_file": """CREATE TABLE source_file (
     step        TEXT NOT NULL,              -- the source step's name
     path        TEXT NOT NULL,
     resource_id INTEGER NOT NULL REFERENCES resource(id),
     dev INTEGER NOT NULL, ino INTEGER NOT NULL, size INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL,
-    PRIMARY KEY (step, path)
-) WITHOUT ROWID;
-""" + SLURM_JOB_TABLE + ";"
+    PRIMARY KEY (step, path)) WITHOUT ROWID""",
+    # -executor slurm's array jobs still to be finished with: a run after a kill -9
+    # adopts them (section "Slurm executor").
+    "slurm_job": """CREATE TABLE slurm_job (
+    name        TEXT PRIMARY KEY,           -- its folder in the work dir, and its --comment
+    folder      TEXT NOT NULL,              -- absolute path of that folder
+    step        TEXT NOT NULL,
+    slurm_id    TEXT,                       -- NULL until sbatch answered
+    tasks       INTEGER NOT NULL,
+    elements    INTEGER NOT NULL,
+    queued      INTEGER NOT NULL DEFAULT 0, -- elements pending at the last squeue
+    running     INTEGER NOT NULL DEFAULT 0, -- elements running at the last squeue
+    submitted_at TEXT NOT NULL)"""}
+SCHEMA = "".join(f"{statement};\n" for statement in DDL.values())
 # Statements that bring a database of schema N to N + 1.
 MIGRATIONS = {1: ["ALTER TABLE resource ADD COLUMN deleted_at TEXT"],
               2: ["ALTER TABLE task ADD COLUMN passes TEXT"],
@@ -1179,35 +1171,20 @@ MIGRATIONS = {1: ["ALTER TABLE resource ADD COLUMN deleted_at TEXT"],
                   "ALTER TABLE resource ADD COLUMN live INTEGER NOT NULL DEFAULT 0",
                   "ALTER TABLE task ADD COLUMN run INTEGER NOT NULL DEFAULT 0",
                   "ALTER TABLE task ADD COLUMN live INTEGER NOT NULL DEFAULT 0",
-                  "DROP INDEX task_seed",
+                  "DROP INDEX task_seed",  # schema 3's form: no gather tasks yet
                   "CREATE UNIQUE INDEX task_seed ON task(step_id, run) "
                   "WHERE input_resource_id IS NULL",
-                  "CREATE INDEX task_input ON task(input_resource_id)",
-                  "CREATE INDEX resource_live ON resource(name) WHERE live = 1",
-                  "CREATE TABLE emission (task_id INTEGER NOT NULL REFERENCES task(id), "
-                  "resource_id INTEGER NOT NULL REFERENCES resource(id), "
-                  "PRIMARY KEY (task_id, resource_id)) WITHOUT ROWID",
-                  "CREATE INDEX emission_resource ON emission(resource_id)",
-                  "CREATE TABLE source_file (step TEXT NOT NULL, path TEXT NOT NULL, "
-                  "resource_id INTEGER NOT NULL REFERENCES resource(id), dev INTEGER NOT NULL, "
-                  "ino INTEGER NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, "
-                  "ctime_ns INTEGER NOT NULL, PRIMARY KEY (step, path)) WITHOUT ROWID",
+                  DDL["task_input"], DDL["resource_live"], DDL["emission"],
+                  DDL["emission_resource"], DDL["source_file"],
                   # what was known of emissions: each resource's first producer
                   "INSERT INTO emission SELECT task_id, id FROM resource WHERE task_id IS NOT NULL",
                   "UPDATE step SET current = (version = (SELECT max(version) FROM step s "
                   "WHERE s.name = step.name))"],
               4: ["ALTER TABLE step ADD COLUMN gather INTEGER NOT NULL DEFAULT 0",
                   "ALTER TABLE task ADD COLUMN input_set TEXT",
-                  "DROP INDEX task_seed",
-                  "CREATE UNIQUE INDEX task_seed ON task(step_id, run) "
-                  "WHERE input_resource_id IS NULL AND input_set IS NULL",
-                  "CREATE UNIQUE INDEX task_gather ON task(step_id, input_set) "
-                  "WHERE input_set IS NOT NULL",
-                  "CREATE TABLE gathered (task_id INTEGER NOT NULL REFERENCES task(id), "
-                  "resource_id INTEGER NOT NULL REFERENCES resource(id), "
-                  "PRIMARY KEY (task_id, resource_id)) WITHOUT ROWID",
-                  "CREATE INDEX gathered_resource ON gathered(resource_id)"],
-              5: [SLURM_JOB_TABLE],
+                  "DROP INDEX task_seed", DDL["task_seed"], DDL["task_gather"],
+                  DDL["gathered"], DDL["gathered_resource"]],
+              5: [DDL["slurm_job"]],
               # No SQL: schema 7 marks the object store's second header form
               # (ObjectWriter), which a grit of schema 6 cannot read.
               6: []}
@@ -2416,6 +2393,12 @@ class SourceScan:
     failed: list[str] = field(default_factory=list)  # one line per file not imported
     names: list[str] = field(default_factory=list)   # new or changed (for -dry-run)
 
+    def count(self, verdict: str, out: Output | None) -> None:
+        if verdict in ("new", "changed") and out:
+            setattr(self, verdict, getattr(self, verdict) + 1)
+            self.names.append(out.name)
+        self.gone += verdict == "gone"
+
 
 def fixed_prefix(pattern: str) -> str:
     """The folder a pattern's names are relative to: its segments before the
@@ -2454,94 +2437,94 @@ def match_files(step: StepDef, base_dir: str) -> dict[str, tuple[str, bytes]]:
     return found
 
 
+def compare_source(meta: Metadata | None, step: StepDef, base_dir: str, emitted: bool,
+                   read: Callable[[str, str], Output | None]
+                   ) -> Iterator[tuple[str, str, bytes, int | None, Output | None]]:
+    """The source rule, for -run and -dry-run alike: each matched file as
+    (verdict, path, stat signature, the resource id it had, its output).
+    "unchanged": the signature it was imported with, under the same name, so it
+    is not read (output: what it was, for a version that has not emitted it
+    yet); else `read` gives its output, or None: "unreadable"; the same
+    content: "touched"; else "changed" or "new". Then each file gone: "gone"."""
+    known = meta.source_files(step.name) if meta else {}
+    for name, (path, signature) in sorted(match_files(step, base_dir).items()):
+        rid, imported = known.pop(path, (None, b""))
+        if meta and rid is not None and imported == signature:
+            before = None if emitted else meta.output_of(rid)
+            if before is None or before.name == name:
+                yield "unchanged", path, signature, rid, before
+                continue
+        out = read(name, path)
+        verdict = "unreadable" if out is None else "new" if rid is None else \
+            "touched" if meta and meta.resource_id(name, out.hash) == rid else "changed"
+        yield verdict, path, signature, rid, out
+    for path, (rid, _) in known.items():
+        yield "gone", path, b"", rid, None
+
+
 def import_source(db: Database, step: StepVersion, base_dir: str) -> SourceScan:
     """Bring a source step's resources up to date with its files, in one
-    transaction: a changed or gone file retires what was made from it."""
+    transaction: a changed, unreadable or gone file retires what was made from it."""
     scan = SourceScan()
-    found = match_files(step.definition, base_dir)
-    known = db.meta.source_files(step.name)
     task, emitted = db.meta.source_task(step.id)
+
+    def read(name: str, path: str) -> Output | None:
+        return read_source_file(db.objects.put_file, step.name, name, path, scan)
+
     with db.transaction():
-        for name, (path, signature) in sorted(found.items()):
-            old = known.pop(path, None)  # (resource id, signature) when imported before
-            if old and old[1] == signature:
-                if emitted:
-                    continue
-                before = db.meta.output_of(old[0])  # a new version of the step: its task
-                if before.name == name:             # emits what is there, unless the new
-                    db.meta.emit(task, [before], live=1)  # patterns name it otherwise
-                    continue
-            out = read_source_file(db, step.name, name, path, scan)
-            if out is None or (old and db.meta.resource_id(name, out.hash) == old[0]):
-                if old and out is None:  # unreadable now: a clean run would not have it
-                    forget_source_file(db, step.name, path, task, old[0])
-                elif old:  # touched: same content, nothing to do
-                    db.meta.set_source_file(step.name, path, old[0], signature)
-                continue
-            if old:
-                db.meta.live.retire(emissions=[(task, old[0])])
-            scan.changed += bool(old)
-            scan.new += not old
-            db.meta.emit(task, [out], live=1)
-            db.meta.set_source_file(step.name, path, db.meta.resource_id(name, out.hash),
-                                    signature)
-        for path, (rid, _) in known.items():  # not there any more
-            forget_source_file(db, step.name, path, task, rid)
-            scan.gone += 1
+        for verdict, path, signature, rid, out in compare_source(
+                db.meta, step.definition, base_dir, emitted, read):
+            scan.count(verdict, out)
+            if verdict == "touched":
+                db.meta.set_source_file(step.name, path, rid, signature)
+            elif verdict == "unchanged" and out:  # a new version's task emits what is there
+                db.meta.emit(task, [out], live=1)
+            elif rid is not None and verdict in ("unreadable", "gone", "changed"):
+                db.meta.live.retire(emissions=[(task, rid)])
+                if verdict != "changed":
+                    db.meta.drop_source_file(step.name, path)
+            if verdict in ("new", "changed") and out:
+                db.meta.emit(task, [out], live=1)
+                db.meta.set_source_file(step.name, path, db.meta.resource_id(out.name, out.hash),
+                                        signature)
         db.objects.sync()  # the objects reach the disk before the rows that name them
     return scan
 
 
-def read_source_file(db: Database, step_name: str, name: str, path: str,
-                     scan: SourceScan) -> Output | None:
-    """The file stored as an object (streamed and hashed), or None and a line
-    in scan.failed saying why not."""
+def preview_source(meta: Metadata | None, step: StepDef, base_dir: str,
+                   emitted: bool) -> SourceScan:
+    """What import_source would find: changed files are read and hashed, and
+    nothing is stored."""
+    scan = SourceScan()
+
+    def read(name: str, path: str) -> Output | None:
+        return read_source_file(file_digest, step.name, name, path, scan)
+
+    for verdict, _, _, _, out in compare_source(meta, step, base_dir, emitted, read):
+        scan.count(verdict, out)
+    return scan
+
+
+def read_source_file(put: Callable[[str], tuple[str, int]], step_name: str, name: str,
+                     path: str, scan: SourceScan) -> Output | None:
+    """The file as an output, its content put (stored, or only hashed), or None
+    and a line in scan.failed saying why not."""
     problem = resource_name_problem(name)
     if problem:
         scan.failed.append(f"{step_name}: file {path}: name {quote(name)} {problem}")
         return None
     try:
-        digest, size = db.objects.put_file(path)
+        digest, size = put(path)
     except OSError as e:
         scan.failed.append(f"{step_name}: cannot read {path}: {e.strerror or e}")
         return None
     return Output(name, digest, size)
 
 
-def forget_source_file(db: Database, step_name: str, path: str, task: int, rid: int) -> None:
-    db.meta.live.retire(emissions=[(task, rid)])
-    db.meta.drop_source_file(step_name, path)
-
-
-def preview_source(meta: Metadata | None, step: StepDef, base_dir: str) -> SourceScan:
-    """What import_source would find: changed files are read and hashed, and
-    nothing is stored."""
-    scan = SourceScan()
-    known = meta.source_files(step.name) if meta else {}
-    for name, (path, signature) in sorted(match_files(step, base_dir).items()):
-        old = known.pop(path, None)
-        if old and old[1] == signature and meta and meta.output_of(old[0]).name == name:
-            continue
-        try:
-            digest = file_hash(path)
-        except OSError as e:
-            scan.failed.append(f"{step.name}: cannot read {path}: {e.strerror or e}")
-            continue
-        if old and meta and meta.resource_id(name, digest) == old[0]:
-            continue  # touched: same content
-        scan.changed += bool(old)
-        scan.new += not old
-        scan.names.append(name)
-    scan.gone = len(known)
-    return scan
-
-
-def file_hash(path: str) -> str:
-    h = hashlib.sha256()
+def file_digest(path: str) -> tuple[str, int]:
+    """(hash, size) of a file's content."""
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK_SIZE), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hash_blocks(f)
 
 
 # =============================================================================
@@ -5920,7 +5903,8 @@ def plan_step(meta: Metadata | None, definition: StepDef, base_dir: str) -> dict
     if gathering:
         entry["gather"] = {"inputs": gathering.inputs, "state": GATHER_TEXT[gathering.outcome]}
     if definition.files:
-        scan = preview_source(meta, definition, base_dir)
+        emitted = current is not None and meta.source_task(current.id)[1]
+        scan = preview_source(meta, definition, base_dir, emitted)
         entry["source"] = {"new": scan.new, "changed": scan.changed, "gone": scan.gone,
                            "failed": scan.failed, "tasks": {}}
         entry["source_names"] = scan.names
