@@ -99,7 +99,32 @@ def did_you_mean(word: str, choices: Sequence[str]) -> str:
     return f' (did you mean "{close[0]}"?)' if close else ""
 
 
-PLAIN_PROGRESS_SECONDS = 30.0  # progress lines when stderr is not a terminal
+@dataclass(frozen=True)
+class Settings:
+    """grit's own environment variables, GRIT_ and the field's name in capitals
+    (README: Environment variables). Read once (settings()); a value that is not
+    a number where one is needed is an error naming the variable."""
+
+    progress_seconds: float = 30.0  # between progress lines when stderr is not a terminal
+    libfuse: str = ""  # "2" or "3": the libfuse FUSE mode loads; "": libfuse3, else libfuse2
+    fuse_writeback: str = "1"  # "0": no kernel writeback cache on libfuse3
+    slurm_poll: float = 30.0  # seconds between squeue calls of a Slurm run
+    slurm_grace: float = 30.0  # seconds an ended element's records get to appear
+
+
+@functools.lru_cache(maxsize=None)
+def settings() -> Settings:
+    values: dict = {}
+    for name, default in asdict(Settings()).items():
+        variable = f"GRIT_{name.upper()}"
+        if variable in os.environ:
+            try:
+                values[name] = type(default)(os.environ[variable])
+            except ValueError:
+                raise GritError(f"{variable} must be a number of seconds, not "
+                                f"{quote(os.environ[variable])}") from None
+    return Settings(**values)
+
 
 
 class Console:
@@ -119,10 +144,6 @@ class Console:
         self.closed = False  # the stream was closed by its reader
         self._lock = threading.Lock()
         # The first plain progress line comes only after a run has gone on a while.
-        try:
-            self.plain_interval = float(os.environ["GRIT_PROGRESS_SECONDS"])
-        except (KeyError, ValueError):
-            self.plain_interval = PLAIN_PROGRESS_SECONDS
         self._last_plain = time.monotonic()
 
     def paint(self, text: str, color: str) -> str:
@@ -171,12 +192,12 @@ class Console:
 
     def progress(self, line: str) -> None:
         """Rewrite the live status line on a terminal; elsewhere (a log file, CI)
-        print it as a plain line every plain_interval seconds. Normal mode only."""
+        print it as a plain line every GRIT_PROGRESS_SECONDS. Normal mode only."""
         if self.level != 1:
             return
         if not self.tty:
             now = time.monotonic()
-            if now - self._last_plain >= self.plain_interval:
+            if now - self._last_plain >= settings().progress_seconds:
                 self._last_plain = now
                 self._write(f"progress: {line}")
             return
@@ -1814,36 +1835,40 @@ class Metadata:
 
     # -- export, inspection and data management ------------------------------
 
-    def resources(self, where: str, *params: object) -> list[dict]:
+    def _resources(self, where: str, *params: object) -> list[dict]:
         """Resources as dicts (the shape -json shows), selected by a WHERE clause."""
         rows = self.db.execute("SELECT id, name, hash, size, task_id, created_at, deleted_at, "
                                f"live = 1 FROM resource WHERE {where}", params).fetchall()
         keys = ("id", "name", "hash", "size", "task", "created_at", "deleted_at")
         return [{**dict(zip(keys, row)), "live": bool(row[-1])} for row in rows]
 
+    def retired_resources(self) -> list[dict]:
+        """Resources not live whose content is still kept (what -gc -retired deletes)."""
+        return self._resources("live = 0 AND deleted_at IS NULL")
+
     def resources_named(self, name: str, live_only: bool = False) -> list[dict]:
         """Resources of that name (not deleted), oldest first; only live ones if asked."""
-        return self.resources("name = ? AND deleted_at IS NULL" + (" AND live = 1" if live_only
+        return self._resources("name = ? AND deleted_at IS NULL" + (" AND live = 1" if live_only
                                                                    else "") + " ORDER BY id", name)
 
     def resources_matching(self, pattern: str, live_only: bool = False) -> list[dict]:
         """Resources whose name is `pattern` or matches it, oldest first."""
         if not is_pattern(pattern):
             return self.resources_named(pattern, live_only)
-        return [r for r in self.resources("deleted_at IS NULL" + (" AND live = 1" if live_only
+        return [r for r in self._resources("deleted_at IS NULL" + (" AND live = 1" if live_only
                                                                    else "") + " ORDER BY id")
                 if matches_inputs(r["name"], [pattern])]
 
     def newest_per_name(self, pattern: str, live_only: bool = False) -> list[dict]:
         """The newest resource of each name matching `pattern`, by name."""
         live = " AND live = 1" if live_only else ""
-        newest = self.resources("id IN (SELECT max(id) FROM resource WHERE deleted_at IS NULL"
+        newest = self._resources("id IN (SELECT max(id) FROM resource WHERE deleted_at IS NULL"
                                 f"{live} GROUP BY name) ORDER BY name")
         return [r for r in newest if matches_inputs(r["name"], [pattern])]
 
     def resources_with_hash(self, prefix: str) -> list[dict]:
         """Resources (deleted ones too) whose hash starts with `prefix`, oldest first."""
-        return self.resources("hash >= ? AND hash < ? ORDER BY id", prefix, prefix + "g")
+        return self._resources("hash >= ? AND hash < ? ORDER BY id", prefix, prefix + "g")
 
     def referenced_hashes(self) -> list[str]:
         """Every object hash the metadata refers to: resources and task logs."""
@@ -1922,11 +1947,11 @@ class Metadata:
         keys = ("task", "step", "version", "status", "exit_code", "error", "duration",
                 "started_at", "finished_at", "stdout_hash", "stderr_hash")
         task = dict(zip(keys, row))
-        task["input"] = self.resources("id = ?", row[11])[0] if row[11] else None
+        task["input"] = self._resources("id = ?", row[11])[0] if row[11] else None
         if row[12] is not None:  # a gather task: its inputs
-            task["gathered"] = self.resources("id IN (SELECT resource_id FROM gathered WHERE "
+            task["gathered"] = self._resources("id IN (SELECT resource_id FROM gathered WHERE "
                                               "task_id = ?) ORDER BY name, hash", task_id)
-        task["outputs"] = self.resources("id IN (SELECT resource_id FROM emission "
+        task["outputs"] = self._resources("id IN (SELECT resource_id FROM emission "
                                           "WHERE task_id = ?) ORDER BY id", task_id)
         return task
 
@@ -1937,7 +1962,7 @@ class Metadata:
             "ON s.id = t.step_id WHERE t.input_resource_id = ? OR t.id IN (SELECT task_id "
             "FROM gathered WHERE resource_id = ?) ORDER BY t.id", (resource_id, resource_id))
         return [{"task": tid, "step": name, "version": version, "status": status,
-                 "outputs": self.resources("id IN (SELECT resource_id FROM emission WHERE "
+                 "outputs": self._resources("id IN (SELECT resource_id FROM emission WHERE "
                                             "task_id = ?) ORDER BY id", tid)}
                 for tid, name, version, status in rows.fetchall()]
 
@@ -2126,9 +2151,10 @@ class stop_on_signals:
 # =============================================================================
 # Database
 # =============================================================================
-# The database directory (-db): the metadata and object stores, the run lock
-# and scratch space. The scheduler and the commands see state only through a
-# Database; nothing above this section touches sqlite3 or LMDB.
+# The database directory (-db): its two stores (db.meta, db.objects), the run
+# lock and scratch space, and what spans both stores (recording a batch of
+# finished tasks). Below this section nothing touches sqlite3 or LMDB: the
+# scheduler and the commands go through db.meta and db.objects.
 
 DISK_WARN_FRACTION = 0.85  # warn before a run when the database's disk is fuller
 
@@ -2223,28 +2249,7 @@ class Database:
             self._meta.close()
             self._meta = None
 
-    # -- what the scheduler asks ---------------------------------------------------
-
-    def register(self, definitions: Sequence[StepDef]) -> list[StepVersion]:
-        """The manifest's steps as stored versions (new ones added); the live
-        view follows the versions that stopped or started being current."""
-        return self.meta.register(definitions)
-
-    def rerun_seed(self, step: StepVersion) -> bool:
-        return self.meta.rerun_seed(step)
-
-    def retry_failed(self, step: StepVersion) -> int:
-        return self.meta.retry_failed(step.id)
-
-    def count_pending(self, step: StepVersion) -> int:
-        return self.meta.count_tasks(step.id, "pending")
-
-    def pending(self, step: StepVersion, after_task_id: int, limit: int) -> list[TaskSpec]:
-        """Pending tasks of a step version, in id order, after `after_task_id`."""
-        return self.meta.pending(step, after_task_id, limit)
-
-    def transaction(self) -> "_Transaction":
-        return self.meta.transaction()
+    # -- what spans both stores ----------------------------------------------------
 
     def record(self, results: list[TaskResult]) -> list[int]:
         """Record finished tasks and their outputs (call inside a transaction);
@@ -2252,32 +2257,6 @@ class Database:
         so a committed row never names a missing object."""
         self.objects.sync()
         return [self.meta.record(result) for result in results]
-
-    def settle(self, step: StepVersion) -> Gathering:
-        """At a barrier (nothing that could feed it runs or waits): the task of a
-        gather step for the set of live resources it matches now, which may be
-        new, known, or none (no inputs). Commits."""
-        return self.meta.settle(step)
-
-    def take_new_tasks(self) -> tuple[collections.Counter, set[int]]:
-        """Tasks made ready to run since the last call (new live resources get
-        theirs as they are recorded), per step version id; and the ids of tasks
-        retired meanwhile, which must not run."""
-        return self.meta.live.take_new_tasks()
-
-    def names_produced_by(self, step_name: str) -> set[str]:
-        return self.meta.names_produced_by(step_name)
-
-    def steps_pending(self, exclude: Sequence[int]) -> list[str]:
-        """Names of current steps outside `exclude` (step ids) with tasks to run."""
-        return self.meta.steps_pending(exclude)
-
-    def has_tasks(self, step: StepVersion) -> bool:
-        return self.meta.has_tasks(step.id)
-
-    def mean_durations(self) -> dict[str, float]:
-        """Mean seconds a done task took, per step name (Slurm chunks by it)."""
-        return self.meta.mean_durations()
 
     def slurm_jobs(self) -> "SlurmJobs":
         """The Slurm executor's job book, on a connection of its own."""
@@ -2471,7 +2450,7 @@ def import_source(db: Database, step: StepVersion, base_dir: str) -> SourceScan:
     def read(name: str, path: str) -> Output | None:
         return read_source_file(db.objects.put_file, step.name, name, path, scan)
 
-    with db.transaction():
+    with db.meta.transaction():
         for verdict, path, signature, rid, out in compare_source(
                 db.meta, step.definition, base_dir, emitted, read):
             scan.count(verdict, out)
@@ -3633,7 +3612,7 @@ class OutputFS:
         offers them (libfuse2 got its options at mount)."""
         if self.libfuse >= 3 and conn is not None:
             wanted = [FUSE_CAP_ATOMIC_O_TRUNC]
-            if os.environ.get("GRIT_FUSE_WRITEBACK", "1") != "0":
+            if settings().fuse_writeback != "0":
                 wanted.append(FUSE_CAP_WRITEBACK_CACHE)
             for capability in wanted:
                 if conn.capable & capability:  # type: ignore[attr-defined]
@@ -3953,7 +3932,7 @@ def fuse_binding() -> object:
     when set (the Nix package sets it), names the library itself."""
     if "mfusepy" not in sys.modules and not os.environ.get("FUSE_LIBRARY_PATH"):
         import ctypes
-        wanted = os.environ.get("GRIT_LIBFUSE", "")
+        wanted = settings().libfuse
         names = {"2": ["libfuse.so.2"], "3": ["libfuse3.so.3"]}.get(
             wanted, ["libfuse3.so.3", "libfuse.so.2"])
         for name in names:  # by soname, as the dynamic loader finds it (no ldconfig run)
@@ -4853,12 +4832,6 @@ def record_result(store: ObjectStore, folder: str, result: TaskResult, mode: str
 # whole run now and then. Job folders are in the database (slurm_job), so a
 # run after a kill -9 adopts them.
 
-# squeue for the whole run at most this often (Slurm asks programs not to poll it
-# in loops); records, not squeue, tell that tasks finished.
-SQUEUE_SECONDS = float(os.environ.get("GRIT_SLURM_POLL", "30"))
-# An element squeue shows ended (or no longer shows) gets this long for its
-# records to appear (a network filesystem's attribute cache) before its tasks fail.
-RECORD_GRACE_SECONDS = float(os.environ.get("GRIT_SLURM_GRACE", "30"))
 ELEMENT_SECONDS = 60.0  # an element runs about this long once a step's durations are known
 ELEMENT_LEAST_SECONDS = 2.0  # and at least this long: its start-up costs about a second
 # A step's new tasks wait while one of its elements has not started (the
@@ -5125,7 +5098,9 @@ class SlurmExecutor:
                 self._raise_throttles()
                 self._submit_waiting()
                 self._collect()
-                if self._jobs and time.monotonic() - last_squeue >= SQUEUE_SECONDS:
+                # squeue for the whole run at most every GRIT_SLURM_POLL seconds (Slurm
+                # asks programs not to poll it in loops); records tell that tasks finished.
+                if self._jobs and time.monotonic() - last_squeue >= settings().slurm_poll:
                     self._squeue()
                     last_squeue = time.monotonic()
                 self._give_up_lost()
@@ -5369,8 +5344,9 @@ class SlurmExecutor:
 
     def _give_up_lost(self) -> None:
         """Fail (or, for an adopted job that vanished, submit again) the tasks of
-        elements that ended without records, after the grace period; cancel jobs
-        that can never start."""
+        elements that ended without records, once GRIT_SLURM_GRACE seconds passed
+        after squeue showed them ended or gone (a network filesystem's attribute
+        cache may hold records back); cancel jobs that can never start."""
         now = time.monotonic()
         for job in list(self._jobs.values()):
             if job.never_runs:
@@ -5380,7 +5356,7 @@ class SlurmExecutor:
                 continue
             for k, element in enumerate(job.elements):
                 if not element.left or not element.ended or \
-                        now - element.ended < RECORD_GRACE_SECONDS:
+                        now - element.ended < settings().slurm_grace:
                     continue
                 self._collect()
                 lost = [t for t in element.tasks if t in self._where]
@@ -5526,10 +5502,10 @@ class Scheduler:
     def _activate(self, step: StepVersion) -> None:
         if step.id in self.states:
             return
-        retried = self.db.retry_failed(step)
+        retried = self.db.meta.retry_failed(step.id)
         if retried:
             self.console.detail(f"{step.name}: retrying {retried} failed task(s)")
-        self.states[step.id] = StepState(step, pending=self.db.count_pending(step))
+        self.states[step.id] = StepState(step, pending=self.db.meta.count_tasks(step.id, "pending"))
 
     def _activate_downstream(self) -> None:
         """With -start: activate steps fed, transitively, by active steps' outputs."""
@@ -5547,9 +5523,9 @@ class Scheduler:
         for step in active:
             self._activate(step)
         if self.start:
-            self.produced = {s.name: self.db.names_produced_by(s.name) for s in self.all_steps}
+            self.produced = {s.name: self.db.meta.names_produced_by(s.name) for s in self.all_steps}
             self._activate_downstream()
-        self.db.take_new_tasks()  # counted by _activate already
+        self.db.meta.live.take_new_tasks()  # counted by _activate already
         running: dict[concurrent.futures.Future, StepState] = {}
         finished: list[tuple[TaskResult, StepState]] = []
         last_commit = time.monotonic()
@@ -5618,7 +5594,7 @@ class Scheduler:
             if self._waiting_upstream(state):
                 continue
             first = not state.settled
-            found = self.db.settle(state.step)
+            found = self.db.meta.settle(state.step)
             state.settled = True
             self._note_new_tasks()
             changed = found.outcome in ("new", "seen before")
@@ -5642,7 +5618,7 @@ class Scheduler:
         a gather step waits for them rather than take a set they would change."""
         if state.step.name in self._warned_waiting:
             return True
-        others = self.db.steps_pending(exclude=[s for s in self.states])
+        others = self.db.meta.steps_pending(exclude=[s for s in self.states])
         if others:
             self._warned_waiting.add(state.step.name)
             self.console.warn(f"step {quote(state.step.name)} is waiting for upstream: "
@@ -5666,7 +5642,7 @@ class Scheduler:
     def _refill(self, state: StepState) -> bool:
         if state.exhausted:
             return False
-        batch = self.db.pending(state.step, state.loaded_upto, QUEUE_BATCH)
+        batch = self.db.meta.pending(state.step, state.loaded_upto, QUEUE_BATCH)
         if len(batch) < QUEUE_BATCH:
             state.exhausted = True
         if batch:
@@ -5679,7 +5655,7 @@ class Scheduler:
         results = [(r, s) for r, s in finished if not r.interrupted]
         if not results:
             return
-        with self.db.transaction():
+        with self.db.meta.transaction():
             created = self.db.record([r for r, _ in results])
             for (result, state), new in zip(results, created):
                 self.summary.resources += new
@@ -5713,7 +5689,7 @@ class Scheduler:
     def _note_new_tasks(self) -> None:
         """Tasks that the new live resources got: the active steps' are to run;
         queued tasks whose input stopped being live are dropped."""
-        made, retired = self.db.take_new_tasks()
+        made, retired = self.db.meta.live.take_new_tasks()
         for state in self.states.values() if retired else ():
             kept = collections.deque(s for s in state.queue if s.task_id not in retired)
             state.pending -= len(state.queue) - len(kept)
@@ -5990,7 +5966,7 @@ def make_executor(opts: RunOptions, manifest: Manifest, db: Database,
                              opts.output_mode, opts.timeout)
     return SlurmExecutor(db, console, manifest, opts.parallel or cluster_cpus(console),
                          work_dir(opts, manifest), opts.output_mode, opts.timeout,
-                         db.mean_durations())
+                         db.meta.mean_durations())
 
 
 def work_dir(opts: RunOptions, manifest: Manifest) -> str:
@@ -6015,7 +5991,7 @@ def check_gather_cycles(db: Database, manifest: Manifest) -> None:
 def register_steps(db: Database, manifest: Manifest, console: Console) -> list[StepVersion]:
     """The stored version of every step, new ones added; says which are new."""
     check_gather_cycles(db, manifest)
-    versions = db.register(manifest.steps)
+    versions = db.meta.register(manifest.steps)
     console.info(f"manifest {manifest.path}: {len(manifest.steps)} step(s)")
     new = [f"{v.name} v{v.version}" for v in versions if v.is_new]
     console.info(f"registered {len(versions)} step(s)"
@@ -6040,7 +6016,7 @@ def start_roots(db: Database, active: list[StepVersion], manifest: Manifest,
             for problem in scan.failed:
                 console.error(problem)
             failed += len(scan.failed)
-        elif step.definition.rerun and db.rerun_seed(step):
+        elif step.definition.rerun and db.meta.rerun_seed(step):
             console.detail(f"{step.name}: a new run (rerun = \"always\")")
     return failed
 
@@ -6048,7 +6024,7 @@ def start_roots(db: Database, active: list[StepVersion], manifest: Manifest,
 def warn_unmatched(db: Database, scheduler: Scheduler, console: Console) -> None:
     for state in scheduler.states.values():
         step = state.step
-        if not step.definition.is_seed and not db.has_tasks(step):
+        if not step.definition.is_seed and not db.meta.has_tasks(step.id):
             console.warn(f"step \"{step.name}\": no resource matches its inputs "
                          f"{list(step.definition.inputs)}")
 
@@ -6522,8 +6498,8 @@ def cmd_gc(db_path: str, retired: bool, console: Console) -> int:
     content of every resource that is not live. Holds the run lock."""
     with Database.for_change(db_path) as db:
         if retired:
-            with db.transaction():
-                gone = db.meta.resources("live = 0 AND deleted_at IS NULL")
+            with db.meta.transaction():
+                gone = db.meta.retired_resources()
                 db.meta.mark_deleted([r["id"] for r in gone])
             console.info(f"deleted the content of {len(gone)} retired resource(s)")
         removed = unreferenced(db.meta, dict.fromkeys(db.objects.hashes(), 0))
@@ -6727,6 +6703,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console(0 if args.quiet else 2 if args.verbose else 1)
     try:
+        settings()  # checked before anything starts
         return HANDLERS[chosen_command(args)](args, console)
     except GritError as e:
         console.end_progress()

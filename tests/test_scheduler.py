@@ -93,7 +93,7 @@ def db(tmp_path):
 
 
 def scheduler(db, executor, steps=STEPS):
-    versions = db.register(steps)
+    versions = db.meta.register(steps)
     return grit.Scheduler(db, executor, versions, grit.Console(0)), versions
 
 
@@ -241,8 +241,8 @@ def test_a_queued_task_whose_input_is_retired_does_not_run(db):
     assert wait_for(lambda: first.flying("work"))
     bg.sched.request_stop()  # interrupted: work on a, b, c stays pending
     bg.thread.join(timeout=30)
-    versions = db.register(steps)
-    assert db.rerun_seed(versions[0])
+    versions = db.meta.register(steps)
+    assert db.meta.rerun_seed(versions[0])
     emits["run"] = ["a"]
     again = FakeExecutor(db, behave, hold=True)
     bg = Background(db, again, steps)
@@ -251,4 +251,4 @@ def test_a_queued_task_whose_input_is_retired_does_not_run(db):
     summary = bg.finish_everything(again, pause=0.05)
     ran = [s.input_name for s in again.submitted if s.step == "work"]
     assert ran == ["a"] and summary.failed == 0
-    assert sorted(r["name"] for r in db.meta.resources("live = 1")) == ["a", "w-a"]
+    assert sorted(r["name"] for r in db.meta.resources_matching("*", live_only=True)) == ["a", "w-a"]
