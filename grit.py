@@ -22,6 +22,7 @@ import argparse
 import collections
 import concurrent.futures
 import contextlib
+import dataclasses
 import difflib
 import errno
 import fcntl
@@ -337,20 +338,13 @@ class StepDef:
 
 
 @dataclass
-class SlurmSettings:
-    """The manifest's [slurm] table, besides the defaults of the steps' scheduling keys."""
-
-    command: str = ""  # how a node runs grit; "" = found by grit (README: Running on Slurm)
-    work_dir: str = ""  # the shared work dir; "" = grit-work beside the manifest
-
-
-@dataclass
 class Manifest:
-    """A loaded manifest: its steps, in file order."""
+    """A loaded manifest: its steps, in file order, and each executor's settings
+    (its table, [NAME], of string keys; see EXECUTORS)."""
 
     path: str
     steps: list[StepDef]
-    slurm: SlurmSettings = field(default_factory=SlurmSettings)
+    executors: dict[str, object] = field(default_factory=dict)
 
     def step(self, name: str) -> StepDef:
         for s in self.steps:
@@ -372,6 +366,30 @@ class StepVersion:
     @property
     def name(self) -> str:
         return self.definition.name
+
+
+@dataclass
+class RunOptions:
+    """How to run: -run's flags, checked."""
+
+    manifest: str
+    db: str
+    parallel: int  # 0: the executor's default
+    start: str | None = None
+    steps: list[str] = field(default_factory=list)
+    output_mode: str = "auto"
+    timeout: float = 0
+    dry_run: bool = False
+    json: bool = False
+    executor: str = "local"
+    executor_flags: dict[str, str] = field(default_factory=dict)  # its own flags given (-work-dir)
+
+
+# Executors by name (-executor NAME), each registered by its own section. An
+# executor class declares what it adds: the dataclass of its manifest table
+# ([NAME], `settings`) and its -run flags (`flags`); the manifest parser and
+# the CLI take them from here, so a new executor touches neither.
+EXECUTORS: dict[str, type] = {}
 
 
 @dataclass
@@ -429,8 +447,6 @@ class TaskResult:
 SCHEDULING_KEYS = ("cpus", "mem", "time", "partition", "batch", "sbatch")
 STEP_KEYS = ("name", "inputs", "parallel", "script", "start", "timeout", "cycle_limit", "files",
              "rerun", "gather") + SCHEDULING_KEYS
-SLURM_KEYS = ("command", "work_dir") + SCHEDULING_KEYS
-TOP_LEVEL_KEYS = ("step", "slurm")
 
 
 def load_manifest(path: str) -> Manifest:
@@ -451,11 +467,15 @@ def load_manifest(path: str) -> Manifest:
 
 
 def parse_manifest(data: dict, path: str) -> Manifest:
+    tables = {name: cls.settings for name, cls in EXECUTORS.items() if cls.settings}
     for key in data:
-        if key not in TOP_LEVEL_KEYS:
+        if key != "step" and key not in tables:
             raise GritError(f"{path}: unknown top-level key {quote(key)}"
-                            f"{did_you_mean(key, TOP_LEVEL_KEYS)}")
-    slurm, defaults = _parse_slurm(data.get("slurm", {}), f"{path}: [slurm]")
+                            f"{did_you_mean(key, ['step', *tables])}")
+    executors, defaults = {}, {}
+    for name, kind in tables.items():
+        executors[name] = _parse_executor_table(data.get(name, {}), f"{path}: [{name}]", kind,
+                                                defaults)
     tables = data.get("step")
     if tables is None:
         raise GritError(f"{path}: no steps: add at least one [[step]] table")
@@ -472,22 +492,25 @@ def parse_manifest(data: dict, path: str) -> Manifest:
         steps.append(step)
     if not steps:
         raise GritError(f"{path}: no steps: add at least one [[step]] table")
-    return Manifest(path, steps, slurm)
+    return Manifest(path, steps, executors)
 
 
-def _parse_slurm(table: object, where: str) -> tuple[SlurmSettings, dict]:
-    """The [slurm] table: settings, and the scheduling keys' run-wide defaults."""
+def _parse_executor_table(table: object, where: str, kind: type, defaults: dict) -> object:
+    """An executor's table: its settings (string keys), and the scheduling keys
+    it gives, added to `defaults` for every step."""
     if not isinstance(table, dict):
         raise GritError(f"{where} must be a table, not {_toml_type(table)}")
+    keys = [f.name for f in dataclasses.fields(kind)]
     for key in table:
-        if key not in SLURM_KEYS:
-            raise GritError(f"{where}: unknown key {quote(key)}{did_you_mean(key, SLURM_KEYS)}")
-    for key in ("command", "work_dir"):
+        if key not in keys + list(SCHEDULING_KEYS):
+            raise GritError(f"{where}: unknown key {quote(key)}"
+                            f"{did_you_mean(key, keys + list(SCHEDULING_KEYS))}")
+    for key in keys:
         if not isinstance(table.get(key, ""), str):
             raise GritError(f"{where}: \"{key}\" must be a string, not "
                             f"{_toml_type(table[key])}")
-    defaults = _parse_scheduling(table, where, {})
-    return SlurmSettings(table.get("command", ""), table.get("work_dir", "")), defaults
+    defaults.update(_parse_scheduling(table, where, {}))
+    return kind(**{key: table[key] for key in keys if key in table})
 
 
 def _parse_scheduling(table: dict, where: str, defaults: dict) -> dict:
@@ -4217,20 +4240,37 @@ class TaskTimeout(Exception):
     """A task ran past its step's (or the run's) timeout."""
 
 
-class Executor(Protocol):
+class Executor:
     """Runs tasks somewhere and hands back their results, outputs already in the
     object store. The scheduler needs nothing else: LocalExecutor runs scripts
     on this machine; an executor for a cluster can take its place. It is a
-    context manager that owns what it needs (scratch space, output capture)."""
+    context manager that owns what it needs (scratch space, output capture).
+    A subclass registered in EXECUTORS is chosen by -executor NAME."""
 
-    capacity: int  # most tasks in flight at once
+    settings: type | None = None  # the dataclass of its manifest table, [NAME]
+    flags: dict[str, tuple[str, str]] = {}  # its -run flags: name -> (metavar, help)
+    capacity: int = 1  # most tasks in flight at once
 
-    def __enter__(self) -> "Executor": ...
+    @classmethod
+    def for_run(cls, opts: RunOptions, manifest: Manifest, db: Database,
+                console: Console) -> "Executor":
+        """The executor of one -run."""
+        raise NotImplementedError
 
-    def __exit__(self, *exc: object) -> None: ...
+    @classmethod
+    def plan(cls, plan: list[dict], manifest: Manifest, opts: RunOptions) -> None:
+        """-dry-run: add to each step's entry what this executor would do with its
+        tasks (a key of data, and lines of text under "notes")."""
+
+    def __enter__(self) -> "Executor":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
 
     def submit(self, spec: TaskSpec) -> "concurrent.futures.Future[TaskResult]":
         """Start a task; returns at once."""
+        raise NotImplementedError
 
     def cancel(self) -> None:
         """Stop everything; tasks not finished end as interrupted and stay pending.
@@ -4238,6 +4278,7 @@ class Executor(Protocol):
 
     def running(self) -> collections.Counter:
         """Tasks running now, per step name (for the progress line)."""
+        return collections.Counter()
 
 
 @dataclass
@@ -4261,7 +4302,7 @@ class _Slot:
     stderr: io.FileIO
 
 
-class LocalExecutor:
+class LocalExecutor(Executor):
     """The Executor that runs each task's script on this machine.
 
     Worker threads (WORKERS_PER_SCRIPT per -parallel slot) copy inputs, run
@@ -4287,6 +4328,17 @@ class LocalExecutor:
         self._free = parallel  # script slots (-parallel) not in use; a task takes its cpus
         self._waiting: collections.deque[_Launch] = collections.deque()  # for a slot
         self._environ = dict(os.environ)  # copied once: os.environ decodes on every copy
+
+    @classmethod
+    def for_run(cls, opts: RunOptions, manifest: Manifest, db: Database,
+                console: Console) -> "LocalExecutor":
+        jobs = db.meta.slurm_jobs()
+        if jobs:
+            console.warn(f"{len(jobs)} Slurm job(s) of an earlier -executor slurm run are not "
+                         "finished with; -executor slurm would adopt them, their tasks run "
+                         "here instead")
+        return cls(db, console, opts.parallel or os.cpu_count() or 1, opts.output_mode,
+                   opts.timeout)
 
     def __enter__(self) -> "LocalExecutor":
         fuse_demanded(self.output_mode)
@@ -4587,6 +4639,9 @@ class LocalExecutor:
         if partial:
             self.console.detail(f"{prefix} {partial.decode('utf-8', 'replace')}")
         os.close(pipe)
+
+
+EXECUTORS["local"] = LocalExecutor
 
 
 def open_private(path: str) -> int:
@@ -4944,12 +4999,34 @@ class _Job:
     recorded: set[str] = field(default_factory=set)  # record files ingested
 
 
-class SlurmExecutor:
+def slurm_work_dir(opts: RunOptions, manifest: Manifest) -> str:
+    """-work-dir, else [slurm] work_dir (relative to the manifest), else
+    grit-work beside the manifest: project folders are shared on clusters."""
+    if "work_dir" in opts.executor_flags:
+        return os.path.abspath(opts.executor_flags["work_dir"])
+    base = os.path.dirname(os.path.abspath(manifest.path))
+    return os.path.join(base, manifest.executors["slurm"].work_dir  # type: ignore[attr-defined]
+                        or "grit-work")
+
+
+@dataclass
+class SlurmSettings:
+    """The manifest's [slurm] table, besides the defaults of the steps' scheduling keys."""
+
+    command: str = ""  # how a node runs grit; "" = found by grit (README: Running on Slurm)
+    work_dir: str = ""  # the shared work dir; "" = grit-work beside the manifest
+
+
+class SlurmExecutor(Executor):
     """The Executor that runs tasks as Slurm array jobs (see the section's head).
 
     Futures of tasks resolve from result records; a task's record is the only
     word on it that survives Slurm purging finished jobs (MinJobAge).
     """
+
+    settings = SlurmSettings
+    flags = {"work-dir": ("DIR", "with -executor slurm: the folder shared with the nodes "
+                                 "(default: grit-work beside the manifest)")}
 
     def __init__(self, db: Database, console: Console, manifest: Manifest, parallel: int,
                  work_dir: str, output_mode: str, timeout: float,
@@ -4963,7 +5040,7 @@ class SlurmExecutor:
         self.output_mode = output_mode
         self.timeout = timeout
         self.durations = dict(durations)  # step -> mean seconds a task, learnt as tasks end
-        self.command = manifest.slurm.command
+        self.command = manifest.executors["slurm"].command  # type: ignore[attr-defined]
         self.job_name = "grit-" + os.path.basename(self.work)
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -4983,6 +5060,31 @@ class SlurmExecutor:
         self._serial = itertools.count(1)
 
     # -- the seam ----------------------------------------------------------------
+
+    @classmethod
+    def for_run(cls, opts: RunOptions, manifest: Manifest, db: Database,
+                console: Console) -> "SlurmExecutor":
+        return cls(db, console, manifest, opts.parallel or cluster_cpus(console),
+                   slurm_work_dir(opts, manifest), opts.output_mode, opts.timeout,
+                   db.meta.mean_durations())
+
+    @classmethod
+    def plan(cls, plan: list[dict], manifest: Manifest, opts: RunOptions) -> None:
+        """The array job each step's tasks would go to now."""
+        parallel = opts.parallel or cluster_cpus(Console(0))
+        db = Database(opts.db)
+        durations = db.meta.mean_durations() if os.path.isfile(db.metadata_path) else {}
+        db.close()
+        for entry in (e for e in plan if e["tasks"]):
+            definition = manifest.step(entry["name"])
+            size = chunk_size(definition, entry["tasks"], parallel,
+                              durations.get(definition.name))
+            job = {"elements": -(-entry["tasks"] // size), "batch": size,
+                   "sbatch": sbatch_options(definition, opts.timeout, size)}
+            entry["slurm_job"] = job
+            entry.setdefault("notes", []).append(
+                f"an array job of {job['elements']} element(s) of up to {size} task(s): "
+                f"sbatch {' '.join(job['sbatch'])}")
 
     def __enter__(self) -> "SlurmExecutor":
         for folder in ("jobs", "objects"):
@@ -5407,7 +5509,8 @@ class SlurmExecutor:
         self._jobs.clear()
 
 
-# -- the worker: one array element, on a node -------------------------------------------
+EXECUTORS["slurm"] = SlurmExecutor
+
 
 # =============================================================================
 # Scheduler
@@ -5786,21 +5889,6 @@ def format_duration(seconds: float) -> str:
 # -run as a story (manifest, database, executor, scheduler) and -dry-run on the
 # same rules. Uses the sections above, never sqlite3 or LMDB directly.
 
-@dataclass
-class RunOptions:
-    manifest: str
-    db: str
-    parallel: int
-    start: str | None = None
-    steps: list[str] = field(default_factory=list)
-    output_mode: str = "auto"
-    timeout: float = 0
-    dry_run: bool = False
-    json: bool = False
-    executor: str = "local"
-    work_dir: str = ""  # -work-dir: the Slurm executor's shared folder
-
-
 def selected_steps(manifest: Manifest, opts: RunOptions) -> list[str]:
     """The steps -start or -step name (checked against the manifest), else all.
     With -start, the steps downstream join as the run finds them."""
@@ -5815,8 +5903,7 @@ def selected_steps(manifest: Manifest, opts: RunOptions) -> list[str]:
 
 def cmd_dry_run(opts: RunOptions, manifest: Manifest, selected: list[str]) -> int:
     plan = plan_run(opts.db, manifest, selected, opts.start)
-    if opts.executor == "slurm":
-        plan_jobs(plan, manifest, opts)
+    EXECUTORS[opts.executor].plan(plan, manifest, opts)
     if opts.json:
         emit_json({"dry_run": True, "steps": plan, "tasks": sum(p["tasks"] for p in plan)})
     else:
@@ -5887,21 +5974,6 @@ def plan_step(meta: Metadata | None, definition: StepDef, base_dir: str) -> dict
     return entry
 
 
-def plan_jobs(plan: list[dict], manifest: Manifest, opts: RunOptions) -> None:
-    """The array job each step's tasks would go to now (-executor slurm)."""
-    parallel = opts.parallel or cluster_cpus(Console(0))
-    db = Database(opts.db)
-    durations = db.meta.mean_durations() if os.path.isfile(db.metadata_path) else {}
-    db.close()
-    for entry in plan:
-        if entry["tasks"]:
-            definition = manifest.step(entry["name"])
-            size = chunk_size(definition, entry["tasks"], parallel,
-                              durations.get(definition.name))
-            entry["slurm_job"] = {"elements": -(-entry["tasks"] // size), "batch": size,
-                                  "sbatch": sbatch_options(definition, opts.timeout, size)}
-
-
 REASON_TEXT = {"new_step": "new step", "new_step_version": "new step version",
                "new_input_set": "a new set of inputs to gather",
                "new_resource": "new resource(s)", "retry_failed": "failed task(s) to retry",
@@ -5922,10 +5994,8 @@ def print_plan(plan: list[dict]) -> None:
             after = ", ".join(f"{step} {n} task(s)" for step, n in src["tasks"].items())
             print(f"{p['name']}: {src['new']} new, {src['changed']} changed, {src['gone']} gone"
                   + (f" → {after}" if after else ""))
-        if "slurm_job" in p:
-            job = p["slurm_job"]
-            print(f"{p['name']}: an array job of {job['elements']} element(s) of up to "
-                  f"{job['batch']} task(s): sbatch {' '.join(job['sbatch'])}")
+        for note in p.get("notes", ()):
+            print(f"{p['name']}: {note}")
         if "gather" in p:
             print(f"{p['name']}: gather over {p['gather']['inputs']} live input(s): "
                   f"{p['gather']['state']}")
@@ -5942,7 +6012,7 @@ def cmd_run(opts: RunOptions, console: Console) -> int:
     if opts.json:
         raise GritError("-json goes with -run only together with -dry-run")
     with Database.for_run(opts.db, console) as db, \
-            make_executor(opts, manifest, db, console) as executor:
+            EXECUTORS[opts.executor].for_run(opts, manifest, db, console) as executor:
         versions = register_steps(db, manifest, console)
         active = [v for v in versions if v.name in selected]
         not_imported = start_roots(db, active, manifest, console)
@@ -5952,30 +6022,6 @@ def cmd_run(opts: RunOptions, console: Console) -> int:
         summary.not_imported = not_imported
         warn_unmatched(db, scheduler, console)
     return report_run(summary, time.monotonic() - started, console)
-
-
-def make_executor(opts: RunOptions, manifest: Manifest, db: Database,
-                  console: Console) -> Executor:
-    if opts.executor == "local":
-        jobs = db.meta.slurm_jobs()
-        if jobs:
-            console.warn(f"{len(jobs)} Slurm job(s) of an earlier -executor slurm run are not "
-                         "finished with; -executor slurm would adopt them, their tasks run "
-                         "here instead")
-        return LocalExecutor(db, console, opts.parallel or os.cpu_count() or 1,
-                             opts.output_mode, opts.timeout)
-    return SlurmExecutor(db, console, manifest, opts.parallel or cluster_cpus(console),
-                         work_dir(opts, manifest), opts.output_mode, opts.timeout,
-                         db.meta.mean_durations())
-
-
-def work_dir(opts: RunOptions, manifest: Manifest) -> str:
-    """-work-dir, else [slurm] work_dir (relative to the manifest), else
-    grit-work beside the manifest: project folders are shared on clusters."""
-    if opts.work_dir:
-        return os.path.abspath(opts.work_dir)
-    base = os.path.dirname(os.path.abspath(manifest.path))
-    return os.path.join(base, manifest.slurm.work_dir or "grit-work")
 
 
 def check_gather_cycles(db: Database, manifest: Manifest) -> None:
@@ -6569,89 +6615,15 @@ def cmd_verify(db_path: str, console: Console) -> int:
 # =============================================================================
 # CLI
 # =============================================================================
-# Flags to a command: parsing, the one-command rule, and the handler table.
+# Flags to a command: one table of commands (flag, help, handler, the options
+# that go with it) and one of options; the parser, the usage errors and the
+# dispatch come from them.
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         """Bad usage: one line (argparse would print the whole usage first)."""
         sys.stderr.write(f"grit: error: {message} (see grit --help)\n")
         sys.exit(EXIT_USAGE)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="grit", allow_abbrev=False,
-        description="Run a TOML manifest of shell-script steps incrementally; every file a "
-                    "script writes to $OUTPUT_DIR becomes a content-addressed resource.",
-        epilog="Flags take one or two dashes, and -flag value or -flag=value.")
-
-    def flag(name: str, **kw: object) -> None:
-        p.add_argument(f"-{name}", f"--{name}", **kw)  # type: ignore[arg-type]
-
-    flag("manifest", metavar="PATH", help="the TOML manifest (required for -run)")
-    flag("db", metavar="DIR", default="./db", help="database directory (default ./db)")
-    flag("run", action="store_true", help="execute the pipeline")
-    flag("parallel", metavar="N", type=int,
-         help="most scripts running at once (default: number of CPUs); with -executor slurm, "
-              "most array elements of the run at once (default: the cluster's CPUs)")
-    flag("start", metavar="STEP", help="run STEP and the steps downstream of it")
-    flag("step", metavar="STEP", action="append", default=[],
-         help="run only this step (repeatable)")
-    flag("export", metavar="NAME", help="list hash, name and created_at of each resource NAME")
-    flag("export-hash", metavar="HASH", dest="export_hash",
-         help="write the object's bytes to stdout (unique prefix of 8+ hex digits)")
-    flag("verify", action="store_true",
-         help="check the database: metadata integrity, every object present and matching its hash")
-    flag("gc", action="store_true",
-         help="remove objects that nothing refers to, then compact the object store")
-    flag("status", action="store_true",
-         help="tasks pending/done/failed per step version, resources per name, sizes")
-    flag("log", metavar="TASK|HASH",
-         help="a task's stdout, stderr, exit status and input (by task id, or the task "
-              "that produced a resource hash)")
-    flag("lineage", metavar="HASH", help="where a resource came from, back to the seed")
-    flag("descendants", action="store_true", help="with -lineage: also what was made from it")
-    flag("dry-run", dest="dry_run", action="store_true",
-         help="with -run: what would be scheduled and why; with -delete/-prune: what would go")
-    flag("delete", metavar="HASH|NAME",
-         help="delete a resource by hash, or every resource of a name (records are kept)")
-    flag("prune", metavar="NAME", help="delete all but the newest -keep N resources of NAME")
-    flag("keep", metavar="N", type=int, help="with -prune: how many of the newest to keep")
-    flag("export-tar", metavar=("PATTERN", "FILE"), dest="export_tar", nargs=2,
-         help="write the resources of matching names as a tar (FILE - is stdout), "
-              "each as NAME/HASH, or with -newest the newest of each as NAME")
-    flag("newest", action="store_true", help="with -export-tar: only the newest of each name")
-    flag("all", action="store_true",
-         help="with -export-tar: every resource ever made, not only the live ones")
-    flag("live", action="store_true", help="with -export: only live resources (what a clean "
-                                           "run would make now)")
-    flag("retired", action="store_true",
-         help="with -gc: first delete the content of every resource that is not live")
-    flag("json", action="store_true", help="with -status, -log, -lineage, -dry-run: JSON output")
-    flag("timeout", metavar="SECONDS", type=float, default=0,
-         help="kill a task after SECONDS unless its step sets timeout (default: no limit)")
-    flag("executor", metavar="NAME", default="local", choices=("local", "slurm"),
-         help="where tasks run: local (this machine) or slurm (array jobs on a Slurm cluster)")
-    flag("work-dir", metavar="DIR", dest="work_dir", default="",
-         help="with -executor slurm: the folder shared with the nodes (default: grit-work "
-              "beside the manifest)")
-    flag("worker", metavar="FOLDER", help=argparse.SUPPRESS)  # an array element, on a node
-    flag("output-mode", metavar="MODE", dest="output_mode", default="auto",
-         choices=("auto", "fuse", "dir"), help="how $OUTPUT_DIR captures files: auto, fuse, dir")
-    flag("verbose", action="store_true", help="one line per task, script output, details")
-    flag("quiet", action="store_true", help="errors only (wins over -verbose)")
-    flag("version", action="version", version=f"grit {__version__}")
-    return p
-
-
-# The commands (exactly one per call), and the options that modify some of them.
-COMMANDS = {"run": "-run", "worker": "-worker FOLDER", "export": "-export NAME", "export_hash": "-export-hash HASH",
-            "verify": "-verify", "gc": "-gc", "status": "-status", "log": "-log TASK|HASH",
-            "lineage": "-lineage HASH", "delete": "-delete HASH|NAME", "prune": "-prune NAME",
-            "export_tar": "-export-tar PATTERN FILE"}
-MODIFIERS = {"dry_run": ("run", "delete", "prune"), "json": ("run", "status", "log", "lineage"),
-             "descendants": ("lineage",), "keep": ("prune",), "newest": ("export_tar",),
-             "all": ("export_tar",), "live": ("export",), "retired": ("gc",)}
 
 
 def run_options(args: argparse.Namespace) -> RunOptions:
@@ -6661,42 +6633,145 @@ def run_options(args: argparse.Namespace) -> RunOptions:
         raise GritError(f"-parallel must be 1 or more, not {args.parallel}")
     if not 0 <= args.timeout < float("inf"):
         raise GritError(f"-timeout must be 0 (no limit) or more seconds, not {args.timeout}")
-    if args.work_dir and args.executor != "slurm":
-        raise GritError("-work-dir goes with -executor slurm")
+    flags = {}
+    for name, executor in EXECUTORS.items():  # an executor's own flags go with it alone
+        for flag in executor.flags:
+            value = getattr(args, flag.replace("-", "_"))
+            if value is not None and name != args.executor:
+                raise GritError(f"-{flag} goes with -executor {name}")
+            if value is not None:
+                flags[flag.replace("-", "_")] = value
     return RunOptions(args.manifest, args.db, args.parallel or 0, args.start, args.step,
                       args.output_mode, args.timeout, args.dry_run, args.json, args.executor,
-                      args.work_dir)
+                      flags)
 
 
-# What each command calls, with the parsed arguments and the console.
-HANDLERS: dict[str, Callable[[argparse.Namespace, Console], int]] = {
-    "run": lambda a, c: cmd_run(run_options(a), c),
-    "worker": lambda a, c: cmd_worker(a.worker, c),
-    "export": lambda a, c: cmd_export(a.db, a.export, a.live),
-    "export_hash": lambda a, c: cmd_export_hash(a.db, a.export_hash),
-    "verify": lambda a, c: cmd_verify(a.db, c),
-    "gc": lambda a, c: cmd_gc(a.db, a.retired, c),
-    "status": lambda a, c: cmd_status(a.db, a.json),
-    "log": lambda a, c: cmd_log(a.db, a.log, a.json),
-    "lineage": lambda a, c: cmd_lineage(a.db, a.lineage, a.descendants, a.json),
-    "delete": lambda a, c: cmd_delete(a.db, a.delete, a.dry_run, c),
-    "prune": lambda a, c: cmd_prune(a.db, a.prune, a.keep, a.dry_run, c),
-    "export_tar": lambda a, c: cmd_export_tar(a.db, *a.export_tar, a.newest, a.all, c),
+@dataclass(frozen=True)
+class Command:
+    """A command (exactly one per call): its flag, its value (None: a switch),
+    its help, what it calls, and the options that go with it (and with no
+    command that does not list them)."""
+
+    flag: str
+    value: tuple[str, ...] | None
+    help: str
+    handler: Callable[[argparse.Namespace, Console], int]
+    options: tuple[str, ...] = ()
+
+    @property
+    def usage(self) -> str:
+        return " ".join((f"-{self.flag}", *(self.value or ())))
+
+
+COMMANDS = (
+    Command("run", None, "execute the pipeline", lambda a, c: cmd_run(run_options(a), c),
+            ("dry-run", "json")),
+    Command("export", ("NAME",), "list hash, name and created_at of each resource NAME",
+            lambda a, c: cmd_export(a.db, a.export, a.live), ("live",)),
+    Command("export-hash", ("HASH",),
+            "write the object's bytes to stdout (unique prefix of 8+ hex digits)",
+            lambda a, c: cmd_export_hash(a.db, a.export_hash)),
+    Command("export-tar", ("PATTERN", "FILE"),
+            "write the resources of matching names as a tar (FILE - is stdout), each as "
+            "NAME/HASH, or with -newest the newest of each as NAME",
+            lambda a, c: cmd_export_tar(a.db, *a.export_tar, a.newest, a.all, c),
+            ("newest", "all")),
+    Command("status", None, "tasks pending/done/failed per step version, resources per name, "
+            "sizes", lambda a, c: cmd_status(a.db, a.json), ("json",)),
+    Command("log", ("TASK|HASH",), "a task's stdout, stderr, exit status and input (by task id, "
+            "or the task that produced a resource hash)",
+            lambda a, c: cmd_log(a.db, a.log, a.json), ("json",)),
+    Command("lineage", ("HASH",), "where a resource came from, back to the seed",
+            lambda a, c: cmd_lineage(a.db, a.lineage, a.descendants, a.json),
+            ("descendants", "json")),
+    Command("delete", ("HASH|NAME",), "delete a resource by hash, or every resource of a name "
+            "(records are kept)", lambda a, c: cmd_delete(a.db, a.delete, a.dry_run, c),
+            ("dry-run",)),
+    Command("prune", ("NAME",), "delete all but the newest -keep N resources of NAME",
+            lambda a, c: cmd_prune(a.db, a.prune, a.keep, a.dry_run, c), ("keep", "dry-run")),
+    Command("gc", None, "remove objects that nothing refers to, then compact the object store",
+            lambda a, c: cmd_gc(a.db, a.retired, c), ("retired",)),
+    Command("verify", None, "check the database: metadata integrity, every object present and "
+            "matching its hash", lambda a, c: cmd_verify(a.db, c)),
+    Command("worker", ("FOLDER",), argparse.SUPPRESS,  # an array element, on a node
+            lambda a, c: cmd_worker(a.worker, c)),
+)
+# The options: argparse settings and help. One that a command lists goes with
+# the commands that list it (its help says which); the others go with any.
+OPTIONS: dict[str, dict] = {
+    "manifest": dict(metavar="PATH", help="the TOML manifest (required for -run)"),
+    "db": dict(metavar="DIR", default="./db", help="database directory (default ./db)"),
+    "parallel": dict(metavar="N", type=int, help="most scripts running at once (default: "
+                     "number of CPUs); with -executor slurm, most array elements of the run "
+                     "at once (default: the cluster's CPUs)"),
+    "start": dict(metavar="STEP", help="run STEP and the steps downstream of it"),
+    "step": dict(metavar="STEP", action="append", default=[],
+                 help="run only this step (repeatable)"),
+    "dry-run": dict(action="store_true", help="what would be run or deleted, and why"),
+    "json": dict(action="store_true", help="JSON output (-run: with -dry-run)"),
+    "descendants": dict(action="store_true", help="also what was made from it"),
+    "keep": dict(metavar="N", type=int, help="how many of the newest to keep"),
+    "newest": dict(action="store_true", help="only the newest of each name"),
+    "all": dict(action="store_true",
+                help="every resource ever made, not only the live ones"),
+    "live": dict(action="store_true",
+                 help="only live resources (what a clean run would make now)"),
+    "retired": dict(action="store_true",
+                    help="first delete the content of every resource that is not live"),
+    "timeout": dict(metavar="SECONDS", type=float, default=0, help="kill a task after SECONDS "
+                    "unless its step sets timeout (default: no limit)"),
+    "executor": dict(metavar="NAME", default="local", help="where tasks run: local (this "
+                     "machine, the default) or another registered executor"),
+    "output-mode": dict(metavar="MODE", default="auto", choices=("auto", "fuse", "dir"),
+                        help="how $OUTPUT_DIR captures files: auto, fuse, dir"),
+    "verbose": dict(action="store_true", help="one line per task, script output, details"),
+    "quiet": dict(action="store_true", help="errors only (wins over -verbose)"),
 }
 
 
-def chosen_command(args: argparse.Namespace) -> str:
-    """The one command given, its modifiers checked."""
-    commands = [c for c in COMMANDS if getattr(args, c) not in (None, False)]
-    if len(commands) != 1:
-        raise GritError("give exactly one of " + ", ".join(v for c, v in COMMANDS.items()
-                                                           if c != "worker")
+def owners(option: str) -> list[Command]:
+    return [c for c in COMMANDS if option in c.options]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="grit", allow_abbrev=False,
+        description="Run a TOML manifest of shell-script steps incrementally; every file a "
+                    "script writes to $OUTPUT_DIR becomes a content-addressed resource.",
+        epilog="Flags take one or two dashes, and -flag value or -flag=value.")
+    group = p.add_argument_group("commands (exactly one)")
+    for c in COMMANDS:
+        kind = dict(action="store_true") if c.value is None else \
+            dict(metavar=c.value[0]) if len(c.value) == 1 else dict(metavar=c.value, nargs=2)
+        group.add_argument(f"-{c.flag}", f"--{c.flag}", help=c.help, **kind)
+    group = p  # argparse's own group: "options"
+    for name, settings in OPTIONS.items():
+        used = " or ".join(c.usage.split()[0] for c in owners(name))
+        settings = dict(settings, help=f"with {used}: {settings['help']}" if used
+                        else settings["help"])
+        if name == "executor":
+            settings["choices"] = tuple(EXECUTORS)
+        group.add_argument(f"-{name}", f"--{name}", **settings)
+    for executor in EXECUTORS.values():
+        for name, (value, text) in executor.flags.items():
+            group.add_argument(f"-{name}", f"--{name}", metavar=value, help=text)
+    p.add_argument("-version", "--version", action="version", version=f"grit {__version__}")
+    return p
+
+
+def chosen_command(args: argparse.Namespace) -> Command:
+    """The one command given, its options checked."""
+    given = [c for c in COMMANDS if getattr(args, c.flag.replace("-", "_")) not in (None, False)]
+    if len(given) != 1:
+        raise GritError("give exactly one of " + ", ".join(c.usage for c in COMMANDS
+                                                           if c.help != argparse.SUPPRESS)
                         + " (see grit --help)")
-    for option, allowed in MODIFIERS.items():
-        if getattr(args, option) not in (None, False) and commands[0] not in allowed:
-            raise GritError(f"-{option.replace('_', '-')} goes with "
-                            + " or ".join(COMMANDS[c].split()[0] for c in allowed))
-    return commands[0]
+    for option in {o for c in COMMANDS for o in c.options}:
+        if getattr(args, option.replace("-", "_")) not in (None, False) and \
+                given[0] not in owners(option):
+            raise GritError(f"-{option} goes with "
+                            + " or ".join(c.usage.split()[0] for c in owners(option)))
+    return given[0]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -6704,7 +6779,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console(0 if args.quiet else 2 if args.verbose else 1)
     try:
         settings()  # checked before anything starts
-        return HANDLERS[chosen_command(args)](args, console)
+        return chosen_command(args).handler(args, console)
     except GritError as e:
         console.end_progress()
         console.error(str(e))

@@ -90,7 +90,8 @@ def test_slurm_defaults_apply_to_steps_that_do_not_set_a_key():
     assert (a.partition, a.time, a.cpus, a.mem) == ("short", 5400, 2, "")
     assert (b.partition, b.time, b.cpus, b.mem, b.sbatch, b.batch) == (
         "short", 90, 8, "4G", ("--qos=long",), 10)
-    assert (m.slurm.command, m.slurm.work_dir) == ("grit", "/shared/w")
+    slurm = m.executors["slurm"]
+    assert (slurm.command, slurm.work_dir) == ("grit", "/shared/w")
 
 
 @pytest.mark.parametrize("text,seconds", [("30", 1800), ("2:30", 150), ("1:00:00", 3600),

@@ -29,8 +29,8 @@ def top_level_names(tree: ast.Module) -> dict[str, int]:
             names.setdefault(node.name, node.lineno)
         elif isinstance(node, (ast.Assign, ast.AnnAssign)):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            for target in targets:
-                for n in ast.walk(target):
+            for target in targets:  # a name, or names unpacked (not EXECUTORS["x"] = ...)
+                for n in target.elts if isinstance(target, ast.Tuple) else [target]:
                     if isinstance(n, ast.Name):
                         names.setdefault(n.id, node.lineno)
     return names
@@ -129,3 +129,17 @@ def test_no_function_is_longer_than_60_lines():
             for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
             and n.end_lineno - n.lineno + 1 > LONGEST_FUNCTION]
     assert long == []
+
+
+def test_every_module_level_name_is_bound_once():
+    """A second definition further down would silently replace the first."""
+    tree = ast.parse(SOURCE.read_text())
+    seen: dict[str, int] = {}
+    twice = []
+    for node in tree.body:
+        bound = top_level_names(ast.Module(body=[node], type_ignores=[]))
+        for name in bound:
+            if name in seen:
+                twice.append(f"{name}: line {seen[name]} and line {node.lineno}")
+            seen.setdefault(name, node.lineno)
+    assert twice == []
