@@ -103,8 +103,7 @@ def did_you_mean(word: str, choices: Sequence[str]) -> str:
 @dataclass(frozen=True)
 class Settings:
     """grit's own environment variables, GRIT_ and the field's name in capitals
-    (README: Environment variables). Read once (settings()); a value that is not
-    a number where one is needed is an error naming the variable."""
+    (README: Environment variables), read once by settings()."""
 
     progress_seconds: float = 30.0  # between progress lines when stderr is not a terminal
     libfuse: str = ""  # "2" or "3": the libfuse FUSE mode loads; "": libfuse3, else libfuse2
@@ -115,17 +114,15 @@ class Settings:
 
 @functools.lru_cache(maxsize=None)
 def settings() -> Settings:
-    values: dict = {}
-    for name, default in asdict(Settings()).items():
-        variable = f"GRIT_{name.upper()}"
-        if variable in os.environ:
-            try:
-                values[name] = type(default)(os.environ[variable])
-            except ValueError:
-                raise GritError(f"{variable} must be a number of seconds, not "
-                                f"{quote(os.environ[variable])}") from None
+    """A value that is not a number where one is needed is an error naming it."""
+    values = asdict(Settings())
+    for name, default in values.items():
+        text = os.environ.get(f"GRIT_{name.upper()}", default)
+        try:
+            values[name] = type(default)(text)
+        except ValueError:
+            raise GritError(f"GRIT_{name.upper()} must be a number, not {quote(text)}") from None
     return Settings(**values)
-
 
 
 class Console:
@@ -1235,7 +1232,6 @@ MIGRATIONS = {1: ["ALTER TABLE resource ADD COLUMN deleted_at TEXT"],
 # Schemas before 4 had no live view: it is computed once, after the upgrade.
 LIVE_VIEW_SINCE = 4
 
-
 # A file's stat signature (dev, ino, size, mtime_ns, ctime_ns), packed: 73 bytes
 # a file where a tuple of five ints takes 220 (50,000 source files: 11 MB less).
 SIGNATURE = struct.Struct("<QQQqq")
@@ -2067,7 +2063,6 @@ NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "afs", "9p", "lus
                        "beegfs", "ceph", "glusterfs", "fuse.sshfs", "fuse.glusterfs",
                        "fuse.ceph-fuse"}
 
-
 # RELEASE reaches the filesystem asynchronously after a script closes a file;
 # the end of a task waits this long for them before failing the task.
 RELEASE_GRACE_SECONDS = 2.0
@@ -2194,8 +2189,6 @@ def warn_if_disk_full(path: str, console: Console) -> None:
     if usage.total and usage.used / usage.total > DISK_WARN_FRACTION:
         console.warn(f"the disk holding {path} is {usage.used / usage.total:.0%} full "
                      f"({usage.free // 2**20} MiB free)")
-
-
 
 
 class Database:
@@ -4214,7 +4207,6 @@ ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # colors in a script's stde
 # How long scripts get to exit after SIGTERM before SIGKILL.
 TERMINATE_GRACE_SECONDS = 2.0
 
-
 # Worker threads per -parallel slot: -parallel bounds the scripts running at once,
 # and the extra workers prepare inputs and collect outputs meanwhile, so grit's
 # own per-task work overlaps the scripts instead of leaving a slot idle.
@@ -4726,7 +4718,6 @@ def error_line(error: str) -> str:
 # only moves folders and starts workers.
 
 RECORD_INTERVAL = 0.2  # seconds between looks for new result records (a listing per job)
-
 
 # Objects smaller than this travel inside one file: a job's input pack, a task's
 # result file. Creating a file cost 0.5-0.9 ms here (on NFS a round trip to the
@@ -5511,7 +5502,6 @@ class SlurmExecutor(Executor):
 
 EXECUTORS["slurm"] = SlurmExecutor
 
-
 # =============================================================================
 # Scheduler
 # =============================================================================
@@ -5525,11 +5515,9 @@ QUEUE_BATCH = 1000
 PROGRESS_INTERVAL = 0.2  # seconds between live progress updates
 RATE_WINDOW_SECONDS = 10.0  # the progress line's rate is over this recent window
 
-
 # Failure lines a run prints in normal mode; then one line says how many more
 # (-verbose prints every one; -status lists them all).
 FAILURES_SHOWN = 20
-
 
 # Longest a finished task waits for its commit while other work keeps every
 # worker busy; batching amortises the transaction and the LMDB sync.
@@ -6027,7 +6015,7 @@ def cmd_run(opts: RunOptions, console: Console) -> int:
 def check_gather_cycles(db: Database, manifest: Manifest) -> None:
     """A gather step in a cycle (known from what steps produced before) is an error."""
     if any(d.gather for d in manifest.steps):
-        cycle = gather_cycle(manifest.steps, db.names_produced_by)
+        cycle = gather_cycle(manifest.steps, db.meta.names_produced_by)
         if cycle:
             raise GritError(f"{manifest.path}: gather step {quote(cycle[0])} is in a cycle "
                             f"({' -> '.join(cycle)}): a gather step runs over everything "
@@ -6587,7 +6575,6 @@ def compact_objects(db: Database) -> bool:
 # -gc compacts the object store when at least this much of it is free.
 COMPACT_MIN_BYTES = 1024 * 1024
 
-
 COMPACT_MIN_FRACTION = 0.1
 
 
@@ -6744,17 +6731,14 @@ def build_parser() -> argparse.ArgumentParser:
         kind = dict(action="store_true") if c.value is None else \
             dict(metavar=c.value[0]) if len(c.value) == 1 else dict(metavar=c.value, nargs=2)
         group.add_argument(f"-{c.flag}", f"--{c.flag}", help=c.help, **kind)
-    group = p  # argparse's own group: "options"
-    for name, settings in OPTIONS.items():
+    for name, kind in OPTIONS.items():  # into argparse's own group, "options"
         used = " or ".join(c.usage.split()[0] for c in owners(name))
-        settings = dict(settings, help=f"with {used}: {settings['help']}" if used
-                        else settings["help"])
-        if name == "executor":
-            settings["choices"] = tuple(EXECUTORS)
-        group.add_argument(f"-{name}", f"--{name}", **settings)
+        kind = dict(kind, help=f"with {used}: {kind['help']}" if used else kind["help"])
+        kind.update(choices=tuple(EXECUTORS)) if name == "executor" else None
+        p.add_argument(f"-{name}", f"--{name}", **kind)
     for executor in EXECUTORS.values():
         for name, (value, text) in executor.flags.items():
-            group.add_argument(f"-{name}", f"--{name}", metavar=value, help=text)
+            p.add_argument(f"-{name}", f"--{name}", metavar=value, help=text)
     p.add_argument("-version", "--version", action="version", version=f"grit {__version__}")
     return p
 
