@@ -2144,10 +2144,8 @@ def write_atomically(path: str, write: Callable[[IO[bytes]], None]) -> None:
 
 
 def _kill_group(pgid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 class stop_on_signals:
@@ -3995,10 +3993,8 @@ class FuseServer:
     def mount_now(self) -> None:
         """Mount and wait for the server to answer; FuseUnavailable if it cannot."""
         self.control.settimeout(MOUNT_TIMEOUT_SECONDS)
-        try:
+        with contextlib.suppress(OSError):
             self.control.sendall(b"mount\n")
-        except OSError:
-            pass
         try:
             reply = json.loads(self.control.makefile("rb").readline() or b"{}")
         except (OSError, ValueError):
@@ -4029,10 +4025,8 @@ class FuseServer:
             keep = {p[1].fileno() for p in pairs}
             for fd in map(int, os.listdir("/proc/self/fd")):
                 if fd > 2 and fd not in keep:
-                    try:
+                    with contextlib.suppress(OSError):
                         os.close(fd)  # the run lock above all: it must die with grit
-                    except OSError:
-                        pass
             log = os.open(os.path.join(run_dir, "fuse.log"), os.O_WRONLY | os.O_CREAT, 0o600)
             os.dup2(log, 1)
             os.dup2(log, 2)
@@ -4072,10 +4066,8 @@ class FuseServer:
 
     def close(self) -> None:
         """Unmount and wait for the server to exit (killing it if it hangs)."""
-        try:
+        with contextlib.suppress(OSError):
             self.control.sendall(b"shutdown\n")
-        except OSError:
-            pass
         deadline = time.monotonic() + MOUNT_TIMEOUT_SECONDS
         while time.monotonic() < deadline:
             if os.waitpid(self.pid, os.WNOHANG)[0]:
@@ -4246,8 +4238,8 @@ class Executor:
     @classmethod
     def for_run(cls, opts: RunOptions, manifest: Manifest, db: Database,
                 console: Console) -> "Executor":
-        """The executor of one -run."""
-        raise NotImplementedError
+        """The executor of one -run (by default: its class called with these)."""
+        return cls(opts, manifest, db, console)  # type: ignore[call-arg]
 
     @classmethod
     def plan(cls, plan: list[dict], manifest: Manifest, opts: RunOptions) -> None:
@@ -5019,18 +5011,19 @@ class SlurmExecutor(Executor):
     flags = {"work-dir": ("DIR", "with -executor slurm: the folder shared with the nodes "
                                  "(default: grit-work beside the manifest)")}
 
-    def __init__(self, db: Database, console: Console, manifest: Manifest, parallel: int,
-                 work_dir: str, output_mode: str, timeout: float,
-                 durations: dict[str, float]) -> None:
+    def __init__(self, opts: RunOptions, manifest: Manifest, db: Database,
+                 console: Console) -> None:
         self.db = db
         self.console = console
         self.steps = {d.name: d for d in manifest.steps}
-        self.parallel = parallel  # most array elements of the run in flight
+        # most array elements of the run in flight
+        self.parallel = opts.parallel or cluster_cpus(console)
         self.capacity = SLURM_CAPACITY
-        self.work = os.path.join(work_dir, hashlib.sha256(db.path.encode()).hexdigest()[:12])
-        self.output_mode = output_mode
-        self.timeout = timeout
-        self.durations = dict(durations)  # step -> mean seconds a task, learnt as tasks end
+        self.work = os.path.join(slurm_work_dir(opts, manifest),
+                                 hashlib.sha256(db.path.encode()).hexdigest()[:12])
+        self.output_mode = opts.output_mode
+        self.timeout = opts.timeout
+        self.durations = db.meta.mean_durations()  # step -> mean seconds a task, learnt
         self.command = manifest.executors["slurm"].command  # type: ignore[attr-defined]
         self.job_name = "grit-" + os.path.basename(self.work)
         self._lock = threading.Lock()
@@ -5051,13 +5044,6 @@ class SlurmExecutor(Executor):
         self._serial = itertools.count(1)
 
     # -- the seam ----------------------------------------------------------------
-
-    @classmethod
-    def for_run(cls, opts: RunOptions, manifest: Manifest, db: Database,
-                console: Console) -> "SlurmExecutor":
-        return cls(db, console, manifest, opts.parallel or cluster_cpus(console),
-                   slurm_work_dir(opts, manifest), opts.output_mode, opts.timeout,
-                   db.meta.mean_durations())
 
     @classmethod
     def plan(cls, plan: list[dict], manifest: Manifest, opts: RunOptions) -> None:
