@@ -569,11 +569,11 @@ def _parse_step(table: dict, where: str, defaults: dict) -> StepDef:
         if problem:
             raise GritError(f"{where}: input {quote(pattern)} {problem}")
     script, files = _parse_work(table, where, inputs)
-    start = table.get("start", False)
-    if not isinstance(start, bool):
-        raise GritError(f"{where}: \"start\" must be true or false, not {_toml_type(start)}")
-    if start and inputs:
+    if _boolean(table, "start", where) and inputs:
         raise GritError(f"{where}: a start step has no inputs: remove \"start\" or \"inputs\"")
+    gather = _boolean(table, "gather", where)
+    if gather and not inputs:
+        raise GritError(f"{where}: a gather step needs \"inputs\": the resources it gathers")
     # Sorted and deduplicated: reordering inputs is not a new definition.
     return StepDef(name=name, script=script, inputs=tuple(sorted(set(inputs))),
                    parallel=_number(table, "parallel", where, 0, "0 (unlimited) or more"),
@@ -582,7 +582,7 @@ def _parse_step(table: dict, where: str, defaults: dict) -> StepDef:
                    cycle_limit=_number(table, "cycle_limit", where, CYCLE_LIMIT, "1 or more",
                                        least=1),
                    files=tuple(files), rerun=_parse_rerun(table, where, inputs, files),
-                   gather=_parse_gather(table, where, inputs),
+                   gather=gather,
                    **_parse_scheduling(table, where, defaults))
 
 
@@ -617,13 +617,11 @@ def _parse_rerun(table: dict, where: str, inputs: list[str], files: list[str]) -
     return rerun == "always"
 
 
-def _parse_gather(table: dict, where: str, inputs: list[str]) -> bool:
-    gather = table.get("gather", False)
-    if not isinstance(gather, bool):
-        raise GritError(f"{where}: \"gather\" must be true or false, not {_toml_type(gather)}")
-    if gather and not inputs:
-        raise GritError(f"{where}: a gather step needs \"inputs\": the resources it gathers")
-    return gather
+def _boolean(table: dict, key: str, where: str) -> bool:
+    value = table.get(key, False)
+    if not isinstance(value, bool):
+        raise GritError(f"{where}: \"{key}\" must be true or false, not {_toml_type(value)}")
+    return value
 
 
 def _strings(table: dict, key: str, where: str, example: str) -> list[str]:
@@ -1237,6 +1235,19 @@ LIVE_VIEW_SINCE = 4
 SIGNATURE = struct.Struct("<QQQqq")
 
 
+@contextlib.contextmanager
+def sql_transaction(db: sqlite3.Connection, commit: bool = True) -> Iterator[None]:
+    """BEGIN IMMEDIATE … COMMIT, or ROLLBACK on an exception (or always, for
+    a dry run: commit=False)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT" if commit else "ROLLBACK")
+
+
 def utc_now() -> str:
     t = time.time()
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
@@ -1595,7 +1606,7 @@ class Metadata:
         # An older grit's database: upgrade it in place (a read-only command
         # too, through a connection of its own), in one transaction.
         db = sqlite3.connect(self.path, isolation_level=None) if readonly else self.db
-        with _Transaction(db):
+        with sql_transaction(db):
             for v in range(version, SCHEMA_VERSION):
                 for statement in MIGRATIONS[v]:
                     db.execute(statement)
@@ -1608,9 +1619,9 @@ class Metadata:
     def close(self) -> None:
         self.db.close()
 
-    def transaction(self, commit: bool = True) -> "_Transaction":
+    def transaction(self, commit: bool = True) -> contextlib.AbstractContextManager:
         """BEGIN IMMEDIATE … COMMIT; commit=False rolls back (a dry run)."""
-        return _Transaction(self.db, commit)
+        return sql_transaction(self.db, commit)
 
     def integrity_problems(self) -> list[str]:
         """What SQLite's integrity and foreign key checks find, one line each."""
@@ -1996,21 +2007,6 @@ class Metadata:
                             (rid,))
 
 
-class _Transaction:
-    """BEGIN IMMEDIATE … COMMIT, or ROLLBACK on an exception (or always, for
-    a dry run: commit=False)."""
-
-    def __init__(self, db: sqlite3.Connection, commit: bool = True) -> None:
-        self.db = db
-        self.commit = commit
-
-    def __enter__(self) -> None:
-        self.db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, kind: object, *_: object) -> None:
-        self.db.execute("COMMIT" if kind is None and self.commit else "ROLLBACK")
-
-
 class SlurmJobs:
     """The slurm_job table through a connection of its own: the Slurm executor's
     poller thread writes it while the scheduler's transactions use theirs."""
@@ -2148,20 +2144,15 @@ def _kill_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
-class stop_on_signals:
-    """While active, SIGINT and SIGTERM call `stop` instead of killing grit."""
-
-    def __init__(self, stop: Callable[[], None]) -> None:
-        self.stop = stop
-        self.saved: dict[int, object] = {}
-
-    def __enter__(self) -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.saved[sig] = signal.signal(sig, lambda *_: self.stop())
-
-    def __exit__(self, *_: object) -> None:
-        for sig, handler in self.saved.items():
-            signal.signal(sig, handler)  # type: ignore[arg-type]
+@contextlib.contextmanager
+def stop_on_signals(stop: Callable[[], None]) -> Iterator[None]:
+    """While inside, SIGINT and SIGTERM call `stop` instead of killing grit."""
+    saved = {sig: signal.signal(sig, lambda *_: stop()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 # =============================================================================
@@ -6621,54 +6612,49 @@ def run_options(args: argparse.Namespace) -> RunOptions:
 
 @dataclass(frozen=True)
 class Command:
-    """A command (exactly one per call): its flag, its value (None: a switch),
+    """A command (exactly one per call): its flag, its value ("" for a switch),
     its help, what it calls, and the options that go with it (and with no
     command that does not list them)."""
 
     flag: str
-    value: tuple[str, ...] | None
+    value: str
     help: str
     handler: Callable[[argparse.Namespace, Console], int]
     options: tuple[str, ...] = ()
 
-    @property
-    def usage(self) -> str:
-        return " ".join((f"-{self.flag}", *(self.value or ())))
-
 
 COMMANDS = (
-    Command("run", None, "execute the pipeline", lambda a, c: cmd_run(run_options(a), c),
+    Command("run", "", "execute the pipeline", lambda a, c: cmd_run(run_options(a), c),
             ("dry-run", "json")),
-    Command("export", ("NAME",), "list hash, name and created_at of each resource NAME",
+    Command("export", "NAME", "list hash, name and created_at of each resource NAME",
             lambda a, c: cmd_export(a.db, a.export, a.live), ("live",)),
-    Command("export-hash", ("HASH",),
-            "write the object's bytes to stdout (unique prefix of 8+ hex digits)",
-            lambda a, c: cmd_export_hash(a.db, a.export_hash)),
-    Command("export-tar", ("PATTERN", "FILE"),
-            "write the resources of matching names as a tar (FILE - is stdout), each as "
-            "NAME/HASH, or with -newest the newest of each as NAME",
+    Command("export-hash", "HASH", "write the object's bytes to stdout (unique prefix of 8+ "
+            "hex digits)", lambda a, c: cmd_export_hash(a.db, a.export_hash)),
+    Command("export-tar", "PATTERN FILE", "write the resources of matching names as a tar (FILE "
+            "- is stdout), each as NAME/HASH, or with -newest the newest of each as NAME",
             lambda a, c: cmd_export_tar(a.db, *a.export_tar, a.newest, a.all, c),
             ("newest", "all")),
-    Command("status", None, "tasks pending/done/failed per step version, resources per name, "
+    Command("status", "", "tasks pending/done/failed per step version, resources per name, "
             "sizes", lambda a, c: cmd_status(a.db, a.json), ("json",)),
-    Command("log", ("TASK|HASH",), "a task's stdout, stderr, exit status and input (by task id, "
+    Command("log", "TASK|HASH", "a task's stdout, stderr, exit status and input (by task id, "
             "or the task that produced a resource hash)",
             lambda a, c: cmd_log(a.db, a.log, a.json), ("json",)),
-    Command("lineage", ("HASH",), "where a resource came from, back to the seed",
+    Command("lineage", "HASH", "where a resource came from, back to the seed",
             lambda a, c: cmd_lineage(a.db, a.lineage, a.descendants, a.json),
             ("descendants", "json")),
-    Command("delete", ("HASH|NAME",), "delete a resource by hash, or every resource of a name "
+    Command("delete", "HASH|NAME", "delete a resource by hash, or every resource of a name "
             "(records are kept)", lambda a, c: cmd_delete(a.db, a.delete, a.dry_run, c),
             ("dry-run",)),
-    Command("prune", ("NAME",), "delete all but the newest -keep N resources of NAME",
+    Command("prune", "NAME", "delete all but the newest -keep N resources of NAME",
             lambda a, c: cmd_prune(a.db, a.prune, a.keep, a.dry_run, c), ("keep", "dry-run")),
-    Command("gc", None, "remove objects that nothing refers to, then compact the object store",
+    Command("gc", "", "remove objects that nothing refers to, then compact the object store",
             lambda a, c: cmd_gc(a.db, a.retired, c), ("retired",)),
-    Command("verify", None, "check the database: metadata integrity, every object present and "
+    Command("verify", "", "check the database: metadata integrity, every object present and "
             "matching its hash", lambda a, c: cmd_verify(a.db, c)),
-    Command("worker", ("FOLDER",), argparse.SUPPRESS,  # an array element, on a node
+    Command("worker", "FOLDER", argparse.SUPPRESS,  # an array element, on a node
             lambda a, c: cmd_worker(a.worker, c)),
 )
+SWITCH = {"action": "store_true"}
 # The options: argparse settings and help. One that a command lists goes with
 # the commands that list it (its help says which); the others go with any.
 OPTIONS: dict[str, dict] = {
@@ -6680,25 +6666,22 @@ OPTIONS: dict[str, dict] = {
     "start": dict(metavar="STEP", help="run STEP and the steps downstream of it"),
     "step": dict(metavar="STEP", action="append", default=[],
                  help="run only this step (repeatable)"),
-    "dry-run": dict(action="store_true", help="what would be run or deleted, and why"),
-    "json": dict(action="store_true", help="JSON output (-run: with -dry-run)"),
-    "descendants": dict(action="store_true", help="also what was made from it"),
+    "dry-run": dict(SWITCH, help="what would be run or deleted, and why"),
+    "json": dict(SWITCH, help="JSON output (-run: with -dry-run)"),
+    "descendants": dict(SWITCH, help="also what was made from it"),
     "keep": dict(metavar="N", type=int, help="how many of the newest to keep"),
-    "newest": dict(action="store_true", help="only the newest of each name"),
-    "all": dict(action="store_true",
-                help="every resource ever made, not only the live ones"),
-    "live": dict(action="store_true",
-                 help="only live resources (what a clean run would make now)"),
-    "retired": dict(action="store_true",
-                    help="first delete the content of every resource that is not live"),
+    "newest": dict(SWITCH, help="only the newest of each name"),
+    "all": dict(SWITCH, help="every resource ever made, not only the live ones"),
+    "live": dict(SWITCH, help="only live resources (what a clean run would make now)"),
+    "retired": dict(SWITCH, help="first delete the content of every resource that is not live"),
     "timeout": dict(metavar="SECONDS", type=float, default=0, help="kill a task after SECONDS "
                     "unless its step sets timeout (default: no limit)"),
     "executor": dict(metavar="NAME", default="local", help="where tasks run: local (this "
                      "machine, the default) or another registered executor"),
     "output-mode": dict(metavar="MODE", default="auto", choices=("auto", "fuse", "dir"),
                         help="how $OUTPUT_DIR captures files: auto, fuse, dir"),
-    "verbose": dict(action="store_true", help="one line per task, script output, details"),
-    "quiet": dict(action="store_true", help="errors only (wins over -verbose)"),
+    "verbose": dict(SWITCH, help="one line per task, script output, details"),
+    "quiet": dict(SWITCH, help="errors only (wins over -verbose)"),
 }
 
 
@@ -6708,24 +6691,27 @@ def owners(option: str) -> list[Command]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
-        prog="grit", allow_abbrev=False,
+        prog="grit", allow_abbrev=False, add_help=False,
         description="Run a TOML manifest of shell-script steps incrementally; every file a "
                     "script writes to $OUTPUT_DIR becomes a content-addressed resource.",
         epilog="Flags take one or two dashes, and -flag value or -flag=value.")
     group = p.add_argument_group("commands (exactly one)")
     for c in COMMANDS:
-        kind = dict(action="store_true") if c.value is None else \
-            dict(metavar=c.value[0]) if len(c.value) == 1 else dict(metavar=c.value, nargs=2)
+        values = tuple(c.value.split())
+        kind = SWITCH if not values else dict(metavar=values[0]) if len(values) == 1 else \
+            dict(metavar=values, nargs=len(values))
         group.add_argument(f"-{c.flag}", f"--{c.flag}", help=c.help, **kind)
-    for name, kind in OPTIONS.items():  # into argparse's own group, "options"
-        used = " or ".join(c.usage.split()[0] for c in owners(name))
+    group = p.add_argument_group("options")
+    group.add_argument("-h", "-help", "--help", action="help", help="show this help and exit")
+    for name, kind in OPTIONS.items():
+        used = " or ".join(f"-{c.flag}" for c in owners(name))
         kind = dict(kind, help=f"with {used}: {kind['help']}" if used else kind["help"])
         kind.update(choices=tuple(EXECUTORS)) if name == "executor" else None
-        p.add_argument(f"-{name}", f"--{name}", **kind)
+        group.add_argument(f"-{name}", f"--{name}", **kind)
     for executor in EXECUTORS.values():
         for name, (value, text) in executor.flags.items():
-            p.add_argument(f"-{name}", f"--{name}", metavar=value, help=text)
-    p.add_argument("-version", "--version", action="version", version=f"grit {__version__}")
+            group.add_argument(f"-{name}", f"--{name}", metavar=value, help=text)
+    group.add_argument("-version", "--version", action="version", version=f"grit {__version__}")
     return p
 
 
@@ -6733,14 +6719,15 @@ def chosen_command(args: argparse.Namespace) -> Command:
     """The one command given, its options checked."""
     given = [c for c in COMMANDS if getattr(args, c.flag.replace("-", "_")) not in (None, False)]
     if len(given) != 1:
-        raise GritError("give exactly one of " + ", ".join(c.usage for c in COMMANDS
+        raise GritError("give exactly one of " + ", ".join(f"-{c.flag} {c.value}".strip()
+                                                           for c in COMMANDS
                                                            if c.help != argparse.SUPPRESS)
                         + " (see grit --help)")
     for option in {o for c in COMMANDS for o in c.options}:
         if getattr(args, option.replace("-", "_")) not in (None, False) and \
                 given[0] not in owners(option):
             raise GritError(f"-{option} goes with "
-                            + " or ".join(c.usage.split()[0] for c in owners(option)))
+                            + " or ".join(f"-{c.flag}" for c in owners(option)))
     return given[0]
 
 
