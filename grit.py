@@ -1261,16 +1261,6 @@ def one_more_pass(passes: str | None, step_name: str) -> str:
     return json.dumps(counts, separators=(",", ":"))
 
 
-def files_json(definition: StepDef) -> str | None:
-    return json.dumps(list(definition.files)) if definition.files else None
-
-
-def is_current(row: tuple, definition: StepDef) -> bool:
-    """Whether a stored step version (see Metadata.latest_step) has this definition."""
-    return row[2] == definition.script and row[3] == json.dumps(list(definition.inputs)) \
-        and row[4] == files_json(definition) and bool(row[5]) == definition.gather
-
-
 # =============================================================================
 # Live view
 # =============================================================================
@@ -1616,6 +1606,24 @@ class Metadata:
         if readonly:
             db.close()
 
+    @classmethod
+    def copy_of(cls, path: str) -> "Metadata":
+        """A private copy in memory of the metadata at `path` (empty when there
+        is none), upgraded like the real one: what -dry-run changes and forgets."""
+        meta = cls(":memory:")
+        if os.path.isfile(path):
+            source = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            try:
+                source.backup(meta.db)
+            except sqlite3.DatabaseError as e:
+                raise GritError(f"cannot use metadata database {path}: {e}") from None
+            finally:
+                source.close()
+            meta.path = path
+            meta._migrate(readonly=False)
+            meta.live = LiveView(meta.db)
+        return meta
+
     def close(self) -> None:
         self.db.close()
 
@@ -1630,14 +1638,6 @@ class Metadata:
                            parent, _ in self.db.execute("PRAGMA foreign_key_check")]
 
     # -- steps ---------------------------------------------------------------
-
-    def stored_version(self, definition: StepDef) -> tuple[StepVersion | None, int]:
-        """(the stored version that has this definition, or None; the number a
-        new version would get). The rule for new versions, for -run and -dry-run."""
-        row = self.latest_step(definition.name)
-        if row and is_current(row, definition):
-            return StepVersion(row[0], definition, row[1]), row[1]
-        return None, row[1] + 1 if row else 1
 
     def register(self, definitions: Sequence[StepDef]) -> list[StepVersion]:
         """Make these the current steps: a new version for each changed
@@ -1662,14 +1662,20 @@ class Metadata:
         return versions
 
     def _register(self, definition: StepDef) -> StepVersion:
-        current, version = self.stored_version(definition)
-        if current:
-            return current
+        """The step's newest stored version if it has this definition (script,
+        inputs, files, gather), else a new version: the rule for new versions."""
+        stored = (definition.script, json.dumps(list(definition.inputs)),
+                  json.dumps(list(definition.files)) if definition.files else None,
+                  int(definition.gather))
+        row = self.db.execute("SELECT id, version, script, inputs, files, gather FROM step "
+                              "WHERE name = ? ORDER BY version DESC LIMIT 1",
+                              (definition.name,)).fetchone()
+        if row and tuple(row[2:]) == stored:
+            return StepVersion(row[0], definition, row[1])
+        version = row[1] + 1 if row else 1
         step_id = self.db.execute(
             "INSERT INTO step (name, version, script, inputs, files, gather, created_at) "
-            "VALUES (?,?,?,?,?,?,?)", (definition.name, version, definition.script,
-                                       json.dumps(list(definition.inputs)), files_json(definition),
-                                       int(definition.gather), utc_now())).lastrowid
+            "VALUES (?,?,?,?,?,?,?)", (definition.name, version, *stored, utc_now())).lastrowid
         if definition.is_seed:  # a source's one task is done at once: it runs no script
             self.db.execute("INSERT INTO task (step_id, status) VALUES (?, ?)",
                             (step_id, "done" if definition.files else "pending"))
@@ -1687,25 +1693,15 @@ class Metadata:
         return True
 
     def retry_failed(self, step_id: int) -> int:
+        """Failed live tasks of a step version are to run again (a failed task
+        whose input is no longer live is not: a clean run would not have it)."""
         return self.db.execute("UPDATE task SET status = 'pending' WHERE step_id = ? "
-                               "AND status = 'failed'", (step_id,)).rowcount
+                               "AND status = 'failed' AND live = 1", (step_id,)).rowcount
 
     def count_tasks(self, step_id: int, status: str) -> int:
         """Live tasks of a step version in that status."""
         return self.db.execute("SELECT count(*) FROM task WHERE step_id = ? AND status = ? "
                                "AND live = 1", (step_id, status)).fetchone()[0]
-
-    def latest_step(self, name: str) -> tuple | None:
-        """(id, version, script, inputs JSON, files JSON, gather) of the newest version."""
-        return self.db.execute(
-            "SELECT id, version, script, inputs, files, gather FROM step "
-            "WHERE name = ? ORDER BY version DESC LIMIT 1", (name,)).fetchone()
-
-    def count_matching(self, inputs: Sequence[str]) -> int:
-        """Live resources whose names match `inputs` (what a new version gets tasks for)."""
-        rows = self.db.execute("SELECT name, count(*) FROM resource WHERE live = 1 "
-                               "GROUP BY name")
-        return sum(n for name, n in rows if matches_inputs(name, inputs))
 
     def has_tasks(self, step_id: int) -> bool:
         return self.db.execute("SELECT 1 FROM task WHERE step_id = ? LIMIT 1",
@@ -2375,12 +2371,10 @@ class SourceScan:
     changed: int = 0
     gone: int = 0
     failed: list[str] = field(default_factory=list)  # one line per file not imported
-    names: list[str] = field(default_factory=list)   # new or changed (for -dry-run)
 
     def count(self, verdict: str, out: Output | None) -> None:
         if verdict in ("new", "changed") and out:
             setattr(self, verdict, getattr(self, verdict) + 1)
-            self.names.append(out.name)
         self.gone += verdict == "gone"
 
 
@@ -2421,7 +2415,7 @@ def match_files(step: StepDef, base_dir: str) -> dict[str, tuple[str, bytes]]:
     return found
 
 
-def compare_source(meta: Metadata | None, step: StepDef, base_dir: str, emitted: bool,
+def compare_source(meta: Metadata, step: StepDef, base_dir: str, emitted: bool,
                    read: Callable[[str, str], Output | None]
                    ) -> Iterator[tuple[str, str, bytes, int | None, Output | None]]:
     """The source rule, for -run and -dry-run alike: each matched file as
@@ -2430,62 +2424,52 @@ def compare_source(meta: Metadata | None, step: StepDef, base_dir: str, emitted:
     is not read (output: what it was, for a version that has not emitted it
     yet); else `read` gives its output, or None: "unreadable"; the same
     content: "touched"; else "changed" or "new". Then each file gone: "gone"."""
-    known = meta.source_files(step.name) if meta else {}
+    known = meta.source_files(step.name)
     for name, (path, signature) in sorted(match_files(step, base_dir).items()):
         rid, imported = known.pop(path, (None, b""))
-        if meta and rid is not None and imported == signature:
+        if rid is not None and imported == signature:
             before = None if emitted else meta.output_of(rid)
             if before is None or before.name == name:
                 yield "unchanged", path, signature, rid, before
                 continue
         out = read(name, path)
         verdict = "unreadable" if out is None else "new" if rid is None else \
-            "touched" if meta and meta.resource_id(name, out.hash) == rid else "changed"
+            "touched" if meta.resource_id(name, out.hash) == rid else "changed"
         yield verdict, path, signature, rid, out
     for path, (rid, _) in known.items():
         yield "gone", path, b"", rid, None
 
 
-def import_source(db: Database, step: StepVersion, base_dir: str) -> SourceScan:
+def import_source(meta: Metadata, store: ObjectStore | None, step: StepVersion,
+                  base_dir: str) -> SourceScan:
     """Bring a source step's resources up to date with its files, in one
-    transaction: a changed, unreadable or gone file retires what was made from it."""
+    transaction: a changed, unreadable or gone file retires what was made from
+    it. Without a store (-dry-run) files are only hashed."""
     scan = SourceScan()
-    task, emitted = db.meta.source_task(step.id)
+    task, emitted = meta.source_task(step.id)
 
     def read(name: str, path: str) -> Output | None:
-        return read_source_file(db.objects.put_file, step.name, name, path, scan)
+        return read_source_file(store.put_file if store else file_digest, step.name, name,
+                                path, scan)
 
-    with db.meta.transaction():
+    with meta.transaction():
         for verdict, path, signature, rid, out in compare_source(
-                db.meta, step.definition, base_dir, emitted, read):
+                meta, step.definition, base_dir, emitted, read):
             scan.count(verdict, out)
             if verdict == "touched":
-                db.meta.set_source_file(step.name, path, rid, signature)
+                meta.set_source_file(step.name, path, rid, signature)
             elif verdict == "unchanged" and out:  # a new version's task emits what is there
-                db.meta.emit(task, [out], live=1)
+                meta.emit(task, [out], live=1)
             elif rid is not None and verdict in ("unreadable", "gone", "changed"):
-                db.meta.live.retire(emissions=[(task, rid)])
+                meta.live.retire(emissions=[(task, rid)])
                 if verdict != "changed":
-                    db.meta.drop_source_file(step.name, path)
+                    meta.drop_source_file(step.name, path)
             if verdict in ("new", "changed") and out:
-                db.meta.emit(task, [out], live=1)
-                db.meta.set_source_file(step.name, path, db.meta.resource_id(out.name, out.hash),
-                                        signature)
-        db.objects.sync()  # the objects reach the disk before the rows that name them
-    return scan
-
-
-def preview_source(meta: Metadata | None, step: StepDef, base_dir: str,
-                   emitted: bool) -> SourceScan:
-    """What import_source would find: changed files are read and hashed, and
-    nothing is stored."""
-    scan = SourceScan()
-
-    def read(name: str, path: str) -> Output | None:
-        return read_source_file(file_digest, step.name, name, path, scan)
-
-    for verdict, _, _, _, out in compare_source(meta, step, base_dir, emitted, read):
-        scan.count(verdict, out)
+                meta.emit(task, [out], live=1)
+                meta.set_source_file(step.name, path, meta.resource_id(out.name, out.hash),
+                                     signature)
+        if store:
+            store.sync()  # the objects reach the disk before the rows that name them
     return scan
 
 
@@ -5867,7 +5851,7 @@ def selected_steps(manifest: Manifest, opts: RunOptions) -> list[str]:
 
 
 def cmd_dry_run(opts: RunOptions, manifest: Manifest, selected: list[str]) -> int:
-    plan = plan_run(opts.db, manifest, selected, opts.start)
+    plan = plan_run(opts, manifest, selected)
     EXECUTORS[opts.executor].plan(plan, manifest, opts)
     if opts.json:
         emit_json({"dry_run": True, "steps": plan, "tasks": sum(p["tasks"] for p in plan)})
@@ -5876,67 +5860,56 @@ def cmd_dry_run(opts: RunOptions, manifest: Manifest, selected: list[str]) -> in
     return EXIT_OK
 
 
-def plan_run(db_path: str, manifest: Manifest, selected: list[str],
-             start: str | None) -> list[dict]:
-    """What a -run would start now, per step, and why; reads, never writes.
-    Versions and -start's downstream steps come from the functions the run uses."""
-    db = Database(db_path)
-    meta = db.meta if os.path.isfile(db.metadata_path) else None
-    names = set(selected)
-    if start:
-        names = steps_fed_by(manifest.steps, names,
-                             meta.names_produced_by if meta else lambda name: set())
-    base_dir = os.path.dirname(os.path.abspath(manifest.path))
-    plan = [plan_step(meta, d, base_dir) for d in manifest.steps if d.name in names]
-    for entry in plan:  # what new and changed files start downstream
-        names = entry.pop("source_names", [])
-        for other in plan:
-            count = sum(matches_inputs(n, manifest.step(other["name"]).inputs) for n in names)
-            if count and "gather" not in other:
-                entry["source"]["tasks"][other["name"]] = count
-                other["reasons"]["new_resource"] = other["reasons"].get("new_resource", 0) + count
-                other["tasks"] += count
-    upstream = any(p["tasks"] for p in plan if "gather" not in p) or (
-        meta and meta.steps_pending(exclude=[]))
-    for entry in plan:  # a gather step runs once what feeds it is done
-        if "gather" in entry and (upstream or any(p["source"]["new"] + p["source"]["changed"]
-                                                  + p["source"]["gone"] for p in plan
-                                                  if "source" in p)):
-            entry["gather"]["state"] = GATHER_TEXT["waiting"]
-            entry["reasons"], entry["tasks"] = {}, 0
-    db.close()
-    return plan
+def plan_run(opts: RunOptions, manifest: Manifest, selected: list[str]) -> list[dict]:
+    """What a -run would start now, per step, and why: the run's own steps
+    (registration, sources, reruns, retries, the gather barrier) taken on a
+    copy of the metadata in memory, with files hashed but not stored."""
+    meta = Metadata.copy_of(Database(opts.db).metadata_path)
+    versions = register_steps(meta, manifest, Console(0))
+    names = steps_fed_by(manifest.steps, set(selected), meta.names_produced_by) \
+        if opts.start else set(selected)
+    active = [v for v in versions if v.name in names]
+    plan = {v.id: {"name": v.name, "version": v.version, "new_version": v.is_new} for v in active}
+    reasons = {v.id: collections.Counter() for v in active}
+    meta.live.take_new_tasks()
+    for step in active:
+        scan = start_root(meta, None, step, os.path.dirname(os.path.abspath(manifest.path)))
+        made, _ = meta.live.take_new_tasks()
+        if step.definition.files:
+            plan[step.id]["source"] = {**asdict(scan), "tasks": {
+                v.name: made[v.id] for v in active if made[v.id]}}
+        for v in active:
+            reasons[v.id]["new_resource"] += made[v.id]
+        reasons[step.id]["rerun_always"] += scan is not None and not step.definition.files
+    for step in active:
+        reasons[step.id]["retry_failed"] += meta.retry_failed(step.id)
+    for step in (v for v in active if v.definition.gather):
+        plan[step.id]["gather"] = plan_gather(meta, step, active, reasons[step.id])
+    for step in active:
+        waiting = plan[step.id].get("gather", {}).get("state") == GATHER_TEXT["waiting"]
+        tasks = 0 if waiting else meta.count_tasks(step.id, "pending")
+        first = "left_pending" if not step.is_new else "new_step_version" if step.version > 1 \
+            else "new_step"
+        reasons[step.id][first] += tasks - sum(reasons[step.id].values())
+        plan[step.id].update(tasks=tasks, reasons={} if waiting else {
+            k: n for k, n in reasons[step.id].items() if n})
+    meta.close()
+    return list(plan.values())
 
 
-def plan_step(meta: Metadata | None, definition: StepDef, base_dir: str) -> dict:
-    """One step of the plan: its version and the tasks a run would start, by reason."""
-    current, version = meta.stored_version(definition) if meta else (None, 1)
-    reasons: dict[str, int] = {}
-    gathering = (meta.gather_preview(current.id if current else None, definition.inputs)
-                 if meta else Gathering(0, "no inputs")) if definition.gather else None
-    new = "new_step_version" if version > 1 else "new_step"
-    if gathering:  # one task for a new set of inputs, or a new version's first set
-        if gathering.outcome == "new":
-            reasons[new if current is None else "new_input_set"] = 1
-    elif current is None:
-        reasons[new] = int(definition.is_seed and not definition.files) if definition.is_seed \
-            else meta.count_matching(definition.inputs) if meta else 0
-    if current is not None:
-        reasons["retry_failed"] = meta.count_tasks(current.id, "failed")
-        reasons["left_pending"] = meta.count_tasks(current.id, "pending")
-        reasons["rerun_always"] = int(definition.rerun and not reasons["left_pending"])
-    entry = {"name": definition.name, "version": version, "new_version": current is None,
-             "reasons": {k: v for k, v in reasons.items() if v}}
-    entry["tasks"] = sum(entry["reasons"].values())
-    if gathering:
-        entry["gather"] = {"inputs": gathering.inputs, "state": GATHER_TEXT[gathering.outcome]}
-    if definition.files:
-        emitted = current is not None and meta.source_task(current.id)[1]
-        scan = preview_source(meta, definition, base_dir, emitted)
-        entry["source"] = {"new": scan.new, "changed": scan.changed, "gone": scan.gone,
-                           "failed": scan.failed, "tasks": {}}
-        entry["source_names"] = scan.names
-    return entry
+def plan_gather(meta: Metadata, step: StepVersion, active: list[StepVersion],
+                reasons: collections.Counter) -> dict:
+    """A gather step at the barrier, as the run reaches it: it waits while any
+    other step of the run (or one it leaves out) has tasks to run; else it
+    takes its live inputs (a task when their set is new)."""
+    if any(v.id != step.id and meta.count_tasks(v.id, "pending") for v in active) or \
+            meta.steps_pending(exclude=[v.id for v in active]):
+        return {"inputs": len(meta.live.gather_set(step.definition.inputs)),
+                "state": GATHER_TEXT["waiting"]}
+    found = meta.settle(step)
+    made, _ = meta.live.take_new_tasks()
+    reasons["new_input_set"] += made[step.id] if not step.is_new else 0
+    return {"inputs": found.inputs, "state": GATHER_TEXT[found.outcome]}
 
 
 REASON_TEXT = {"new_step": "new step", "new_step_version": "new step version",
@@ -5978,7 +5951,7 @@ def cmd_run(opts: RunOptions, console: Console) -> int:
         raise GritError("-json goes with -run only together with -dry-run")
     with Database.for_run(opts.db, console) as db, \
             EXECUTORS[opts.executor].for_run(opts, manifest, db, console) as executor:
-        versions = register_steps(db, manifest, console)
+        versions = register_steps(db.meta, manifest, console)
         active = [v for v in versions if v.name in selected]
         not_imported = start_roots(db, active, manifest, console)
         scheduler = Scheduler(db, executor, versions, console, start=opts.start)
@@ -5989,20 +5962,20 @@ def cmd_run(opts: RunOptions, console: Console) -> int:
     return report_run(summary, time.monotonic() - started, console)
 
 
-def check_gather_cycles(db: Database, manifest: Manifest) -> None:
+def check_gather_cycles(meta: Metadata, manifest: Manifest) -> None:
     """A gather step in a cycle (known from what steps produced before) is an error."""
     if any(d.gather for d in manifest.steps):
-        cycle = gather_cycle(manifest.steps, db.meta.names_produced_by)
+        cycle = gather_cycle(manifest.steps, meta.names_produced_by)
         if cycle:
             raise GritError(f"{manifest.path}: gather step {quote(cycle[0])} is in a cycle "
                             f"({' -> '.join(cycle)}): a gather step runs over everything "
                             "that can feed it, so it cannot feed itself")
 
 
-def register_steps(db: Database, manifest: Manifest, console: Console) -> list[StepVersion]:
+def register_steps(meta: Metadata, manifest: Manifest, console: Console) -> list[StepVersion]:
     """The stored version of every step, new ones added; says which are new."""
-    check_gather_cycles(db, manifest)
-    versions = db.meta.register(manifest.steps)
+    check_gather_cycles(meta, manifest)
+    versions = meta.register(manifest.steps)
     console.info(f"manifest {manifest.path}: {len(manifest.steps)} step(s)")
     new = [f"{v.name} v{v.version}" for v in versions if v.is_new]
     console.info(f"registered {len(versions)} step(s)"
@@ -6013,21 +5986,30 @@ def register_steps(db: Database, manifest: Manifest, console: Console) -> list[S
     return versions
 
 
+def start_root(meta: Metadata, store: ObjectStore | None, step: StepVersion,
+               base_dir: str) -> SourceScan | None:
+    """A run's start at a root step: a source imports its new and changed files
+    (what it found); a seed with rerun = "always" gets a new run, unless one is
+    still to run (an empty scan); None: nothing to start."""
+    if step.definition.files:
+        return import_source(meta, store, step, base_dir)
+    return SourceScan() if step.definition.rerun and meta.rerun_seed(step) else None
+
+
 def start_roots(db: Database, active: list[StepVersion], manifest: Manifest,
                 console: Console) -> int:
-    """Import the source steps' new and changed files, and start a new run of
-    each seed with rerun = "always". Returns how many files failed to import."""
-    base_dir = os.path.dirname(os.path.abspath(manifest.path))
+    """start_root for every step of the run; returns how many files failed to import."""
     failed = 0
     for step in active:
-        if step.definition.files:
-            scan = import_source(db, step, base_dir)
+        scan = start_root(db.meta, db.objects, step, os.path.dirname(os.path.abspath(
+            manifest.path)))
+        if scan and step.definition.files:
             line = f"{step.name}: {scan.new} new, {scan.changed} changed, {scan.gone} gone"
             console.info(line) if scan.new or scan.changed or scan.gone else console.detail(line)
             for problem in scan.failed:
                 console.error(problem)
             failed += len(scan.failed)
-        elif step.definition.rerun and db.meta.rerun_seed(step):
+        elif scan:
             console.detail(f"{step.name}: a new run (rerun = \"always\")")
     return failed
 
