@@ -237,8 +237,8 @@ GLOB_CHARS = "*?["
 STEP_NAME_RE = re.compile(r"[A-Za-z0-9_.-]+\Z")
 
 
-def _name_problem(name: str, allow_glob: bool) -> str | None:
-    """Why `name` is not a valid resource name (or input pattern), or None."""
+def resource_name_problem(name: str, pattern: bool = False) -> str | None:
+    """Why `name` is not a valid resource name (with pattern: input pattern), or None."""
     if not name:
         return "is empty"
     if name.startswith("/"):
@@ -249,7 +249,7 @@ def _name_problem(name: str, allow_glob: bool) -> str | None:
         return "is not valid UTF-8"
     if any(ord(c) < 32 or ord(c) == 127 for c in name):
         return "contains a control character"
-    if not allow_glob and any(c in GLOB_CHARS for c in name):
+    if not pattern and any(c in GLOB_CHARS for c in name):
         return "contains one of * ? [ (pattern characters in inputs)"
     for segment in name.split("/"):
         if segment == "":
@@ -259,14 +259,6 @@ def _name_problem(name: str, allow_glob: bool) -> str | None:
         if len(segment.encode("utf-8")) > MAX_SEGMENT_BYTES:
             return f"has a segment longer than {MAX_SEGMENT_BYTES} bytes"
     return None
-
-
-def resource_name_problem(name: str) -> str | None:
-    return _name_problem(name, allow_glob=False)
-
-
-def input_pattern_problem(pattern: str) -> str | None:
-    return _name_problem(pattern, allow_glob=True)
 
 
 def is_pattern(text: str) -> bool:
@@ -565,7 +557,7 @@ def _parse_step(table: dict, where: str, defaults: dict) -> StepDef:
                         "use letters, digits, '_', '.' and '-'")
     inputs = _strings(table, "inputs", where, 'inputs = ["data"]')
     for pattern in inputs:
-        problem = input_pattern_problem(pattern)
+        problem = resource_name_problem(pattern, pattern=True)
         if problem:
             raise GritError(f"{where}: input {quote(pattern)} {problem}")
     script, files = _parse_work(table, where, inputs)
@@ -1339,10 +1331,6 @@ class LiveView:
                 for exact in consumer.inputs:
                     self.exact[exact].append(consumer)
 
-    def consumers_of(self, name: str) -> list[Consumer]:
-        return self.exact.get(name, []) + [c for c in self.patterned
-                                           if matches_inputs(name, c.inputs)]
-
     def emitted(self, task_id: int) -> list[int]:
         return [r for (r,) in self.db.execute("SELECT resource_id FROM emission WHERE task_id = ?",
                                               (task_id,))]
@@ -1366,7 +1354,8 @@ class LiveView:
     def spread(self, rid: int, name: str, producer: int | None) -> list[int]:
         """Give a newly live resource its tasks in every current version that
         matches it; returns what revived done tasks emitted (live in turn)."""
-        consumers = self.consumers_of(name)
+        consumers = self.exact.get(name, []) + [c for c in self.patterned
+                                                if matches_inputs(name, c.inputs)]
         passes = self.passes_of(producer) if consumers else None
         return [r for consumer in consumers for r in self.task_for(consumer, rid, passes)]
 
@@ -1743,17 +1732,6 @@ class Metadata:
             "SELECT r.name, r.hash, r.size FROM gathered g JOIN resource r ON r.id = g.resource_id "
             "WHERE g.task_id = ? ORDER BY r.name, r.hash", (task_id,))]
 
-    def gather_preview(self, step_id: int | None, inputs: Sequence[str]) -> Gathering:
-        """What settling a gather step would find now; changes nothing."""
-        found, key = self.live.current_set(inputs)
-        if key is None:
-            return Gathering(0, "no inputs")
-        row = self.db.execute("SELECT id, live FROM task WHERE step_id = ? AND input_set = ?",
-                              (step_id, key)).fetchone()
-        if row is None:
-            return Gathering(len(found), "new")
-        return Gathering(len(found), "unchanged" if row[1] else "seen before", row[0])
-
     def settle(self, step: StepVersion) -> Gathering:
         """A gather step version's task for its live inputs now (see LiveView.settle)."""
         with self.transaction():
@@ -1924,12 +1902,13 @@ class Metadata:
         waiting = self.steps_pending(exclude=[step_id])
         if waiting:
             return f"waiting for upstream ({', '.join(waiting)})"
-        found = self.gather_preview(step_id, inputs)
-        if found.outcome == "no inputs":
+        found, key = self.live.current_set(inputs)
+        if key is None:
             return "no inputs"
-        if found.outcome == "unchanged":
-            return f"{found.inputs} input(s) gathered by task {found.task_id}"
-        return f"{found.inputs} input(s) to gather at the next -run"
+        row = self.db.execute("SELECT id FROM task WHERE step_id = ? AND input_set = ? AND "
+                              "live = 1", (step_id, key)).fetchone()
+        return f"{len(found)} input(s) " + (f"gathered by task {row[0]}" if row else
+                                            "to gather at the next -run")
 
     def failed_tasks(self) -> list[dict]:
         """Failed tasks, oldest first: the latest versions' are retried by the next -run."""
@@ -4180,10 +4159,6 @@ TERMINATE_GRACE_SECONDS = 2.0
 WORKERS_PER_SCRIPT = 2
 
 
-def workers_for(parallel: int) -> int:
-    return parallel * WORKERS_PER_SCRIPT
-
-
 # Below this much free space a task failure is reported as probably disk-full.
 DISK_FULL_BYTES = 1024 * 1024
 
@@ -4275,7 +4250,7 @@ class LocalExecutor(Executor):
         self.workroot = db.tmp_path
         self.console = console
         self.output_mode = output_mode
-        self.capacity = workers_for(parallel)
+        self.capacity = parallel * WORKERS_PER_SCRIPT
         self.timeout = timeout  # -timeout: seconds for steps without their own; 0 = no limit
         self.shell = shutil.which("sh") or "/bin/sh"
         self._running: dict[int, tuple[int, str]] = {}  # task id -> (process group, step)
@@ -6389,22 +6364,19 @@ def cmd_export_tar(db_path: str, pattern: str, target: str, newest: bool, histor
 
 
 def write_tar(store: "ObjectStore", chosen: list[tuple[dict, str]], out: IO[bytes]) -> None:
+    import calendar
     import tarfile
 
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         for resource, member in chosen:
             info = tarfile.TarInfo(member)
             info.size, info.mode = resource["size"], 0o644
-            info.mtime = int(parse_utc(resource["created_at"]))
+            info.mtime = calendar.timegm(time.strptime(resource["created_at"][:19],
+                                                       "%Y-%m-%dT%H:%M:%S"))
             reader = _ObjectReader(store, resource["hash"])
             tar.addfile(info, io.BufferedReader(reader, CHUNK_SIZE))
             if reader.hasher.hexdigest() != resource["hash"]:
                 raise DamagedObject(f"object {resource['hash']} does not match its hash")
-
-
-def parse_utc(text: str) -> float:
-    import calendar
-    return calendar.timegm(time.strptime(text[:19], "%Y-%m-%dT%H:%M:%S"))
 
 
 # =============================================================================
