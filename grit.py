@@ -1601,14 +1601,8 @@ class Metadata:
         is none), upgraded like the real one: what -dry-run changes and forgets."""
         meta = cls(":memory:")
         if os.path.isfile(path):
-            source = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-            try:
-                source.backup(meta.db)
-            except sqlite3.DatabaseError as e:
-                raise GritError(f"cannot use metadata database {path}: {e}") from None
-            finally:
-                source.close()
-            meta.path = path
+            with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as source:
+                source.backup(meta.db)  # a file that is no database: "database error: …"
             meta._migrate(readonly=False)
             meta.live = LiveView(meta.db)
         return meta
@@ -1911,11 +1905,13 @@ class Metadata:
                                             "to gather at the next -run")
 
     def failed_tasks(self) -> list[dict]:
-        """Failed tasks, oldest first: the latest versions' are retried by the next -run."""
+        """Failed tasks: the live ones first (the next -run retries them), then
+        those superseded (an old version, an input no longer live); oldest first."""
         rows = self.db.execute(
-            "SELECT t.id, s.name, s.version, t.exit_code, t.error FROM task t "
-            "JOIN step s ON s.id = t.step_id WHERE t.status = 'failed' ORDER BY t.id")
-        return [dict(zip(("task", "step", "version", "exit_code", "error"), row)) for row in rows]
+            "SELECT t.id, s.name, s.version, t.exit_code, t.error, t.live = 1 FROM task t "
+            "JOIN step s ON s.id = t.step_id WHERE t.status = 'failed' ORDER BY t.live DESC, t.id")
+        return [{**dict(zip(("task", "step", "version", "exit_code", "error"), row)),
+                 "current": bool(row[5])} for row in rows]
 
     def slurm_jobs(self) -> list[dict]:
         return SlurmJobs.rows(self.db)
@@ -1959,6 +1955,13 @@ class Metadata:
         task["outputs"] = self._resources("id IN (SELECT resource_id FROM emission "
                                           "WHERE task_id = ?) ORDER BY id", task_id)
         return task
+
+    def producer(self, resource: dict) -> int | None:
+        """The task a resource comes from: the newest live task that emitted it
+        (what a clean run would make it from), else the first that made it."""
+        row = self.db.execute("SELECT max(t.id) FROM emission e JOIN task t ON t.id = e.task_id "
+                              "WHERE e.resource_id = ? AND t.live = 1", (resource["id"],))
+        return row.fetchone()[0] or resource["task"]
 
     def consumers(self, resource_id: int) -> list[dict]:
         """Tasks that took this resource as input, with what they first produced."""
@@ -2140,15 +2143,13 @@ def stop_on_signals(stop: Callable[[], None]) -> Iterator[None]:
 
 DISK_WARN_FRACTION = 0.85  # warn before a run when the database's disk is fuller
 
-def warn_if_network_filesystem(path: str, console: Console) -> None:
+def warn_about_disk(path: str, console: Console) -> None:
+    """Before a run: the database on a network filesystem, or on a disk nearly full."""
     kind = filesystem_type(path, mounts())
     if kind in NETWORK_FILESYSTEMS:
         console.warn(f"the database {path} is on a network filesystem ({kind}), where LMDB "
                      "and SQLite cannot lock and sync safely: keep -db on a local disk "
                      "(-export and -export-tar copy results anywhere)")
-
-
-def warn_if_disk_full(path: str, console: Console) -> None:
     usage = shutil.disk_usage(path)
     if usage.total and usage.used / usage.total > DISK_WARN_FRACTION:
         console.warn(f"the disk holding {path} is {usage.used / usage.total:.0%} full "
@@ -2182,8 +2183,7 @@ class Database:
         db = cls(os.path.abspath(path), readonly=False)
         db.create()
         with db.locked():
-            warn_if_network_filesystem(db.path, console)
-            warn_if_disk_full(db.path, console)
+            warn_about_disk(db.path, console)
             db.clear_tmp()
             try:
                 yield db
@@ -4340,8 +4340,6 @@ class LocalExecutor(Executor):
     def run(self, spec: TaskSpec) -> TaskResult:
         try:
             result = self._run_in(spec, self._slot())
-        except TaskTimeout as e:
-            result = TaskResult(spec.task_id, error=str(e), started_at=utc_now())
         except Exception as e:  # disk full, damaged object, …: this task fails, the run goes on
             result = TaskResult(spec.task_id, error=f"grit could not run the task: {e}",
                                 started_at=utc_now())
@@ -4381,7 +4379,11 @@ class LocalExecutor(Executor):
         log_out.seek(0)
         log_err.seek(0)
         spawn = self._spawn_streaming if self.console.verbose else self._spawn_and_wait
-        status = spawn(spec, env, log_out.fileno(), log_err.fileno())
+        timed_out = ""  # a task killed at its timeout keeps its start, duration and logs
+        try:
+            status = spawn(spec, env, log_out.fileno(), log_err.fileno())
+        except TaskTimeout as e:
+            status, timed_out = -signal.SIGKILL, str(e)
         truncate_here(log_out.fileno())
         truncate_here(log_err.fileno())
         result.duration = time.monotonic() - started
@@ -4394,7 +4396,7 @@ class LocalExecutor(Executor):
             if status == 0:
                 result.outputs = self.capture.collect(out, self.store, self.cache)
             else:
-                result.error = describe_exit(status) + last_stderr_line(log_err)
+                result.error = (timed_out or describe_exit(status)) + last_stderr_line(log_err)
                 self._note_full_disk(result)  # before discarding frees the space
                 # An output refused while the script ran explains its failure best.
                 problem = self.capture.discard(out)
@@ -5517,6 +5519,7 @@ class Scheduler:
         self._last_progress = 0.0
         self._rate_window: collections.deque = collections.deque()  # (time, tasks finished)
         self._warned_waiting: set[str] = set()  # gather steps that wait for left-out steps
+        self.cycled: collections.Counter = collections.Counter()  # step -> tasks in a cycle
 
     def request_stop(self) -> None:
         """Start nothing more and cancel what runs; finished tasks are still committed."""
@@ -5658,6 +5661,7 @@ class Scheduler:
             return failed_at_once(spec, f"a chain of resources reached step {quote(spec.step)} "
                                         f"{spec.passes} times, more than its cycle_limit "
                                         f"({limit}): a cycle that does not converge?")
+        self.cycled[spec.step] += spec.passes > 1
         if self.console.verbose:
             self.console.detail(f"start task {spec.task_id} {spec.step}"
                                 + (f" on {spec.input_name} {spec.input_hash[:12]}"
@@ -5928,12 +5932,22 @@ def cmd_run(opts: RunOptions, console: Console) -> int:
             EXECUTORS[opts.executor].for_run(opts, manifest, db, console) as executor:
         versions = register_steps(db.meta, manifest, console)
         active = [v for v in versions if v.name in selected]
+        left_out = [v.name for v in versions if v.definition.files and v not in active]
+        if left_out:
+            console.info(f"source step(s) {', '.join(left_out)} not walked: -step or -start "
+                         "leaves them out, so changes to their files are not seen")
         not_imported = start_roots(db, active, manifest, console)
         scheduler = Scheduler(db, executor, versions, console, start=opts.start)
         with stop_on_signals(scheduler.request_stop):
             summary = scheduler.run(active)
         summary.not_imported = not_imported
-        warn_unmatched(db, scheduler, console)
+        if not summary.interrupted:  # an interrupted run may not have reached a step yet
+            warn_unmatched(db, scheduler, console)
+        for step, n in scheduler.cycled.items():
+            if n:
+                console.info(f"step {quote(step)} consumed {n} resource(s) made by itself or a "
+                             "step after it: a cycle, which stops when its outputs stop "
+                             "changing or at cycle_limit")
     return report_run(summary, time.monotonic() - started, console)
 
 
@@ -6030,7 +6044,8 @@ LINEAGE_GATHERED = 100   # a gather task's inputs -lineage includes (with their 
 
 
 def cmd_export(db_path: str, name: str, live_only: bool) -> int:
-    rows = Database.for_reading(db_path).meta.resources_named(name, live_only)
+    """Resources named NAME, or whose names match it as a pattern, oldest first."""
+    rows = Database.for_reading(db_path).meta.resources_matching(name, live_only)
     if not rows:
         raise NotFoundError(f"no {'live ' if live_only else ''}resource named {quote(name)} "
                             f"in {db_path}")
@@ -6108,11 +6123,11 @@ def cmd_status(db_path: str, as_json: bool) -> int:
           + (f"a run is in progress (pid {pid})" if pid else "no run in progress"))
     steps = data["steps"]
     width = max([len(s["name"]) for s in steps] + [4])
-    print(f"{'step':<{width}}  version  {'pending':>8} {'done':>8} {'failed':>8}")
+    print(f"{'step':<{width}}  {'version':<9}  {'pending':>8} {'done':>8} {'failed':>8}")
     for s in steps:
         version = f"v{s['version']}" + ("" if s["latest"] else " (old)")
         t = s["tasks"]
-        print(f"{s['name']:<{width}}  {version:<7}  {t['pending']:>8} {t['done']:>8} "
+        print(f"{s['name']:<{width}}  {version:<9}  {t['pending']:>8} {t['done']:>8} "
               f"{t['failed']:>8}" + (f"  gather: {s['gather']}" if "gather" in s else ""))
     for job in data["slurm_jobs"]:
         print(f"slurm job {job['slurm_id'] or '(not submitted)'}: {job['step']}, "
@@ -6123,7 +6138,8 @@ def cmd_status(db_path: str, as_json: bool) -> int:
         print("failed tasks (-log TASK shows one):")
         for f in failed[:STATUS_NAMES_SHOWN]:
             why = error_line(f["error"]) if f["error"] else ""
-            print(f"  {f['task']:>8}  {f['step']} v{f['version']}: {why[:100]}")
+            old = "" if f["current"] else " (superseded, not retried)"
+            print(f"  {f['task']:>8}  {f['step']} v{f['version']}{old}: {why[:100]}")
         if len(failed) > STATUS_NAMES_SHOWN:
             print(f"  … and {len(failed) - STATUS_NAMES_SHOWN} more (-status -json lists all)")
     names, live = data["resources"]["names"], data["resources"]["live_names"]
@@ -6201,7 +6217,7 @@ def print_gathered(gathered: list[dict], count: int, pad: str, task_id: int) -> 
 
 
 def describe_resource(r: dict) -> str:
-    gone = f", deleted {r['deleted_at']}" if r["deleted_at"] else ""
+    gone = f", deleted {r['deleted_at']}" if r["deleted_at"] else "" if r["live"] else ", not live"
     return f"{r['name']} {r['hash']} ({human_bytes(r['size'])}, resource {r['id']}{gone})"
 
 
@@ -6216,7 +6232,7 @@ def ancestry(meta: Metadata, resource: dict, cut: list[bool]) -> dict:
         if links == LINEAGE_DEPTH:
             cut[0] = True
             break
-        task = meta.task(link["resource"]["task"])
+        task = meta.task(meta.producer(link["resource"]))  # type: ignore[arg-type]
         if task is None:
             break
         parent = {"resource": task["input"], "produced_by": None} if task["input"] else None
@@ -6330,6 +6346,10 @@ def cmd_export_tar(db_path: str, pattern: str, target: str, newest: bool, histor
     meta = db.meta
     if newest:
         chosen = [(r, r["name"]) for r in meta.newest_per_name(pattern, not history)]
+        left = len(meta.resources_matching(pattern, not history)) - len(chosen)
+        if left:
+            console.info(f"-newest leaves out {left} older resource(s) of the same name(s) "
+                         "(without -newest each is NAME/HASH)")
     else:
         chosen = [(r, f"{r['name']}/{r['hash']}")
                   for r in meta.resources_matching(pattern, not history)]

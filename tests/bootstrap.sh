@@ -27,8 +27,10 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     if [ ${#missing[@]} -gt 0 ]; then
         echo "bootstrap: installing ${missing[*]}" >&2
         export DEBIAN_FRONTEND=noninteractive
-        apt-get update -qq >&2
-        apt-get install -y -qq "${missing[@]}" >&2
+        # wait for another apt (unattended upgrades on a fresh VM) rather than fail
+        wait=(-o DPkg::Lock::Timeout=600 -o Acquire::Lock::Timeout=600)
+        apt-get "${wait[@]}" update -qq >&2
+        apt-get "${wait[@]}" install -y -qq "${missing[@]}" >&2
     fi
 fi
 

@@ -430,7 +430,7 @@ script = "echo 'no such column' >&2; exit 3"
     ids = [t["task"] for t in status]
     assert ids == sorted(set(ids)) and len(ids) == 60
     assert status[0] == {"task": ids[0], "step": "bad", "version": 1, "exit_code": 3,
-                         "error": "exit status 3: no such column"}
+                         "error": "exit status 3: no such column", "current": True}
     text = cmd(grit, "-status").stdout.splitlines()
     at = text.index("failed tasks (-log TASK shows one):")
     assert text[at + 1].split() == [str(ids[0]), "bad", "v1:", "exit", "status", "3:", "no",
