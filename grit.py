@@ -135,6 +135,7 @@ class Console:
 
     def __init__(self, level: int = 1, stream: IO[str] | None = None) -> None:
         self.level = level  # 0 quiet, 1 normal, 2 verbose
+        self.verbose = level >= 2
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.color = self.tty and "NO_COLOR" not in os.environ
@@ -179,10 +180,6 @@ class Console:
     def info(self, message: str) -> None:
         if self.level >= 1:
             self._write(message)
-
-    @property
-    def verbose(self) -> bool:
-        return self.level >= 2
 
     def detail(self, message: str) -> None:
         if self.verbose:
@@ -2351,11 +2348,6 @@ class SourceScan:
     gone: int = 0
     failed: list[str] = field(default_factory=list)  # one line per file not imported
 
-    def count(self, verdict: str, out: Output | None) -> None:
-        if verdict in ("new", "changed") and out:
-            setattr(self, verdict, getattr(self, verdict) + 1)
-        self.gone += verdict == "gone"
-
 
 def fixed_prefix(pattern: str) -> str:
     """The folder a pattern's names are relative to: its segments before the
@@ -2434,7 +2426,6 @@ def import_source(meta: Metadata, store: ObjectStore | None, step: StepVersion,
     with meta.transaction():
         for verdict, path, signature, rid, out in compare_source(
                 meta, step.definition, base_dir, emitted, read):
-            scan.count(verdict, out)
             if verdict == "touched":
                 meta.set_source_file(step.name, path, rid, signature)
             elif verdict == "unchanged" and out:  # a new version's task emits what is there
@@ -2443,7 +2434,9 @@ def import_source(meta: Metadata, store: ObjectStore | None, step: StepVersion,
                 meta.live.retire(emissions=[(task, rid)])
                 if verdict != "changed":
                     meta.drop_source_file(step.name, path)
+                scan.gone += verdict == "gone"
             if verdict in ("new", "changed") and out:
+                setattr(scan, verdict, getattr(scan, verdict) + 1)
                 meta.emit(task, [out], live=1)
                 meta.set_source_file(step.name, path, meta.resource_id(out.name, out.hash),
                                      signature)
@@ -4812,15 +4805,12 @@ def record_result(store: ObjectStore, folder: str, result: TaskResult, mode: str
 # =============================================================================
 # Slurm executor
 # =============================================================================
-# -executor slurm: tasks as Slurm array jobs. The coordinator (this process)
-# writes a dispatch round's tasks of one step into a job folder on the shared
-# work dir and submits one array job; each element runs `grit -worker FOLDER`
-# over its chunk, with the LocalExecutor of that node (its own output capture
-# and scratch database), and leaves one result file per task in the folder:
-# its record, then its objects. One poller thread submits, ingests results
-# (each object's hash checked as it goes into LMDB) and asks squeue about the
-# whole run now and then. Job folders are in the database (slurm_job), so a
-# run after a kill -9 adopts them.
+# -executor slurm: a dispatch round's tasks of one step go into a job folder
+# (Node workers) on the shared work dir, run by one array job whose elements
+# each run `grit -worker FOLDER` over a chunk. One poller thread submits,
+# ingests results (each object's hash checked as it goes into LMDB) and asks
+# squeue about the whole run now and then. Job folders are in the database
+# (slurm_job), so a run after a kill -9 adopts them.
 
 ELEMENT_SECONDS = 60.0  # an element runs about this long once a step's durations are known
 ELEMENT_LEAST_SECONDS = 2.0  # and at least this long: its start-up costs about a second
@@ -5477,10 +5467,6 @@ class StepState:
     settled: bool = False      # a gather step: it took its inputs at a barrier this run
     changes: int = 0           # a gather step: times its input set changed this run
 
-    @property
-    def cap(self) -> int:
-        return self.step.definition.parallel or sys.maxsize
-
 
 @dataclass
 class RunSummary:
@@ -5607,7 +5593,8 @@ class Scheduler:
         for state in order:
             if state.step.definition.gather and not state.settled:
                 continue  # a task from before the barrier may hold a stale set
-            while len(running) < self.executor.capacity and state.running < state.cap:
+            cap = state.step.definition.parallel or sys.maxsize  # the step's own parallel
+            while len(running) < self.executor.capacity and state.running < cap:
                 if not state.queue and not self._refill(state):
                     break
                 spec = state.queue.popleft()
@@ -6161,7 +6148,7 @@ def cmd_log(db_path: str, ref: str, as_json: bool) -> int:
     if ref.isdigit() and len(ref) < HASH_PREFIX_MIN:
         task_id = int(ref)
     else:
-        task_id = resources_for_hash(meta, ref, db_path, "-log")[0]["task"]
+        task_id = meta.producer(resources_for_hash(meta, ref, db_path, "-log")[0])
     task = meta.task(task_id) if task_id else None
     if task is None:
         raise NotFoundError(f"no task {ref} in {db_path}")
