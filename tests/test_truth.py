@@ -147,11 +147,11 @@ def test_a_timed_out_task_keeps_its_start_duration_and_output(grit, output_mode)
     assert log["error"].startswith("timed out after 2 s") and log["error"].endswith("starting")
 
 
-def test_lineage_of_a_live_resource_runs_through_live_resources(grit):
-    setup(grit, "dir", {"a.txt": "x\n"})
-    grit.run()
+def test_lineage_of_a_live_resource_runs_through_live_resources(grit, mode):
+    setup(grit, mode, {"a.txt": "x\n"})
+    grit.run("-output-mode", mode)
     (grit.path / "in" / "a.txt").write_text("y\n")  # same length: same `len` resource
-    grit.run()
+    grit.run("-output-mode", mode)
     [(digest, _, _)] = grit.export("len/a.txt.n")
     chain = json.loads(grit("-db", str(grit.db), "-lineage", digest, "-json", check=0).stdout)
     source = chain["lineage"][0]["produced_by"]["input"]["resource"]
@@ -162,15 +162,15 @@ def test_lineage_of_a_live_resource_runs_through_live_resources(grit):
     assert "not live" in grit("-db", str(grit.db), "-lineage", old[0], check=0).stdout
 
 
-def test_status_lists_current_failures_first(grit):
+def test_status_lists_current_failures_first(grit, mode):
     (grit.path / "in").mkdir()
     for i in range(25):
         (grit.path / "in" / f"f{i:02}.txt").write_text(f"{i}\n")
     grit.write(PIPELINE.format(check="exit 1", slow=""))
-    grit.run(check=1)
+    grit.run("-output-mode", mode, check=1)
     grit.write(PIPELINE.format(check='mkdir -p $OUTPUT_DIR/len; case "$GRIT_INPUT_NAME" in '
                                      'f07*) exit 2;; esac', slow=""))
-    grit.run(check=1)
+    grit.run("-output-mode", mode, check=1)
     failed = grit.status()["failed_tasks"]
     assert failed[0]["current"] and failed[0]["exit_code"] == 2
     assert not any(f["current"] for f in failed[1:])
@@ -184,7 +184,7 @@ def test_status_lists_current_failures_first(grit):
     assert old[end - 1].isdigit() and old[end] == " ", (header, old)
 
 
-def test_no_unmatched_warning_after_ctrl_c(grit):
+def test_no_unmatched_warning_after_ctrl_c(grit, mode):
     grit.write(f'''
     [[step]]
     name = "first"
@@ -194,7 +194,7 @@ def test_no_unmatched_warning_after_ctrl_c(grit):
     inputs = ["m"]
     script = 'cat "$INPUT_FILE" > "$OUTPUT_DIR/out"'
     ''')
-    proc = grit.popen()
+    proc = grit.popen("-output-mode", mode)
     assert wait_for(lambda: (grit.path / "running").exists())
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
