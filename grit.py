@@ -5850,21 +5850,23 @@ def plan_run(opts: RunOptions, manifest: Manifest, selected: list[str]) -> list[
     for step in active:
         reasons[step.id]["retry_failed"] += meta.retry_failed(step.id)
     for step in (v for v in active if v.definition.gather):
-        plan[step.id]["gather"] = plan_gather(meta, step, active, reasons[step.id])
+        plan[step.id]["gather"] = plan_gather(meta, step, active)
+        made, _ = meta.live.take_new_tasks()  # a new set; or one seen before: outputs back
+        for v in (v for v in active if not (v is step and step.is_new)):  # else: new_step…
+            reasons[v.id]["new_input_set" if v is step else "new_resource"] += made[v.id]
     for step in active:
         waiting = plan[step.id].get("gather", {}).get("state") == GATHER_TEXT["waiting"]
         tasks = 0 if waiting else meta.count_tasks(step.id, "pending")
         first = "left_pending" if not step.is_new else "new_step_version" if step.version > 1 \
             else "new_step"
-        reasons[step.id][first] += tasks - sum(reasons[step.id].values())
+        reasons[step.id][first] += max(0, tasks - sum(reasons[step.id].values()))
         plan[step.id].update(tasks=tasks, reasons={} if waiting else {
             k: n for k, n in reasons[step.id].items() if n})
     meta.close()
     return list(plan.values())
 
 
-def plan_gather(meta: Metadata, step: StepVersion, active: list[StepVersion],
-                reasons: collections.Counter) -> dict:
+def plan_gather(meta: Metadata, step: StepVersion, active: list[StepVersion]) -> dict:
     """A gather step at the barrier, as the run reaches it: it waits while any
     other step of the run (or one it leaves out) has tasks to run; else it
     takes its live inputs (a task when their set is new)."""
@@ -5873,8 +5875,6 @@ def plan_gather(meta: Metadata, step: StepVersion, active: list[StepVersion],
         return {"inputs": len(meta.live.gather_set(step.definition.inputs)),
                 "state": GATHER_TEXT["waiting"]}
     found = meta.settle(step)
-    made, _ = meta.live.take_new_tasks()
-    reasons["new_input_set"] += made[step.id] if not step.is_new else 0
     return {"inputs": found.inputs, "state": GATHER_TEXT[found.outcome]}
 
 
