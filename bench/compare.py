@@ -7,7 +7,10 @@ each A output (2N tasks, plus grit's seed task that reads the inputs).
   W1  cold run
   W2  no-op rerun right after
   W3  one new input and one changed input, then rerun
-  W4  one task writes 1 GiB, the next computes its sha256 (grit and make only)
+  W4  one task writes 1 GiB, the next computes its sha256 (grit and make only); the
+      bytes come from /dev/urandom, or with --w4-from file from a file in the page
+      cache (as big data comes from disk, the network or a decompressor, with no
+      CPU spent making it); --w4-gib sets the size
   W5  the same with two readers, sha256 and md5 (the second reads it from the store)
 
 Medians of --repeat runs; each runner's time and peak RSS (largest process)
@@ -15,6 +18,7 @@ next to make -j2's, measured in the same run. Results are printed as a
 Markdown table (bench/RESULTS.md keeps a copy).
 
     bench/compare.py [--sizes 1000,10000] [--repeat 3] [--snakemake-max 1000] [--w4] [--w5]
+                     [--w4-from urandom|file] [--w4-gib 1]
                      [--runners make,grit-fuse,grit-dir,xargs,parallel] [--grit PATH]
 
 --grit runs another grit.py (an older commit's, say) in place of this one;
@@ -26,6 +30,7 @@ GNU parallel from the system (apt-get install parallel).
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import platform
 import shutil
@@ -226,21 +231,38 @@ def check_outputs(runner, work: str, n: int) -> None:
         assert os.path.exists(os.path.join(work, "rev", f"in-{n + 1}")), runner.name
 
 
+W4_SOURCE = {"path": "/dev/urandom", "gib": 1}  # set by main(): where W4's bytes come from
+
+
+def w4_source(kind: str, gib: int) -> None:
+    """With kind "file": a file of `gib` GiB of random bytes, read once so that
+    it is in the page cache (make and grit read it alike)."""
+    W4_SOURCE["gib"] = gib
+    if kind == "file":
+        folder = tempfile.mkdtemp(prefix="grit-w4-source-")
+        atexit.register(shutil.rmtree, folder, True)
+        path = os.path.join(folder, "source")
+        subprocess.run(f"head -c {gib}G /dev/urandom > {path} && cat {path} > /dev/null",
+                       shell=True, check=True)
+        W4_SOURCE["path"] = path
+
+
 def w4(runner_name: str, readers: int = 1) -> tuple[float, int]:
-    """One task writes 1 GiB; `readers` tasks then read it (sha256sum, md5sum):
-    with two, the second reads the object out of the store (W5)."""
+    """One task writes W4_SOURCE's bytes; `readers` tasks then read them
+    (sha256sum, md5sum): with two, the second reads the object out of the store (W5)."""
     tools = ["sha256sum", "md5sum"][:readers]
+    make_big = f"head -c {W4_SOURCE['gib']}G {W4_SOURCE['path']}"
     work = tempfile.mkdtemp(prefix="grit-w4-")
     try:
         if runner_name == "make -j2":
             with open(os.path.join(work, "Makefile"), "w") as f:
                 f.write(f"all: {' '.join(tools)}\n" +
                         "".join(f"{t}: big\n\t{t} big > {t}\n" for t in tools) +
-                        "big:\n\thead -c 1G /dev/urandom > big\n")
+                        f"big:\n\t{make_big} > big\n")
             return sh("make -j2 -s", work)
         mode = runner_name.split("(")[1].rstrip(")")
         with open(os.path.join(work, "m.toml"), "w") as f:
-            f.write('[[step]]\nname = "big"\nscript = "head -c 1G /dev/urandom > $OUTPUT_DIR/big"\n' +
+            f.write(f'[[step]]\nname = "big"\nscript = "{make_big} > $OUTPUT_DIR/big"\n' +
                     "".join(f'[[step]]\nname = "{t}"\ninputs = ["big"]\n'
                             f'script = "{t} $INPUT_FILE > $OUTPUT_DIR/{t}"\n' for t in tools))
         return sh(f"{sys.executable} {GRIT} -manifest m.toml -db db -run -quiet "
@@ -261,6 +283,9 @@ def main() -> None:
                     help="largest N to run Snakemake at (it is slow)")
     ap.add_argument("--w4", action="store_true", help="also run W4 (1 GiB)")
     ap.add_argument("--w5", action="store_true", help="also run W5 (1 GiB, two readers)")
+    ap.add_argument("--w4-from", choices=("urandom", "file"), default="urandom",
+                    help="W4/W5's bytes: /dev/urandom, or a file in the page cache")
+    ap.add_argument("--w4-gib", type=int, default=1, help="W4/W5's size in GiB")
     ap.add_argument("--runners", default="make,grit-fuse,grit-dir,xargs,parallel,snakemake",
                     help="which runners, make first (the baseline of the ratios)")
     ap.add_argument("--grit", default=GRIT, help="the grit.py to run")
@@ -269,6 +294,8 @@ def main() -> None:
                          "(for a grit.py older than source steps)")
     args = ap.parse_args()
     globals()["GRIT"] = os.path.abspath(args.grit)
+    if args.w4 or args.w5:
+        w4_source(args.w4_from, args.w4_gib)
     Grit.seed_copy = args.seed_copy
     every = {"make": Make(), "grit-fuse": Grit("fuse"), "grit-dir": Grit("dir"),
              "xargs": Xargs(), "parallel": Parallel()}
@@ -290,8 +317,9 @@ def main() -> None:
             rss = max(w1[1], w2[1], w3[1])
             print(f"| {n:,} | {runner.name} | {w1[0]:.2f} s | {w1[0] / base:.2f}x | "
                   f"{w2[0]:.3f} s | {w3[0]:.3f} s | {rss} MiB |", flush=True)
-    for flag, readers, title in ((args.w4, 1, "W4: 1 GiB then sha256"),
-                                 (args.w5, 2, "W5: 1 GiB then sha256 and md5")):
+    size = f"{args.w4_gib} GiB from {'a cached file' if args.w4_from == 'file' else 'urandom'}"
+    for flag, readers, title in ((args.w4, 1, f"W4: {size}, then sha256"),
+                                 (args.w5, 2, f"W5: {size}, then sha256 and md5")):
         if not flag:
             continue
         print(f"\n| {title} | time | ratio | peak RSS |\n| --- | --- | --- | --- |")
