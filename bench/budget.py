@@ -34,33 +34,17 @@ import sys
 import tempfile
 import threading
 
+from compare import Grit, make_inputs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 GRIT = os.path.join(ROOT, "grit.py")
 
-MANIFEST = '''
-[[step]]
-name = "seed"
-files = ["{work}/inputs/in-*"]
-[[step]]
-name = "upper"
-inputs = ["in-*"]
-script = 'tr a-z A-Z < "$INPUT_FILE" > "$OUTPUT_DIR/upper-$GRIT_INPUT_NAME"'
-[[step]]
-name = "reverse"
-inputs = ["upper-*"]
-script = 'rev "$INPUT_FILE" > "$OUTPUT_DIR/rev-$GRIT_INPUT_NAME"'
-'''
-
-
 def workdir(n: int) -> str:
+    """W1's inputs and manifest, as bench/compare.py makes them."""
     work = tempfile.mkdtemp(prefix="grit-budget-")
-    os.makedirs(os.path.join(work, "inputs"))
-    for i in range(1, n + 1):
-        with open(os.path.join(work, "inputs", f"in-{i}"), "w") as f:
-            f.write(f"item {i:06d} " + "x" * 88 + "\n")
-    with open(os.path.join(work, "m.toml"), "w") as f:
-        f.write(MANIFEST.format(work=work))
+    make_inputs(work, n)
+    Grit("dir").manifest(work)
     return work
 
 
