@@ -14,8 +14,10 @@ python=${PYTHON:-python3}
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=()
     command -v fusermount3 >/dev/null || missing+=(fuse3)
-    ldconfig -p 2>/dev/null | grep -q 'libfuse3\.so\.3' || missing+=(libfuse3-3)
-    ldconfig -p 2>/dev/null | grep -q 'libfuse\.so\.2' || missing+=(libfuse2)
+    # read whole: `ldconfig -p | grep -q` fails under pipefail when grep stops early
+    libs=$(ldconfig -p 2>/dev/null || true)
+    grep -q 'libfuse3\.so\.3' <<<"$libs" || missing+=(libfuse3-3)
+    grep -q 'libfuse\.so\.2' <<<"$libs" || missing+=(libfuse2)
     command -v nix >/dev/null || missing+=(nix-bin)   # the offline flake check
     "$python" -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)  # Debian splits it out
     command -v rsync >/dev/null || missing+=(rsync)   # a FUSE test writes with it

@@ -58,4 +58,4 @@ def test_bootstrap_waits_for_another_apt(tmp_path):
         os.close(holder)  # releases the lock
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
-    assert "bootstrap: installing rsync" in err and out.strip().endswith("/bin/python")
+    assert "bootstrap: installing rsync\n" in err and out.strip().endswith("/bin/python")
