@@ -70,12 +70,10 @@ def agree(grit, *extra, check=0) -> dict[str, int]:
     return ran
 
 
-@pytest.fixture(params=["dir", "fuse"])
-def mode(request):
-    if request.param == "fuse":
-        from conftest import require_fuse
-        require_fuse()
-    return request.param
+@pytest.fixture
+def mode(output_mode):
+    """conftest's output_mode (each test once per mode; FUSE required in CI), shorter."""
+    return output_mode
 
 
 def test_dry_run_after_a_delete_counts_the_gather(grit, mode):
