@@ -7,7 +7,7 @@ $OUTPUT_DIR becomes a named, SHA-256 content-addressed resource; steps whose
 object content in LMDB, both under one database directory.
 
 Sections, in the order data flows through them:
-    Errors and console → Names → Vocabulary → Manifest → Object store (LMDB)
+    Errors and console → Names → Vocabulary → Manifest → Object store
     → Metadata schema → Live view → Metadata store (SQLite)
     → Files, processes and mounts → Database → Sources → Output capture
     → Output capture: FUSE → Task execution → Node workers → Slurm executor
@@ -640,10 +640,11 @@ def _toml_type(value: object) -> str:
 
 
 # =============================================================================
-# Object store (LMDB)
+# Object store
 # =============================================================================
-# Objects by hash: put a stream, open a hash, has, delete. Knows nothing of
-# names, steps or tasks (the metadata's business).
+# Objects by hash: small ones in LMDB, large ones as read-only files named by
+# hash; put, adopt a file, open, place, has, delete. Knows nothing of names,
+# steps or tasks (the metadata's business).
 
 # LMDB value size for object chunks. Big enough to amortise per-key cost, small
 # enough that LMDB finds contiguous free pages for it and memory stays bounded.
@@ -652,70 +653,96 @@ def _toml_type(value: object) -> str:
 # slower to write and 2.7x slower to read back (1 GiB: 3.0 -> 0.75 s and 2.8 ->
 # 1.0 s). Readers take chunks of any size, so older objects stay readable.
 CHUNK_SIZE = 256 * 1024 - 16
-# Bytes written per LMDB write transaction: one large object must not hold
-# LMDB's single writer lock for seconds, but each commit has a fixed cost
-# (measured for 1 GiB: 16 MiB transactions 3.8 s, 32 MiB 1.0 s, 64 MiB 1.9 s).
-TXN_BYTES = 32 * 1024 * 1024
-# The same for an object written as it arrives (ObjectWriter): less, because
-# the FUSE server holding the batch must stay small (tests/test_fuse.py).
-WRITER_TXN_BYTES = 8 * 1024 * 1024
-# A writer drops LMDB's pages from the page cache after this many bytes: a
-# large output's copy in LMDB is cold (the next task reads the spool or the
-# file itself), and its pages are then reused for the next bytes instead of
-# fresh ones, which cost this VM 5-10x more (bench/RESULTS.md, W4 1.36x ->
-# 1.15x make). Dropping starts writing the dirty pages to disk without waiting
-# (they go at the next drop), so the flush before the metadata commit finds
-# little left; flushing here instead held the writer 0.45 s per GiB.
-WRITER_DROP_BYTES = 64 * 1024 * 1024
 # First LMDB map size; the map doubles whenever it fills, so this is not a limit.
-# It is address space, not disk (the file grows as pages are written): growing
-# in the middle of storing a large object costs a retried transaction and a
-# remap each time (1 GiB into a new store: 3.9 s from 256 MiB, 1.4 s from 4 GiB).
-# Where a ulimit on address space refuses it, the store opens at a size from
-# the file instead.
+# It is address space, not disk (the file grows as pages are written). Where a
+# ulimit on address space refuses it, the store opens at a size from the file.
 INITIAL_MAP_SIZE = 4 * 1024 * 1024 * 1024
 SMALL_MAP_SIZE = 256 * 1024 * 1024
-# From this size on, a file is stored in one pass (hashed while written).
-STREAM_MIN_BYTES = 1024 * 1024
-STREAM_BLOCK_BYTES = 1024 * 1024
+# Objects of at least this size are files (files/HASH beside objects/), smaller
+# ones LMDB values. One object stored and synced (bench/RESULTS.md): 64 KiB
+# 0.26 ms in LMDB, 0.33 ms as a file; 256 KiB 0.83 / 0.68 ms; 1 MiB 5.4 / 2.0 ms;
+# 4 MiB 62 / 8.3 ms. Below 1 MiB LMDB also syncs many objects at once and keeps
+# the number of files down.
+FILE_MIN_BYTES = 1024 * 1024
+BLOCK_BYTES = 1024 * 1024  # a large object is read and hashed in blocks of this size
 # Bytes read per LMDB read transaction: bounds the memory of one reader.
 READ_BATCH_BYTES = 4 * 1024 * 1024
 HEADER = struct.Struct(">QI")  # object header: size in bytes, number of chunks
-# The header of an object written before its hash was known (ObjectWriter):
+# The header of a large object an older grit wrote before its hash was known:
 # its chunks stay under the random key they were written under.
 WRITTEN_HEADER = struct.Struct(">QI32s")
+FICLONE = 0x40049409  # ioctl: make a file share another's blocks (reflink)
+SYNC_FILE_RANGE_WRITE = 2
 
 
 class DamagedObject(GritError):
     """An object's stored content is incomplete."""
 
 
-def hash_blocks(f: IO[bytes], each: Callable[[bytes], None] | None = None) -> tuple[str, int]:
-    """Read f to its end in STREAM_BLOCK_BYTES blocks, hashed on a helper thread
-    while `each` takes every block (hashlib and reads let go of the GIL, so the
-    two overlap); returns (hash, size)."""
+def hash_blocks(f: IO[bytes]) -> tuple[str, int]:
+    """(hash, size) of f's bytes to its end, read in BLOCK_BYTES blocks while
+    a helper thread hashes the one before (reads and hashlib let go of the GIL)."""
     h, size = hashlib.sha256(), 0
     with concurrent.futures.ThreadPoolExecutor(1) as helper:
         hashing = helper.submit(lambda: None)
-        for block in iter(lambda: f.read(STREAM_BLOCK_BYTES), b""):
+        for block in iter(lambda: f.read(BLOCK_BYTES), b""):
             hashing.result()
             hashing = helper.submit(h.update, block)
-            if each:
-                each(block)
             size += len(block)
         hashing.result()
     return h.hexdigest(), size
 
 
-class ObjectStore:
-    """Content-addressed objects: put, open, has, delete. Knows nothing of names.
+@functools.lru_cache(maxsize=None)
+def _libc() -> object:
+    import ctypes
+    return ctypes.CDLL(None, use_errno=True)
 
-    An object is a header under its hash in the `objects` table and its bytes in
-    CHUNK_SIZE pieces under (key, index) in `chunks`, where the key is the hash
-    itself, or for an object written as it arrived (ObjectWriter) a random key
-    the header names. The header is written last, so an object is either
-    complete or absent; chunks left by a crash mid-put are overwritten by the
-    next put of the same hash, or removed by gc.
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Have the kernel start writing [offset, offset + length) of a file to disk
+    without waiting (sync_file_range), so the fdatasync before the file becomes
+    an object finds little left to write (1 GiB here: 1.2 s when all is left)."""
+    import ctypes
+    with contextlib.suppress(AttributeError, OSError):
+        _libc().sync_file_range(fd, ctypes.c_int64(offset), ctypes.c_int64(length),  # type: ignore[attr-defined]
+                                ctypes.c_uint(SYNC_FILE_RANGE_WRITE))
+
+
+def copy_file(src: int, dst: int) -> None:
+    """src's bytes into the empty file dst without passing them through grit:
+    a reflink where the filesystem shares blocks, else a copy in the kernel,
+    else (another filesystem on an old kernel) read and written."""
+    try:
+        fcntl.ioctl(dst, FICLONE, src)
+        return
+    except OSError:
+        pass
+    size, done = os.fstat(src).st_size, 0
+    try:
+        while done < size:
+            copied = os.copy_file_range(src, dst, size - done, done, done)
+            if copied == 0:
+                break
+            done += copied
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP) or done:
+            raise
+        with open(src, "rb", closefd=False) as f_in, open(dst, "wb", closefd=False) as f_out:
+            f_in.seek(0)
+            shutil.copyfileobj(f_in, f_out, BLOCK_BYTES)
+
+
+class ObjectStore:
+    """Content-addressed objects: put, adopt, open, place, has, delete. Knows
+    nothing of names.
+
+    A small object is a header under its hash in LMDB's `objects` table and its
+    bytes in CHUNK_SIZE pieces under (hash, index) in `chunks`; the header is
+    written last, so it is complete or absent. A large object is the read-only
+    file files/HASH beside the LMDB directory, moved there by rename once whole
+    and on disk, so it too is complete or absent; what a crash leaves in files/
+    under other names, gc removes.
     """
 
     def __init__(self, path: str, readonly: bool = False) -> None:
@@ -727,6 +754,8 @@ class ObjectStore:
                             "carries it") from None
 
         self._lmdb = lmdb
+        self.files = os.path.join(os.path.dirname(os.path.abspath(path)), "files")
+        self._new_files = False  # a file object was added since the last sync
         data_file = os.path.join(path, "data.mdb")
         exists = os.path.exists(data_file)
         if not readonly and not exists and lmdb.version()[0] >= 1:
@@ -740,7 +769,9 @@ class ObjectStore:
                 self.env = self._open(path, max(SMALL_MAP_SIZE, 2 * used), readonly)
             self._objects = self.env.open_db(b"objects", create=not readonly)
             self._chunks = self.env.open_db(b"chunks", create=not readonly)
-        except lmdb.Error as e:
+            if not readonly:
+                os.makedirs(self.files, 0o700, exist_ok=True)
+        except (lmdb.Error, OSError) as e:
             raise GritError(f"cannot open object store {path}: {e}") from None
         # Every transaction holds this lock: LMDB may only be resized while no
         # transaction of this process is open.
@@ -749,8 +780,7 @@ class ObjectStore:
     def _open(self, path: str, size: int, readonly: bool) -> object:
         # readahead: an object is read front to back, in chunks of 64 contiguous
         # pages; without it every page of a large object that is not in the page
-        # cache (writers drop theirs) is one 4 KiB read from disk (a second reader
-        # of a 1 GiB output, bench/compare.py W5: 3.9-4.1x make -> 1.35-1.45x).
+        # cache is one 4 KiB read from disk.
         return self._lmdb.open(path, map_size=size, max_dbs=2, readonly=readonly, sync=False,
                                metasync=False, readahead=True, subdir=True,
                                create=not readonly, mode=0o600)
@@ -759,23 +789,20 @@ class ObjectStore:
         self.env.close()
 
     def sync(self) -> None:
-        """Flush written objects to disk; called before metadata that names them commits."""
+        """Flush written objects to disk; called before metadata that names them
+        commits. File objects were synced when adopted; their names are now."""
         self.env.sync(True)
-
-    def drop_cached(self) -> None:
-        """Drop the store's clean pages from the page cache, and start writing
-        its dirty ones to disk (they stay until written: nothing unflushed is
-        lost; a later read comes from disk)."""
-        fd = os.open(os.path.join(self.env.path(), "data.mdb"), os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+        if self._new_files:
+            self._new_files = False
+            fd = os.open(self.files, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def _write(self, fn: Callable[[object], None]) -> None:
         """Run fn(txn) in a write transaction, growing the map when it is full
-        (or adopting the size another process grew it to: the FUSE server
-        writes objects too)."""
+        (or adopting the size another process grew it to)."""
         with self._guard:
             while True:
                 try:
@@ -787,52 +814,121 @@ class ObjectStore:
                 except self._lmdb.MapResizedError:
                     self.env.set_mapsize(0)
 
+    def file_path(self, digest: str) -> str:
+        return os.path.join(self.files, digest)
+
     def has(self, digest: str) -> bool:
         with self._guard, self._reader() as txn:
-            return txn.get(bytes.fromhex(digest), db=self._objects) is not None
+            if txn.get(bytes.fromhex(digest), db=self._objects) is not None:
+                return True
+        return os.path.exists(self.file_path(digest))
 
-    def put(self, f: IO[bytes], digest: str | None = None) -> tuple[str, int]:
-        """Store the stream's bytes from its current position; returns (hash, size).
+    def put(self, data: bytes) -> tuple[str, int]:
+        """Store bytes held in memory; returns (hash, size)."""
+        digest = hashlib.sha256(data).hexdigest()
+        if len(data) >= FILE_MIN_BYTES:
+            fd, path = tempfile.mkstemp(dir=self.files, prefix=".new-")
+            with open(fd, "wb") as f:
+                f.write(data)
+            self.adopt(path, digest)
+        elif len(data) <= CHUNK_SIZE:
+            self._put_small(digest, data)
+        elif not self.has(digest):
+            self._put_chunks(digest, len(data), (data[i:i + CHUNK_SIZE]
+                                                 for i in range(0, len(data), CHUNK_SIZE)))
+        return digest, len(data)
 
-        Pass `digest` when the caller already hashed the bytes; otherwise a
-        stream longer than one chunk must be seekable (it is read twice:
-        hash first, so content already stored is never written again).
-        """
-        start = f.tell()
-        first = f.read(CHUNK_SIZE)
-        if len(first) < CHUNK_SIZE:  # the whole object: one read serves both
-            digest = hashlib.sha256(first).hexdigest()
-            self._put_small(digest, first)
-            return digest, len(first)
-        if digest is None:
-            h = hashlib.sha256(first)
-            size = len(first)
-            for block in iter(lambda: f.read(CHUNK_SIZE), b""):
-                h.update(block)
-                size += len(block)
-            digest = h.hexdigest()
-        else:
-            size = os.fstat(f.fileno()).st_size - start
-        if not self.has(digest):
-            f.seek(start)
-            self._put_chunks(digest, size, iter(lambda: f.read(CHUNK_SIZE), b""))
-        return digest, size
-
-    def put_file(self, path: str) -> tuple[str, int]:
-        """Store a file's bytes. A large file is read once: each block is hashed
-        on a helper thread while this one writes it into LMDB under a writer's
-        key, named by the hash at the end (bench/compare.py W4, dir mode)."""
+    def put_file(self, path: str, move: bool = False) -> tuple[str, int]:
+        """Store a file's bytes; returns (hash, size). A large file is moved in
+        with `move` (hashed, then renamed: it must be ours and finished), else
+        copied in (in the kernel) and the copy hashed, so the object is what
+        was hashed even if the file changes meanwhile."""
         with open(path, "rb", buffering=0) as f:
-            if os.fstat(f.fileno()).st_size < STREAM_MIN_BYTES:
-                return self.put(f)  # type: ignore[arg-type]
-            writer = self.writer()
-            digest, size = hash_blocks(f, writer.append)
-        writer.finish()
-        if writer.failed:
-            writer.abandon()
-            raise OSError(f"cannot store {path}: {writer.failed}")
-        self.adopt(digest, size, writer.key, writer.count)
-        return digest, size
+            if os.fstat(f.fileno()).st_size < FILE_MIN_BYTES:
+                stored = self.put(f.read())
+            elif move:
+                stored = hash_blocks(f)  # type: ignore[arg-type]
+            else:
+                return self._copy_in(f.fileno())
+        if move:
+            if stored[1] >= FILE_MIN_BYTES:
+                self.adopt(path, stored[0])
+            else:
+                os.unlink(path)
+        return stored
+
+    def _copy_in(self, src: int) -> tuple[str, int]:
+        fd, path = tempfile.mkstemp(dir=self.files, prefix=".new-")
+        try:
+            copy_file(src, fd)
+            os.lseek(fd, 0, os.SEEK_SET)
+            with open(fd, "rb", buffering=0, closefd=False) as f:
+                stored = hash_blocks(f)  # type: ignore[arg-type]
+        except BaseException:
+            os.unlink(path)
+            raise
+        finally:
+            os.close(fd)
+        self.adopt(path, stored[0])
+        return stored
+
+    def adopt(self, path: str, digest: str) -> None:
+        """Make the file at `path`, whose bytes hash to `digest` and which
+        nothing writes any more, the object: read-only, on disk, renamed into
+        files/ (or removed, when the object is there already). A file on
+        another filesystem is copied in instead."""
+        target = self.file_path(digest)
+        if os.path.exists(target):
+            os.unlink(path)
+            return
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.fchmod(fd, 0o444)
+            os.fdatasync(fd)
+            try:
+                os.rename(path, target)
+            except OSError as e:
+                if e.errno != errno.EXDEV:
+                    raise
+                self._copy_in(fd)
+                os.unlink(path)
+        finally:
+            os.close(fd)
+        self._new_files = True
+
+    # How place() puts a large object for a script, found at its first use:
+    # "reflink", "link" or "copy".
+    placing = ""
+
+    def place(self, digest: str, target: str) -> bool:
+        """Put a large object at `target` for a script to read (its $INPUT_FILE)
+        so that writing into it never changes the object: a reflink where the
+        filesystem shares blocks; else, for an ordinary user, a hard link to
+        the read-only file (writes fail with EACCES); else (root, whom
+        permissions do not stop) a private copy made in the kernel. False if
+        the object is not a file."""
+        source = self.file_path(digest)
+        if not os.path.exists(source):  # a small object: one failed stat
+            return False
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(target)
+        if self.placing != "link":
+            with open(source, "rb", buffering=0) as src, open(os.open(
+                    target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600),
+                    "wb", buffering=0) as dst:
+                if self.placing != "copy":
+                    try:
+                        fcntl.ioctl(dst.fileno(), FICLONE, src.fileno())
+                        self.placing = "reflink"
+                        return True
+                    except OSError:
+                        self.placing = "link" if os.geteuid() != 0 else "copy"
+                if self.placing == "copy":
+                    copy_file(src.fileno(), dst.fileno())
+                    return True
+            os.unlink(target)
+        os.link(source, target)
+        return True
 
     def _put_small(self, digest: str, data: bytes) -> None:
         """A one-chunk object, unless stored already: one write transaction."""
@@ -847,72 +943,51 @@ class ObjectStore:
 
     def _put_chunks(self, digest: str, size: int, chunks: Iterator[bytes]) -> None:
         key = bytes.fromhex(digest)
-        count = 0
-        done = False
-        while not done:
-            batch: list[bytes] = []
-            batch_bytes = 0
-            for chunk in chunks:
-                batch.append(chunk)
-                batch_bytes += len(chunk)
-                if batch_bytes >= TXN_BYTES:
-                    break
-            else:
-                done = True
-            first = count
+        batch = list(chunks)
 
-            def write(txn: object, batch: list[bytes] = batch, first: int = first) -> None:
-                self._put_batch(txn, key, first, batch)
-                if done:
-                    txn.put(key, HEADER.pack(size, first + len(batch)), db=self._objects)  # type: ignore[attr-defined]
+        def write(txn: object) -> None:
+            for i, chunk in enumerate(batch):
+                txn.put(key + struct.pack(">I", i), chunk, db=self._chunks)  # type: ignore[attr-defined]
+            txn.put(key, HEADER.pack(size, len(batch)), db=self._objects)  # type: ignore[attr-defined]
 
-            self._write(write)
-            count += len(batch)
-
-    def _put_batch(self, txn: object, key: bytes, first: int, batch: list) -> None:
-        for i, chunk in enumerate(batch, start=first):
-            txn.put(key + struct.pack(">I", i), chunk, db=self._chunks)  # type: ignore[attr-defined]
-
-    def writer(self) -> "ObjectWriter":
-        """Store bytes as they arrive, before their hash is known."""
-        return ObjectWriter(self)
-
-    def write_chunks(self, key: bytes, first: int, batch: list) -> None:
-        """Chunks first, first + 1, … under `key` (an ObjectWriter's)."""
-        self._write(lambda txn: self._put_batch(txn, key, first, batch))
-
-    def delete_chunks(self, key: bytes) -> None:
-        self._write(lambda txn: self._delete_chunks(txn, key))
-
-    def adopt(self, digest: str, size: int, chunks_key: bytes, count: int) -> None:
-        """Name a finished ObjectWriter's chunks by their hash: the object is
-        stored without copying them (unless stored already: then they go)."""
-        key = bytes.fromhex(digest)
-
-        def name(txn: object) -> None:
-            if txn.get(key, db=self._objects) is None:  # type: ignore[attr-defined]
-                header = WRITTEN_HEADER.pack(size, count, chunks_key)
-                txn.put(key, header, db=self._objects)  # type: ignore[attr-defined]
-            else:
-                self._delete_chunks(txn, chunks_key)
-
-        self._write(name)
+        self._write(write)
 
     def open(self, digest: str) -> Iterator[bytes]:
-        """The object's bytes, chunk by chunk. Raises KeyError if absent."""
-        _, count, key = self._header(digest)
+        """The object's bytes, block by block. Raises KeyError if absent."""
+        try:
+            _, count, key = self._header(digest)
+        except KeyError:
+            try:
+                f = open(self.file_path(digest), "rb", buffering=0)
+            except FileNotFoundError:
+                raise KeyError(digest) from None
+            return self._read_file(f)
         return self._read_chunks(key, count)
 
+    @staticmethod
+    def _read_file(f: IO[bytes]) -> Iterator[bytes]:
+        with f:
+            yield from iter(lambda: f.read(BLOCK_BYTES), b"")
+
     def size(self, digest: str) -> int:
-        return self._header(digest)[0]
+        try:
+            return self._header(digest)[0]
+        except KeyError:
+            try:
+                return os.stat(self.file_path(digest)).st_size
+            except FileNotFoundError:
+                raise KeyError(digest) from None
 
     def read(self, digest: str, offset: int, size: int) -> bytes:
         """Up to `size` bytes of an object from `offset` (the FUSE server's
         reads of a gather task's inputs). Chunks of one object are all of its
         first chunk's length but the last."""
         with self._guard, self._reader() as txn:
-            total, count, key = self._unpack(bytes.fromhex(digest),
-                                             txn.get(bytes.fromhex(digest), db=self._objects))
+            header = txn.get(bytes.fromhex(digest), db=self._objects)
+            if header is None:
+                with open(self.file_path(digest), "rb", buffering=0) as f:
+                    return os.pread(f.fileno(), size, offset)
+            total, count, key = self._unpack(bytes.fromhex(digest), header)
             if offset >= total:
                 return b""
             first = txn.get(key + struct.pack(">I", 0), db=self._chunks)
@@ -936,7 +1011,7 @@ class ObjectStore:
             return self.env.begin()
 
     def _header(self, digest: str) -> tuple[int, int, bytes]:
-        """(size, chunks, key of the chunks) of an object; KeyError if absent."""
+        """(size, chunks, key of the chunks) of an LMDB object; KeyError if absent."""
         with self._guard, self._reader() as txn:
             header = txn.get(bytes.fromhex(digest), db=self._objects)
         if header is None:
@@ -970,8 +1045,11 @@ class ObjectStore:
             return "is missing from the object store"
         except DamagedObject:
             return "is missing a chunk (content damaged)"
+        except OSError as e:
+            return f"cannot be read: {e.strerror or e} ({self.file_path(digest)})"
         if h.hexdigest() != digest:
-            return "does not match its hash (content damaged)"
+            where = f" ({self.file_path(digest)})" if os.path.exists(self.file_path(digest)) else ""
+            return f"does not match its hash (content damaged){where}"
         return None
 
     def free_bytes(self) -> int:
@@ -983,8 +1061,9 @@ class ObjectStore:
         return max(0, os.path.getsize(path) - used * stats[0]["psize"])
 
     def hashes(self) -> set[str]:
-        """Every object's hash, and the key of chunks no object names (a put or
-        a FUSE write cut short leaves them); delete() takes either."""
+        """Every object's hash, the key of LMDB chunks no object names (an older
+        grit's write cut short) and the name of every other file in files/ (a
+        copy cut short); delete() takes any of them."""
         objects, named, keys = set(), set(), set()
         with self._guard, self._reader() as txn:
             for key, header in txn.cursor(db=self._objects):
@@ -992,15 +1071,20 @@ class ObjectStore:
                 named.add(self._unpack(key, header)[2])
             for key in txn.cursor(db=self._chunks).iternext(keys=True, values=False):
                 keys.add(key[:32])
-        return {k.hex() for k in objects | (keys - named)}
+        files = set(os.listdir(self.files)) if os.path.isdir(self.files) else set()
+        return {k.hex() for k in objects | (keys - named)} | files
 
     def copy_compacted(self, target: str) -> None:
-        """Write a copy of the store without its free pages into directory `target`."""
+        """Write a copy of the LMDB store without its free pages into directory `target`."""
         self.env.copy(target, compact=True)
 
-    def delete(self, digest: str) -> None:
-        """Remove an object, or chunks no object names (by their key)."""
-        key = bytes.fromhex(digest)
+    def delete(self, name: str) -> None:
+        """Remove an object, or what hashes() lists beside objects."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.files, name))
+        if not re.fullmatch(r"[0-9a-f]{64}", name):
+            return
+        key = bytes.fromhex(name)
 
         def remove(txn: object) -> None:
             header = txn.get(key, db=self._objects)  # type: ignore[attr-defined]
@@ -1018,83 +1102,13 @@ class ObjectStore:
                 pass
 
 
-class ObjectWriter:
-    """An object written as its bytes arrive in order (a large FUSE output),
-    before its hash is known: CHUNK_SIZE chunks under a random key, a write
-    transaction per WRITER_TXN_BYTES; ObjectStore.adopt names them by hash at the end,
-    so the bytes are written into LMDB once, while the script still runs."""
-
-    def __init__(self, store: ObjectStore) -> None:
-        self.store = store
-        self.key = os.urandom(32)
-        self.count = 0  # chunks written
-        self.failed = ""  # why writing failed (a full disk): the caller stores the bytes anew
-        self._batch: list = []  # whole chunks not yet written
-        self._batch_bytes = 0
-        self._partial = bytearray()  # the start of the next chunk
-        self._undropped = 0  # bytes written since LMDB's pages were last dropped
-
-    def append(self, data: bytes) -> None:
-        if self.failed:
-            return
-        view = memoryview(data)
-        if self._partial:
-            take = CHUNK_SIZE - len(self._partial)
-            self._partial += view[:take]
-            view = view[take:]
-            if len(self._partial) < CHUNK_SIZE:
-                return
-            self._add(bytes(self._partial))
-            self._partial = bytearray()
-        while len(view) >= CHUNK_SIZE:
-            self._add(view[:CHUNK_SIZE])
-            view = view[CHUNK_SIZE:]
-        self._partial += view
-
-    def _add(self, chunk: object) -> None:
-        self._batch.append(chunk)
-        self._batch_bytes += CHUNK_SIZE
-        if self._batch_bytes >= WRITER_TXN_BYTES:
-            self._commit()
-
-    def _commit(self) -> None:
-        batch = self._batch
-        self._batch, self._batch_bytes = [], 0
-        if batch and not self.failed:
-            try:
-                self.store.write_chunks(self.key, self.count, batch)
-                self.count += len(batch)  # before anything fails: abandon() deletes them
-                self._undropped += len(batch) * CHUNK_SIZE
-                if self._undropped >= WRITER_DROP_BYTES:
-                    self.store.drop_cached()
-                    self._undropped = 0
-            except Exception as e:
-                self.failed = str(e) or type(e).__name__
-
-    def finish(self) -> None:
-        """Write what is left; the chunks are then ready to be adopted."""
-        if self._partial:
-            self._batch.append(bytes(self._partial))
-            self._partial = bytearray()
-        self._commit()
-
-    def abandon(self) -> None:
-        """Remove the chunks written so far (the content changed out of order);
-        if that fails too, gc removes them."""
-        self._batch, self._partial = [], bytearray()
-        self.failed = self.failed or "abandoned"
-        if self.count:
-            with contextlib.suppress(Exception):
-                self.store.delete_chunks(self.key)
-
-
 # =============================================================================
 # Metadata schema
 # =============================================================================
 # The SQLite schema of steps and their versions, tasks and resources, its
 # migrations, and the small rules the queries share. Knows nothing of object bytes.
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 # Every table and index of the current schema, by name: SCHEMA creates them
 # all, and the migration that added one creates it from the same text.
 DDL = {
@@ -1214,8 +1228,10 @@ MIGRATIONS = {1: ["ALTER TABLE resource ADD COLUMN deleted_at TEXT"],
                   DDL["gathered"], DDL["gathered_resource"]],
               5: [DDL["slurm_job"]],
               # No SQL: schema 7 marks the object store's second header form
-              # (ObjectWriter), which a grit of schema 6 cannot read.
-              6: []}
+              # (large objects written as they arrived), which a grit of schema
+              # 6 cannot read; schema 8 large objects as files in files/, which
+              # a grit of schema 7 cannot find.
+              6: [], 7: []}
 # Schemas before 4 had no live view: it is computed once, after the upgrade.
 LIVE_VIEW_SINCE = 4
 
@@ -2280,11 +2296,19 @@ class Database:
             raise GritError(f"no grit database at {self.path}")
 
     def sizes(self) -> dict[str, int]:
+        """Bytes of the metadata and of the objects (LMDB's file and files/)."""
         def size(*names: str) -> int:
             return sum(os.path.getsize(p) for p in (os.path.join(self.path, n) for n in names)
                        if os.path.exists(p))
+        files = os.path.join(self.path, "files")
+        large = [f"files/{name}" for name in os.listdir(files)] if os.path.isdir(files) else []
         return {"metadata": size("metadata.sqlite", "metadata.sqlite-wal"),
-                "objects": size("objects/data.mdb")}
+                "objects": size("objects/data.mdb", *large)}
+
+    @property
+    def lmdb_bytes(self) -> int:
+        """The size of LMDB's file (what -gc compacts)."""
+        return os.path.getsize(os.path.join(self.objects_path, "data.mdb"))
 
     def run_in_progress(self) -> int | None:
         """The pid of the process holding the run lock, read from /proc/locks
@@ -2497,76 +2521,19 @@ class OutputCapture(Protocol):
         """A gather task's $INPUT_DIR: each resource of `tree` at its path,
         read-only, until the task's outputs are collected or discarded."""
 
-    def collect(self, out: str, store: ObjectStore, cache: "InputCache") -> list[Output]:
-        """The task succeeded: store its files as objects (the cache takes each
-        file over afterwards); OutputError if they cannot be."""
+    def collect(self, out: str, store: ObjectStore) -> list[Output]:
+        """The task succeeded: store its files as objects; OutputError if they
+        cannot be."""
 
     def discard(self, out: str) -> str | None:
         """The task failed or was stopped: drop its files; returns a problem that
         may explain the failure (a refused write), or None."""
 
 
-# An output at least this big stays on disk after it is stored, for a task of
-# the same run that takes it as input: renaming the file into place spares
-# writing $INPUT_FILE out of LMDB (1 GiB: about a second, bench/compare.py W4).
-INPUT_CACHE_MIN_BYTES = 1024 * 1024
-# Kept files together use at most this share of the free space of their disk.
-INPUT_CACHE_DISK_SHARE = 0.25
-
-
-class InputCache:
-    """Files of this run's large outputs, by hash, each handed to one task as
-    its $INPUT_FILE by a rename. A file changed since it was kept (its stat
-    signature differs: a leftover process wrote to it) is dropped instead."""
-
-    def __init__(self, directory: str) -> None:
-        self.directory = directory
-        self.files: dict[str, tuple[str, bytes, int]] = {}  # hash -> (path, signature, size)
-        self.bytes = 0
-        self.lock = threading.Lock()
-
-    def keep(self, path: str, out: Output) -> None:
-        """Take over a stored output's file: kept for a later task, or removed."""
-        with self.lock, contextlib.suppress(OSError):
-            if self._worth_keeping(path, out):
-                target = os.path.join(self.directory, out.hash)
-                os.rename(path, target)
-                self.files[out.hash] = (target, stat_signature(os.lstat(target)), out.size)
-                self.bytes += out.size
-                return
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-
-    def _worth_keeping(self, path: str, out: Output) -> bool:
-        if out.size < INPUT_CACHE_MIN_BYTES or out.hash in self.files:
-            return False
-        st = os.lstat(path)
-        free = shutil.disk_usage(self.directory).free
-        return stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and \
-            self.bytes + out.size <= free * INPUT_CACHE_DISK_SHARE
-
-    def take(self, digest: str, target: str) -> bool:
-        """Move the kept file of `digest` to `target` (mode 0600); False if none."""
-        with self.lock:
-            path, signature, size = self.files.pop(digest, ("", (), 0))
-            self.bytes -= size
-        if not path:
-            return False
-        try:
-            if stat_signature(os.lstat(path)) == signature:
-                os.rename(path, target)
-                os.chmod(target, 0o600)
-                return True
-            os.unlink(path)
-        except OSError:
-            pass
-        return False
-
-
-# Dir mode stores a file of at least STREAM_MIN_BYTES while the script writes
-# it, looking every FOLLOW_SECONDS, as FUSE mode does: collecting it then costs
-# one more hashing pass, spread over the cores (PROOF_PIECES), instead of the
-# whole store (3.5-5 s for 1 GiB here, bench/compare.py W4).
+# Dir mode hashes a file of at least FILE_MIN_BYTES while the script writes it,
+# looking every FOLLOW_SECONDS (and starts its bytes on their way to disk), as
+# FUSE mode does: collecting it then costs one more hashing pass, spread over
+# the cores (PROOF_PIECES), and a rename into the store.
 FOLLOW_SECONDS = 0.2
 # An $OUTPUT_DIR with more entries than this is not walked again (small files,
 # or more than are worth following); files followed already still are.
@@ -2578,6 +2545,25 @@ FOLLOW_MAX_FILES = 8
 # CHECKPOINT_BYTES: following pays no second hashing pass for the split.
 CHECKPOINT_BYTES = 64 * 1024 * 1024
 PROOF_PIECES = max(1, min(4, os.cpu_count() or 1))
+F_SETLEASE = 1024  # fcntl: a read lease is refused while anyone has the file open for writing
+
+
+def still_written(path: str) -> bool:
+    """Whether an output file may change after its script exited: it has
+    another link, or a process the script left behind holds it open for
+    writing. Such a file is copied into the store, never moved there."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if os.fstat(fd).st_nlink != 1:
+            return True
+        try:
+            fcntl.fcntl(fd, F_SETLEASE, fcntl.F_RDLCK)
+        except OSError as e:  # EAGAIN: a writer; anything else: no leases here
+            return e.errno == errno.EAGAIN
+        fcntl.fcntl(fd, F_SETLEASE, fcntl.F_UNLCK)
+        return False
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -2592,48 +2578,44 @@ class _Piece:
 
 @dataclass
 class _Followed:
-    """One growing output file: its bytes so far, hashed and written into LMDB."""
+    """One growing output file: its bytes so far, hashed."""
     fd: int
-    writer: ObjectWriter
     hash: "hashlib._Hash" = field(default_factory=hashlib.sha256)
     size: int = 0
     checkpoints: list[tuple[int, "hashlib._Hash"]] = field(default_factory=list)  # (size, hash then)
 
     def read_new(self, stop: threading.Event | None = None) -> bool:
         """Take in what the file gained since the last look (or until `stop`
-        is set); False once it shrank, was deleted, or could not be written
-        (it is stored the ordinary way then)."""
+        is set); False once it shrank or was deleted (it is stored the
+        ordinary way then)."""
         end = os.fstat(self.fd)
         if end.st_nlink == 0 or end.st_size < self.size:
             return False
+        start = self.size
         for block in self._blocks(self.size, end.st_size):
-            if self.writer.failed or (stop and stop.is_set()):
+            if stop and stop.is_set():
                 break
             self.hash.update(block)
-            self.writer.append(block)
             self.size += len(block)
             if self.size // CHECKPOINT_BYTES > len(self.checkpoints):
                 self.checkpoints.append((self.size, self.hash.copy()))
-        return not self.writer.failed
+        start_writeback(self.fd, start, self.size - start)
+        return True
 
     def proven(self) -> tuple[str, int] | None:
         """(hash, size) when hashing anew the bytes followed so far gives what
-        was followed, so the bytes in LMDB are the file's content (a script may
-        have rewritten a part already taken in); None otherwise. The pieces
-        hash on other cores while the bytes written since the last look, final
-        now that the script has exited, are taken in."""
+        was followed, so the hash is the file's content's (a script may have
+        rewritten a part already taken in); None otherwise. The pieces hash on
+        other cores while the bytes written since the last look, final now
+        that the script has exited, are taken in."""
         pieces = self._pieces()
         with concurrent.futures.ThreadPoolExecutor(len(pieces)) as helpers:
             hashed = [helpers.submit(self._hash_piece, piece) for piece in pieces]
             caught_up = self.read_new()
             found = [h.result() for h in hashed]
-        if not caught_up:
-            return None
-        self.writer.finish()
-        if found != [(p.end_state.hexdigest(), p.end) for p in pieces] or self.writer.failed:
+        if not caught_up or found != [(p.end_state.hexdigest(), p.end) for p in pieces]:
             return None
         return self.hash.hexdigest(), self.size
-
     def _pieces(self) -> list[_Piece]:
         """The bytes followed so far in pieces of about equal size, split at checkpoints."""
         ends, share = [], self.size / PROOF_PIECES
@@ -2656,15 +2638,13 @@ class _Followed:
     def _blocks(self, start: int, end: int) -> Iterator[bytes]:
         """The file's bytes [start, end) as they are now, block by block (fewer if it shrank)."""
         while start < end:
-            block = os.pread(self.fd, min(STREAM_BLOCK_BYTES, end - start), start)
+            block = os.pread(self.fd, min(BLOCK_BYTES, end - start), start)
             if not block:
                 return
             yield block
             start += len(block)
 
-    def close(self, abandon: bool = True) -> None:
-        if abandon:
-            self.writer.abandon()
+    def close(self) -> None:
         os.close(self.fd)
 
 
@@ -2713,7 +2693,7 @@ class _Follower:
         try:
             st = entry.stat(follow_symlinks=False)
             identity = (st.st_dev, st.st_ino)
-            if st.st_size < STREAM_MIN_BYTES or identity in self.files or \
+            if st.st_size < FILE_MIN_BYTES or identity in self.files or \
                     identity in self._dropped or len(self.files) >= FOLLOW_MAX_FILES:
                 return
             fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -2721,7 +2701,7 @@ class _Follower:
             return
         opened = os.fstat(fd)
         if stat.S_ISREG(opened.st_mode) and (opened.st_dev, opened.st_ino) == identity:
-            self.files[identity] = _Followed(fd, self.store.writer())
+            self.files[identity] = _Followed(fd)
         else:
             os.close(fd)  # replaced since the walk saw it
 
@@ -2736,23 +2716,28 @@ class _Follower:
             pass  # a look under way has seen it
 
     def put(self, path: str) -> tuple[str, int]:
-        """Store a collected file (after stop()): by the bytes followed, when
-        they prove to be its content, else the ordinary way."""
+        """Store a collected file (after stop()): a large one is moved into the
+        store, by the hash followed when it proves to be its content's; one that
+        may still change is copied in instead."""
         st = os.lstat(path)
         followed = self.files.pop((st.st_dev, st.st_ino), None)
-        if followed is not None:
-            stored = None
-            try:
-                stored = followed.proven()
-            finally:
-                followed.close(abandon=stored is None)
-            if stored:
-                self.store.adopt(stored[0], stored[1], followed.writer.key, followed.writer.count)
+        stored = None
+        try:
+            if st.st_size >= FILE_MIN_BYTES and still_written(path):
+                stored = self.store.put_file(path)
+                os.unlink(path)
                 return stored
-        return self.store.put_file(path)
+            stored = followed.proven() if followed else None
+        finally:
+            if followed:
+                followed.close()
+        if stored and stored[1] >= FILE_MIN_BYTES:
+            self.store.adopt(path, stored[0])
+            return stored
+        return self.store.put_file(path, move=True)
 
     def close(self) -> None:
-        """Abandon what is still followed (a failed task, or files not collected)."""
+        """Stop following what is still followed (a failed task, or files not collected)."""
         self.stop()
         self._close_files()
 
@@ -2815,8 +2800,9 @@ class DirCapture:
 
     def inputs(self, slot: str, out: str, tree: list[tuple[str, Output]],
                store: ObjectStore) -> str:
-        """Copies out of the object store: a plain directory cannot show
-        objects any other way (FUSE mode serves them without copying)."""
+        """Each object as $INPUT_FILE would be (ObjectStore.place), or a copy
+        of a small one: a plain directory cannot show objects any other way
+        (FUSE mode serves them without copying)."""
         top = os.path.join(slot, "inputs")
         made = {top}
         os.mkdir(top, 0o700)
@@ -2826,13 +2812,14 @@ class DirCapture:
             if parent not in made:
                 os.makedirs(parent, 0o700, exist_ok=True)
                 made.add(parent)
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
-            with os.fdopen(fd, "wb") as f:
-                for chunk in store.open(resource.hash):
-                    f.write(chunk)
+            if not store.place(resource.hash, target):
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
+                with os.fdopen(fd, "wb") as f:
+                    f.writelines(store.open(resource.hash))
+            os.chmod(target, 0o444)
         return top
 
-    def collect(self, out: str, store: ObjectStore, cache: "InputCache") -> list[Output]:
+    def collect(self, out: str, store: ObjectStore) -> list[Output]:
         """Store every file as an object and empty the directory."""
         _remove_gathered(out)
         if not _is_real_dir(out):
@@ -2847,9 +2834,7 @@ class DirCapture:
         outputs = []
         try:
             for name, path in found:
-                digest, size = follower.put(path)
-                outputs.append(Output(name, digest, size))
-                cache.keep(path, outputs[-1])
+                outputs.append(Output(name, *follower.put(path)))
         finally:
             follower.close()
         if has_dirs:
@@ -2954,10 +2939,9 @@ def _is_real_dir(path: str) -> bool:
 # unguessable subdirectory of the mount (the root cannot be listed). The child
 # keeps each name's pending content (in memory while small, else in a spool
 # file), hashes it as it streams, and at the end of the task hands the parent
-# the list of emitted resources; the parent stores them in LMDB. A large
-# content written in order is also written into LMDB as it streams (an
-# ObjectWriter), so the parent only names it by its hash: the bytes reach LMDB
-# while the script runs, not after it (bench/compare.py W4).
+# the list of emitted resources; the parent stores them. A large content's
+# spool file, hashed in order as it was written, becomes its object by a
+# rename (bench/compare.py W4).
 
 # A name's content stays in memory up to this size, then moves to a spool file
 # on disk, so memory does not grow with a file's size.
@@ -2974,9 +2958,10 @@ HASH_QUEUE_ITEMS = 8
 # How long a run waits for the trial mount to answer, and for the server to exit.
 MOUNT_TIMEOUT_SECONDS = 10.0
 # Under the writeback cache the kernel keeps a FUSE file's pages after sending
-# them: a third copy of a large output, next to the spool and LMDB, all of it
-# fresh memory. Each time an output grows past a multiple of this, the server
-# asks the kernel to drop its copy (W4: 1.15x -> 1.10x make, bench/RESULTS.md).
+# them: a second copy of a large output, next to the spool, all of it fresh
+# memory. Each time an output grows past a multiple of this, the server asks
+# the kernel to drop its copy (W4: 1.15x -> 1.10x make, bench/RESULTS.md), and
+# starts the spool's new bytes on their way to disk.
 KERNEL_CACHE_DROP_BYTES = 64 * 1024 * 1024
 
 
@@ -2997,10 +2982,10 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
 class _Content:
     """The pending content of one name: bytes in memory, or a spool file.
 
-    SHA-256 is computed as bytes arrive in order, and a spooled content's
-    bytes go into the object store in the same order; a write before the
-    hashed prefix (or a truncation into it) makes the end of the task hash
-    again, and the parent store the spool file instead.
+    SHA-256 is computed as bytes arrive in order, which proves a spool
+    file's content: the parent renames it into the store as it is. A write
+    before the hashed prefix (or a truncation into it) makes the end of the
+    task hash the spool file again.
     """
 
     def __init__(self, fs: "OutputFS") -> None:
@@ -3013,7 +2998,6 @@ class _Content:
         self.size = 0
         self.hasher: "hashlib._Hash | None" = hashlib.sha256()
         self.hashed = 0
-        self.writer: ObjectWriter | None = None  # the hashed prefix, into LMDB
         self.closed = False    # a close came after the last change
         self.handles = 0
         self.frozen = False    # emitted: no more changes
@@ -3051,19 +3035,13 @@ class _Content:
         if self.hasher is None:
             return
         if offset == self.hashed:
-            if later:  # large: hash (and store) on another core
-                self.fs.stream_later(self.hasher, self.writer, data)
+            if later:  # large: hash on another core
+                self.fs.hash_later(self.hasher, data)
             else:
                 self.hasher.update(data)
             self.hashed = offset + len(data)
         elif offset < self.hashed:
             self.hasher = None
-            self._drop_writer()
-
-    def _drop_writer(self) -> None:
-        if self.writer is not None:
-            self.fs.stream_later(None, self.writer, None)  # after its pending bytes
-            self.writer = None
 
     def _flush(self) -> None:
         """Write the gathered bytes to the spool file (before it is read, cut or closed)."""
@@ -3086,7 +3064,6 @@ class _Content:
             self._flush()
         if length < self.hashed:
             self.hasher, self.hashed = (hashlib.sha256(), 0) if length == 0 else (None, 0)
-            self._drop_writer()
         if self.spool is not None:
             os.ftruncate(self.spool, length)
         elif length <= len(self.buf):
@@ -3110,10 +3087,12 @@ class _Content:
         buf, self.buf = self.buf, bytearray()
         self.fs.memory -= len(buf)
         self._spool_write(buf, 0)
-        if self.hasher is not None and self.hashed == len(buf):
-            self.writer = self.fs.object_writer()
-            if self.writer is not None and buf:
-                self.fs.stream_later(None, self.writer, bytes(buf))
+
+    def write_back(self) -> None:
+        """Start the spool file's bytes on their way to disk (see start_writeback)."""
+        if self.spool is not None:
+            self._flush()
+            self.fs.write_back_later(self.spool)
 
     def digest(self) -> str:
         """Finish the hash: read whatever was not hashed in order."""
@@ -3129,20 +3108,8 @@ class _Content:
             else:
                 block = bytes(self.buf[self.hashed:self.hashed + n])
             self.hasher.update(block)
-            if self.writer is not None:
-                self.writer.append(block)
             self.hashed += len(block)
         return self.hasher.hexdigest()
-
-    def _finish_writer(self) -> ObjectWriter | None:
-        """The writer holding this whole content in the object store, if any."""
-        writer, self.writer = self.writer, None
-        if writer is not None:
-            writer.finish()
-            if not writer.failed:
-                return writer
-            writer.abandon()  # the parent stores the spool file instead
-        return None
 
     def emission(self, name: str) -> dict:
         """Freeze this content as an emitted resource description."""
@@ -3158,9 +3125,6 @@ class _Content:
             os.close(self.spool)
             self.spool = None
             out["spool"] = self.spool_path
-            written = self._finish_writer()
-            if written is not None:
-                out["written"], out["chunks"] = written.key.hex(), written.count
         else:
             out["data"] = bytes(self.buf).hex()
             self.fs.memory -= len(self.buf)
@@ -3169,7 +3133,6 @@ class _Content:
 
     def discard(self) -> None:
         self.gathered = bytearray()
-        self._drop_writer()
         if self.spool is not None:
             os.close(self.spool)
             os.unlink(self.spool_path)
@@ -3318,8 +3281,7 @@ class OutputFS:
         self.spool_dir = spool_dir
         self.libfuse = libfuse  # the major version of the libfuse serving it
         self.writeback = False  # the kernel granted its writeback cache
-        self.objects_path = objects_path
-        self.write_objects = bool(objects_path)  # "" (tests): spooled contents are not
+        self.objects_path = objects_path  # for gather tasks' inputs
         self._store: ObjectStore | None = None  # opened when first needed
         self.views: dict[str, _InputView] = {}  # task token -> its $INPUT_DIR
         self.view_handles: dict[int, tuple[str, int]] = {}  # fh -> (hash, size)
@@ -3328,11 +3290,10 @@ class OutputFS:
         self.memory = 0
         self.mutex = threading.Condition()  # FUSE thread vs. control threads
         self.ready = threading.Event()
-        # Hashing a large file's writes (and writing them into LMDB) in a thread
-        # of its own overlaps it with serving the next write (hashlib and LMDB
-        # release the GIL); 1 GiB end to end went from 285 to 393 MB/s here
-        # (bench/capture.py). Each item names the hasher and writer it feeds,
-        # so a reset never mixes data.
+        # Hashing a large file's writes in a thread of its own overlaps it with
+        # serving the next write (hashlib releases the GIL); 1 GiB end to end
+        # went from 285 to 393 MB/s here (bench/capture.py). Each item names
+        # the hasher it feeds, so a reset never mixes data.
         self.hash_queue: "queue.Queue[tuple]" = queue.Queue(maxsize=HASH_QUEUE_ITEMS)
         threading.Thread(target=self._hash_worker, daemon=True).start()
         self.kernel_cache = _KernelCache()
@@ -3350,23 +3311,25 @@ class OutputFS:
 
     # -- helpers (names that are not FUSE operations) ---------------------------
 
-    def stream_later(self, hasher: "hashlib._Hash | None", writer: ObjectWriter | None,
-                     data: bytes | None) -> None:
-        """Feed data to a hasher and a writer on the hash thread; data None
-        abandons the writer once what was queued before is written."""
-        self.hash_queue.put((hasher, writer, data))
+    def hash_later(self, hasher: "hashlib._Hash", data: bytes) -> None:
+        self.hash_queue.put((hasher.update, data))
+
+    def write_back_later(self, spool: int) -> None:
+        """start_writeback on the hash thread, with a descriptor of its own."""
+        self.hash_queue.put((self._write_back, os.dup(spool)))
+
+    @staticmethod
+    def _write_back(fd: int) -> None:
+        try:
+            start_writeback(fd, 0, 0)  # 0 bytes: to the end
+        finally:
+            os.close(fd)
 
     def _hash_worker(self) -> None:
         while True:
-            hasher, writer, data = self.hash_queue.get()
-            try:  # a writer keeps its own errors; hashing cannot fail
-                if data is None:
-                    writer.abandon()
-                else:
-                    if hasher is not None:
-                        hasher.update(data)
-                    if writer is not None:
-                        writer.append(data)
+            work, argument = self.hash_queue.get()
+            try:
+                work(argument)
             finally:
                 self.hash_queue.task_done()  # digest() waits on join()
 
@@ -3374,18 +3337,6 @@ class OutputFS:
         if self._store is None:
             self._store = ObjectStore(self.objects_path)
         return self._store
-
-    def object_writer(self) -> ObjectWriter | None:
-        """A writer into the run's object store (None where there is none, or
-        it cannot be opened: the parent then stores the spool file)."""
-        if not self.write_objects:
-            return None
-        try:
-            return self.objects().writer()
-        except GritError as e:
-            print(f"cannot write objects as they arrive: {e}", file=sys.stderr, flush=True)
-            self.write_objects = False
-            return None
 
     def over_budget(self) -> bool:
         return self.memory > SPOOL_MEMORY_BUDGET
@@ -3557,8 +3508,6 @@ class OutputFS:
                 for out in task.emitted:
                     if "spool" in out:
                         os.unlink(out["spool"])
-                    if "written" in out:
-                        self.objects().delete(out["written"])
                 if not task.errors and task.refused_read:  # may be why the script failed
                     task.errors.append(f"the script tried to read {quote(task.refused_read)} "
                                        "back, but $OUTPUT_DIR is write-only (-output-mode dir "
@@ -3684,6 +3633,7 @@ class OutputFS:
         content.write(data, offset)
         if content.size // KERNEL_CACHE_DROP_BYTES > before // KERNEL_CACHE_DROP_BYTES:
             self.kernel_cache.drop_later(path)
+            content.write_back()
         return len(data)
 
     @_operation
@@ -4064,26 +4014,25 @@ class FuseCapture:
             raise OSError(reply["error"])
         return f"{out}.in"
 
-    def collect(self, out: str, store: ObjectStore, cache: "InputCache") -> list[Output]:
+    def collect(self, out: str, store: ObjectStore) -> list[Output]:
+        """Store what the server emitted: a large spool file by a rename (the
+        server hashed it in order), a small one's bytes in LMDB."""
         reply = self.server.request({"op": "end", "token": os.path.basename(out), "keep": True})
         if reply["error"]:
             raise OutputError(reply["error"])
         outputs = []
         for item in reply["outputs"]:
             outputs.append(Output(item["name"], item["hash"], item["size"]))
-            if "written" in item:  # already in LMDB, under the writer's key
-                store.adopt(item["hash"], item["size"], bytes.fromhex(item["written"]),
-                            item["chunks"])
-            elif "spool" in item:
-                with open(item["spool"], "rb") as f:
-                    if os.fstat(f.fileno()).st_size != item["size"]:  # the hash is trusted
-                        raise OutputError(f"output {item['name']!r}: its spool file is "
-                                          "incomplete")
-                    store.put(f, item["hash"])
-            if "spool" in item:
-                cache.keep(item["spool"], outputs[-1])
+            if "data" in item:
+                store.put(bytes.fromhex(item["data"]))
+            elif os.path.getsize(item["spool"]) != item["size"]:
+                raise OutputError(f"output {item['name']!r}: its spool file is incomplete")
+            elif item["size"] >= FILE_MIN_BYTES:
+                store.adopt(item["spool"], item["hash"])
             else:
-                store.put(io.BytesIO(bytes.fromhex(item["data"])))
+                with open(item["spool"], "rb") as f:
+                    store.put(f.read())
+                os.unlink(item["spool"])
         return outputs
 
     def discard(self, out: str) -> str | None:
@@ -4271,8 +4220,6 @@ class LocalExecutor(Executor):
         fuse_demanded(self.output_mode)
         self.capture: OutputCapture | None = None  # started with the first task
         self.store = self.db.objects
-        self.cache = InputCache(os.path.join(self.workroot, "cache"))
-        os.mkdir(self.cache.directory, 0o700)
         # Forked now, before grit grows and before any thread starts; mounted at
         # the first task.
         self._server, self._unavailable = fork_fuse_server(
@@ -4387,7 +4334,7 @@ class LocalExecutor(Executor):
         result.exit_code = status
         try:
             if status == 0:
-                result.outputs = self.capture.collect(out, self.store, self.cache)
+                result.outputs = self.capture.collect(out, self.store)
             else:
                 result.error = (timed_out or describe_exit(status)) + last_stderr_line(log_err)
                 self._note_full_disk(result)  # before discarding frees the space
@@ -4405,12 +4352,13 @@ class LocalExecutor(Executor):
         result.stderr_hash = self._keep_log(log_err)
 
     def _write_input(self, spec: TaskSpec, slot: str) -> str:
+        """$INPUT_FILE: a large object placed (ObjectStore.place), a small one's
+        bytes written into the worker's reused input file."""
         path = os.path.join(slot, "input")
-        if self.cache.take(spec.input_hash, path):
+        if self.store.place(spec.input_hash, path):
             return path
         with os.fdopen(open_private(path), "wb") as f:
-            for chunk in self.store.open(spec.input_hash):
-                f.write(chunk)
+            f.writelines(self.store.open(spec.input_hash))
             f.flush()
             truncate_here(f.fileno())
         return path
@@ -4525,10 +4473,13 @@ class LocalExecutor(Executor):
             return collections.Counter(step for _, step in self._running.values())
 
     def _keep_log(self, log: IO[bytes]) -> str | None:
-        if os.fstat(log.fileno()).st_size == 0:
+        size = os.fstat(log.fileno()).st_size
+        if size == 0:
             return None
+        if size >= FILE_MIN_BYTES:
+            return self.store.put_file(f"/proc/self/fd/{log.fileno()}")[0]
         log.seek(0)
-        return self.store.put(log)[0]
+        return self.store.put(log.read())[0]
 
     def _spawn_streaming(self, spec: TaskSpec, env: dict, fd_out: int, fd_err: int) -> int | None:
         """_spawn_and_wait for -verbose: the script writes into pipes, and a
@@ -4675,10 +4626,22 @@ def result_from_json(data: dict) -> TaskResult:
 
 
 def export_object(store: ObjectStore, digest: str, folder: str) -> None:
-    """An object as the file folder/HASH, unless there already."""
-    path = os.path.join(folder, digest)
-    if not os.path.exists(path):
-        write_atomically(path, lambda f: f.writelines(store.open(digest)))
+    """An object as the file folder/HASH, unless there already: a large one
+    linked where the folder is on the store's filesystem, else copied."""
+    path, source = os.path.join(folder, digest), store.file_path(digest)
+    if os.path.exists(path):
+        return
+    with contextlib.suppress(OSError):  # small (no file), or another filesystem
+        os.link(source, path)
+        return
+
+    def copy(f: IO[bytes]) -> None:
+        try:
+            with open(source, "rb") as src:
+                copy_file(src.fileno(), f.fileno())
+        except FileNotFoundError:
+            f.writelines(store.open(digest))
+    write_atomically(path, copy)
 
 
 def task_hashes(spec: TaskSpec) -> list[str]:
@@ -4713,18 +4676,18 @@ def pack_objects(store: ObjectStore, index: dict[str, list[int]], f: IO[bytes]) 
 
 
 def unpack_object(store: ObjectStore, digest: str, pack: IO[bytes], base: int,
-                  index: dict[str, list[int]], big_dir: str) -> str:
+                  index: dict[str, list[int]], big_dir: str, move: bool = False) -> str:
     """An object from a pack (at base + its offset) or from big_dir into the
-    store, its hash checked: "", or what went wrong."""
+    store (moved there with `move`), its hash checked: "", or what went wrong."""
     if store.has(digest):
         return ""
     try:
         if digest in index:
             offset, size = index[digest]
             pack.seek(base + offset)
-            stored, _ = store.put(io.BytesIO(pack.read(size)))
+            stored, _ = store.put(pack.read(size))
         else:
-            stored, _ = store.put_file(os.path.join(big_dir, digest))
+            stored, _ = store.put_file(os.path.join(big_dir, digest), move)
     except OSError as e:
         return f"object {digest[:12]} unreadable in the work dir ({e.strerror})"
     return "" if stored == digest else \
@@ -5269,7 +5232,7 @@ class SlurmExecutor(Executor):
                 self._note_mode(data["mode"], data["node"])
                 for digest in result_hashes(result):
                     problem = unpack_object(self.store, digest, f, len(line), data["pack"],
-                                            os.path.join(job.folder, "objects"))
+                                            os.path.join(job.folder, "objects"), move=True)
                     if problem:  # changed on the way: the task fails, nothing is recorded
                         return TaskResult(result.task_id, error=f"a result {problem}",
                                           started_at=result.started_at,
@@ -6476,9 +6439,9 @@ def cmd_gc(db_path: str, retired: bool, console: Console) -> int:
             console.info(f"deleted the content of {len(gone)} retired resource(s)")
         removed = unreferenced(db.meta, dict.fromkeys(db.objects.hashes(), 0))
         remove_objects(db, removed, console)
-        before = db.sizes()["objects"]
+        before = db.lmdb_bytes
         compacted = compact_objects(db)
-        after = db.sizes()["objects"]
+        after = db.lmdb_bytes
     console.info(f"removed {len(removed)} unreferenced object(s); object store "
                  + (f"compacted from {human_bytes(before)} to {human_bytes(after)}" if compacted
                     else f"{human_bytes(after)}, little free space: not compacted"))
@@ -6491,7 +6454,7 @@ def compact_objects(db: Database) -> bool:
     at any point is completed or undone by the next lock holder."""
     try:
         if db.objects.free_bytes() < max(COMPACT_MIN_BYTES,
-                                         db.sizes()["objects"] * COMPACT_MIN_FRACTION):
+                                         db.lmdb_bytes * COMPACT_MIN_FRACTION):
             return False
         fresh = db.objects_path + ".compact"
         shutil.rmtree(fresh, ignore_errors=True)

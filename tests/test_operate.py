@@ -233,12 +233,13 @@ def test_gc_compacts_the_object_store_and_survives_a_crash_mid_swap(grit):
     grit.write('''
         [[step]]
         name = "s"
-        script = "head -c 8000000 /dev/urandom > $OUTPUT_DIR/big; echo small > $OUTPUT_DIR/small"
-    ''')
+        script = "for i in 1 2 3 4 5 6 7 8; do head -c 1000000 /dev/urandom > $OUTPUT_DIR/big-$i; done; echo small > $OUTPUT_DIR/small"
+    ''')  # objects under 1 MiB: in LMDB
     grit.run()
     data = grit.db / "objects" / "data.mdb"
     before = data.stat().st_size
-    cmd(grit, "-delete", "big")
+    for i in range(1, 9):
+        cmd(grit, "-delete", f"big-{i}")
     gc = cmd(grit, "-gc")
     assert "compacted from" in gc.stderr
     assert data.stat().st_size < before / 4
@@ -315,6 +316,7 @@ def test_options_that_need_another_command_say_so(grit, tmp_path):
 # What each schema version added, newest first: undone, they turn today's
 # database into an older grit's.
 UNDO_SCHEMA = {  # newest first
+    8: [],  # large objects as files: nothing in SQLite
     7: [],  # the object store's second header form: nothing in SQLite
     6: ["DROP TABLE slurm_job"],
     5: ["DROP INDEX gathered_resource", "DROP TABLE gathered", "DROP INDEX task_gather",
@@ -333,7 +335,7 @@ UNDO_SCHEMA = {  # newest first
 }
 
 
-@pytest.mark.parametrize("old", [1, 2, 3, 4, 5, 6])
+@pytest.mark.parametrize("old", [1, 2, 3, 4, 5, 6, 7])
 def test_an_old_database_is_upgraded_in_place(grit, tmp_path, old):
     pipeline(grit, tmp_path, succeed=True)
     import sqlite3
@@ -347,7 +349,7 @@ def test_an_old_database_is_upgraded_in_place(grit, tmp_path, old):
     db.close()
     resources = as_json(grit, "-status")["resources"]   # a read-only command upgrades it
     assert resources["count"] == 9 and resources["live"] == 9  # the live view, computed
-    assert grit.sql("PRAGMA user_version") == [(7,)]
+    assert grit.sql("PRAGMA user_version") == [(8,)]
     assert as_json(grit, "-status")["slurm_jobs"] == []  # schema 6's table is there
     cmd(grit, "-delete", "rev")
     assert "0 task(s) run" in grit.run().stderr
