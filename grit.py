@@ -3962,16 +3962,20 @@ class FuseServer:
         return json.loads(line)
 
     def close(self) -> None:
-        """Unmount and wait for the server to exit (killing it if it hangs)."""
+        """Unmount and wait for the server to exit (killing it if it hangs).
+        A failed mount closed it already: then nothing is left to do."""
+        pid, self.pid = self.pid, 0
+        if not pid:
+            return
         with contextlib.suppress(OSError):
             self.control.sendall(b"shutdown\n")
         deadline = time.monotonic() + MOUNT_TIMEOUT_SECONDS
         while time.monotonic() < deadline:
-            if os.waitpid(self.pid, os.WNOHANG)[0]:
+            if os.waitpid(pid, os.WNOHANG)[0]:
                 return
             time.sleep(0.002)
-        _kill_group(self.pid, signal.SIGKILL)
-        os.waitpid(self.pid, 0)
+        _kill_group(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
         _unmount(self.mount)
 
 

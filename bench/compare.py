@@ -306,7 +306,7 @@ def main() -> None:
           f"{os.cpu_count()} CPUs, Python {platform.python_version()}\n")
     print("| N | runner | W1 cold | ratio | W2 no-op | W3 one new + one changed | peak RSS |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    for n in (int(x) for x in args.sizes.split(",")):
+    for n in (int(x) for x in args.sizes.split(",") if x):
         chosen = runners + ([Snakemake()] if have_snakemake and n <= args.snakemake_max else [])
         base = None
         for runner in chosen:

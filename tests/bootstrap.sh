@@ -5,7 +5,8 @@
 #   - FUSE (fuse3 for fusermount3, libfuse3 for mfusepy, and libfuse2, whose path
 #     the emission tests also run on), Nix (nix-bin, for the offline flake
 #     check) and Slurm (slurmctld, slurmd, slurm-client, munge: the single-node
-#     cluster of tests/slurm-cluster.sh) when root on Debian/Ubuntu and missing.
+#     cluster of tests/slurm-cluster.sh) and xfsprogs (a loop-mounted XFS image
+#     with reflinks) when root on Debian/Ubuntu and missing.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${GRIT_VENV:-$root/.venv}
@@ -21,6 +22,7 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     command -v nix >/dev/null || missing+=(nix-bin)   # the offline flake check
     "$python" -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)  # Debian splits it out
     command -v rsync >/dev/null || missing+=(rsync)   # a FUSE test writes with it
+    command -v mkfs.xfs >/dev/null || missing+=(xfsprogs)  # a reflink filesystem (loop image)
     # a single-node Slurm cluster (tests/slurm-cluster.sh) for the Slurm tests
     command -v slurmctld >/dev/null || missing+=(slurmctld)
     command -v slurmd >/dev/null || missing+=(slurmd)
