@@ -4416,11 +4416,12 @@ class LocalExecutor(Executor):
             try:
                 # posix_spawn (vfork) costs a fraction of subprocess.Popen.
                 # setsid gives the script its own process group; SIGPIPE and
-                # SIGXFSZ, which Python ignores, are restored as a shell has them.
+                # SIGXFSZ, which Python ignores, and SIGIO, which grit ignores,
+                # are restored as a shell has them.
                 launch.pid = os.posix_spawn(
                     self.shell, ["sh", "-c", launch.spec.script], launch.env,
                     file_actions=launch.files, setsid=True,
-                    setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
+                    setsigdef=(signal.SIGPIPE, signal.SIGXFSZ, signal.SIGIO))
             except OSError as e:
                 self._free += need
                 launch.error = e
@@ -6662,6 +6663,9 @@ def chosen_command(args: argparse.Namespace) -> Command:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console(0 if args.quiet else 2 if args.verbose else 1)
+    # still_written's lease probe: a writer opening the file in its instant
+    # would send grit SIGIO, whose default is to terminate.
+    signal.signal(signal.SIGIO, signal.SIG_IGN)
     try:
         settings()  # checked before anything starts
         return chosen_command(args).handler(args, console)

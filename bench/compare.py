@@ -38,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -247,6 +248,29 @@ def w4_source(kind: str, gib: int) -> None:
         W4_SOURCE["path"] = path
 
 
+class DiskPeak:
+    """The most disk used on `path`'s filesystem beyond what it used at the
+    start, sampled every 50 ms while inside (W4: where the bytes are copied)."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.peak, self._done = path, 0, threading.Event()
+        self._start = shutil.disk_usage(path).used
+
+    def __enter__(self) -> "DiskPeak":
+        threading.Thread(target=self._sample, daemon=True).start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.05):
+            self.peak = max(self.peak, shutil.disk_usage(self.path).used - self._start)
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+
+
+DISK_PEAKS: dict[str, list[int]] = {}  # runner -> peak bytes of each W4/W5 run
+
+
 def w4(runner_name: str, readers: int = 1) -> tuple[float, int]:
     """One task writes W4_SOURCE's bytes; `readers` tasks then read them
     (sha256sum, md5sum): with two, the second reads the object out of the store (W5)."""
@@ -259,14 +283,20 @@ def w4(runner_name: str, readers: int = 1) -> tuple[float, int]:
                 f.write(f"all: {' '.join(tools)}\n" +
                         "".join(f"{t}: big\n\t{t} big > {t}\n" for t in tools) +
                         f"big:\n\t{make_big} > big\n")
-            return sh("make -j2 -s", work)
+            with DiskPeak(work) as disk:
+                result = sh("make -j2 -s", work)
+            DISK_PEAKS.setdefault(runner_name, []).append(disk.peak)
+            return result
         mode = runner_name.split("(")[1].rstrip(")")
         with open(os.path.join(work, "m.toml"), "w") as f:
             f.write(f'[[step]]\nname = "big"\nscript = "{make_big} > $OUTPUT_DIR/big"\n' +
                     "".join(f'[[step]]\nname = "{t}"\ninputs = ["big"]\n'
                             f'script = "{t} $INPUT_FILE > $OUTPUT_DIR/{t}"\n' for t in tools))
-        return sh(f"{sys.executable} {GRIT} -manifest m.toml -db db -run -quiet "
-                  f"-output-mode {mode}", work)
+        with DiskPeak(work) as disk:
+            result = sh(f"{sys.executable} {GRIT} -manifest m.toml -db db -run -quiet "
+                        f"-output-mode {mode}", work)
+        DISK_PEAKS.setdefault(runner_name, []).append(disk.peak)
+        return result
     finally:
         shutil.rmtree(work)
 
@@ -322,18 +352,24 @@ def main() -> None:
                                  (args.w5, 2, f"W5: {size}, then sha256 and md5")):
         if not flag:
             continue
-        print(f"\n| {title} | time | ratio | peak RSS |\n| --- | --- | --- | --- |")
+        print(f"\n| {title} | time | ratio | peak RSS | peak disk | ratio |\n"
+              "| --- | --- | --- | --- | --- | --- |")
+        DISK_PEAKS.clear()
         names = ["make -j2", "grit (fuse)", "grit (dir)"]
         runs: dict[str, list] = {name: [] for name in names}
         for i in range(args.repeat):  # alternated, so a machine slowing down weighs on all
             for name in names if i % 2 == 0 else names[::-1]:
                 runs[name].append(w4(name, readers))
-        base = None
+        base = base_disk = None
         for name in names:
             t = statistics.median(r[0] for r in runs[name])
             rss = max(r[1] for r in runs[name])
-            base = base or t
-            print(f"| {name} | {t:.2f} s | {t / base:.2f}x | {rss} MiB |", flush=True)
+            disk = max(DISK_PEAKS[name])
+            base, base_disk = base or t, base_disk or disk
+            print(f"| {name} | {t:.2f} s | {t / base:.2f}x | {rss} MiB | {disk / 2**30:.2f} GiB "
+                  f"| {disk / base_disk:.2f}x |", flush=True)
+        print(f"\n(runs: {', '.join(f'{n} ' + '/'.join(f'{r[0]:.2f}' for r in runs[n]) for n in names)};"
+              f" as {'root' if os.geteuid() == 0 else 'an ordinary user'})", flush=True)
 
 if __name__ == "__main__":
     main()
