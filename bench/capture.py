@@ -58,7 +58,9 @@ def main() -> None:
     ap.add_argument("--size-mib", type=int, default=1024, help="0: no big file")
     ap.add_argument("--files", type=int, default=2000)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--grit", default=GRIT, help="the grit.py to run")
     args = ap.parse_args()
+    globals()["GRIT"] = os.path.abspath(args.grit)
     big = f"dd if=/dev/zero of=$OUTPUT_DIR/big bs=1M count={args.size_mib} status=none"
     small = (f"i=0; while [ $i -lt {args.files} ]; do echo $i > $OUTPUT_DIR/f-$i; "
              f"i=$((i+1)); done")

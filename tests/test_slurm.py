@@ -37,6 +37,25 @@ FAN_OUT = '''
 '''
 
 
+# Objects of 1 MiB or more travel as files: the coordinator links its input
+# into the job folder, the node copies it in, and the coordinator renames the
+# node's result from the work dir into its store (one filesystem here).
+LARGE = '''
+    [[step]]
+    name = "seed"
+    script = "yes seed | head -c 3000000 > $OUTPUT_DIR/big; echo small > $OUTPUT_DIR/small"
+    [[step]]
+    name = "double"
+    inputs = ["big"]
+    script = 'cat "$INPUT_FILE" "$INPUT_FILE" > "$OUTPUT_DIR/double"'
+    [[step]]
+    name = "sum"
+    inputs = ["double", "small"]
+    gather = true
+    script = 'cat "$INPUT_DIR/double" "$INPUT_DIR/small" | sha256sum > "$OUTPUT_DIR/sum"'
+'''
+
+
 def on_slurm(grit: Grit, cluster, *extra, check=0, env=None, timeout=180):
     env = dict(FAST, SLURM_CONF=cluster["SLURM_CONF"], **(env or {}))
     return grit.run("-executor", "slurm", *extra, check=check, env=env, timeout=timeout)
@@ -78,15 +97,19 @@ def local_twin(tmp_path, manifest: str, mode: str = "auto") -> set[tuple[str, st
     return live(twin)
 
 
-@pytest.mark.parametrize("example", ["quickstart", "fan-out"])
+@pytest.mark.parametrize("example", ["quickstart", "fan-out", "large"])
 def test_same_results_as_the_local_executor(grit, cluster, tmp_path, example):
-    manifest = (EXAMPLES / "quickstart.toml").read_text() if example == "quickstart" else FAN_OUT
+    manifest = {"quickstart": (EXAMPLES / "quickstart.toml").read_text(), "fan-out": FAN_OUT,
+                "large": LARGE}[example]
     grit.write(manifest)
     proc = on_slurm(grit, cluster, "-verbose")
     assert "slurm: job " in proc.stderr and "0 failed" in proc.stderr
     assert live(grit) == local_twin(tmp_path, manifest)
     if example == "fan-out":  # rewriting one name in a loop: 8 resources, as locally
         assert grit.count("item") == 8
+    if example == "large":  # big and double, as read-only files; nothing damaged
+        assert len(os.listdir(grit.db / "files")) == 2
+        assert "0 problem(s)" in grit("-db", str(grit.db), "-verify").stderr
     assert not (grit.path / "grit-work").exists() or not any(
         (grit.path / "grit-work").glob("*/jobs/*"))  # job folders go once the run is done
     assert "0 task(s) run" in on_slurm(grit, cluster).stderr  # nothing twice
