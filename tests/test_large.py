@@ -231,6 +231,20 @@ def test_gc_removes_files_nothing_names(grit):
     assert "0 problem(s)" in grit("-db", str(grit.db), "-verify").stderr
 
 
+def test_gc_retired_removes_the_file_of_a_superseded_output(grit):
+    grit.write(PIPELINE)
+    grit.run()
+    grit.write(PIPELINE.replace("yes grit", "yes tirg"))  # a new version: new content
+    grit.run()
+    assert len(files(grit)) == 2
+    gc = grit("-db", str(grit.db), "-gc", "-retired").stderr
+    # the old big (a file) and its sum (in LMDB)
+    assert "removed 2 unreferenced object(s)" in gc, gc
+    assert files(grit) != [DIGEST] and len(files(grit)) == 1
+    assert grit.contents("big") == [(b"tirg\n" * (SIZE // 5 + 1))[:SIZE]]
+    assert "0 problem(s)" in grit("-db", str(grit.db), "-verify").stderr
+
+
 def test_an_output_still_written_by_a_leftover_process_is_copied_in(grit, tmp_path):
     """A process the script started outside its process group keeps the file
     open and writes on after the task: the store holds what was there when

@@ -4,7 +4,6 @@ no FUSE. The fake is also the proof that a second executor needs no change to
 the Scheduler: it implements grit.Executor and nothing else."""
 import collections
 import concurrent.futures
-import io
 import threading
 import time
 
@@ -52,7 +51,7 @@ class FakeExecutor:
         if isinstance(outcome, str):
             result = grit.TaskResult(spec.task_id, exit_code=1, error=outcome)
         else:
-            outputs = [grit.Output(name, *self.db.objects.put(io.BytesIO(content)))
+            outputs = [grit.Output(name, *self.db.objects.put(content))
                        for name, content in outcome.items()]
             result = grit.TaskResult(spec.task_id, exit_code=0, outputs=outputs)
         future.set_result(result)
