@@ -699,14 +699,17 @@ def _libc() -> object:
     return ctypes.CDLL(None, use_errno=True)
 
 
-def start_writeback(fd: int, offset: int, length: int) -> None:
-    """Have the kernel start writing [offset, offset + length) of a file to disk
-    without waiting (sync_file_range), so the fdatasync before the file becomes
-    an object finds little left to write (1 GiB here: 1.2 s when all is left)."""
+def start_writeback(fd: int, offset: int = 0, length: int = 0, close: bool = False) -> None:
+    """Have the kernel start writing [offset, offset + length) of a file (length
+    0: to its end) to disk without waiting (sync_file_range), so the fdatasync
+    before the file becomes an object finds little left to write (1 GiB here:
+    1.2 s when all is left); then close fd if asked."""
     import ctypes
     with contextlib.suppress(AttributeError, OSError):
         _libc().sync_file_range(fd, ctypes.c_int64(offset), ctypes.c_int64(length),  # type: ignore[attr-defined]
                                 ctypes.c_uint(SYNC_FILE_RANGE_WRITE))
+    if close:
+        os.close(fd)
 
 
 def copy_file(src: int, dst: int) -> None:
@@ -826,16 +829,13 @@ class ObjectStore:
     def put(self, data: bytes) -> tuple[str, int]:
         """Store bytes held in memory; returns (hash, size)."""
         digest = hashlib.sha256(data).hexdigest()
-        if len(data) >= FILE_MIN_BYTES:
-            fd, path = tempfile.mkstemp(dir=self.files, prefix=".new-")
-            with open(fd, "wb") as f:
-                f.write(data)
-            self.adopt(path, digest)
-        elif len(data) <= CHUNK_SIZE:
-            self._put_small(digest, data)
-        elif not self.has(digest):
-            self._put_chunks(digest, len(data), (data[i:i + CHUNK_SIZE]
-                                                 for i in range(0, len(data), CHUNK_SIZE)))
+        if len(data) < FILE_MIN_BYTES:
+            self._put_lmdb(digest, data)
+            return digest, len(data)
+        fd, path = tempfile.mkstemp(dir=self.files, prefix=".new-")
+        with open(fd, "wb") as f:
+            f.write(data)
+        self.adopt(path, digest)
         return digest, len(data)
 
     def put_file(self, path: str, move: bool = False) -> tuple[str, int]:
@@ -846,15 +846,14 @@ class ObjectStore:
         with open(path, "rb", buffering=0) as f:
             if os.fstat(f.fileno()).st_size < FILE_MIN_BYTES:
                 stored = self.put(f.read())
-            elif move:
-                stored = hash_blocks(f)  # type: ignore[arg-type]
-            else:
+            elif not move:
                 return self._copy_in(f.fileno())
-        if move:
-            if stored[1] >= FILE_MIN_BYTES:
-                self.adopt(path, stored[0])
             else:
-                os.unlink(path)
+                stored = hash_blocks(f)  # type: ignore[arg-type]
+        if move and stored[1] >= FILE_MIN_BYTES:
+            self.adopt(path, stored[0])
+        elif move:
+            os.unlink(path)
         return stored
 
     def _copy_in(self, src: int) -> tuple[str, int]:
@@ -896,59 +895,51 @@ class ObjectStore:
             os.close(fd)
         self._new_files = True
 
-    # How place() puts a large object for a script, found at its first use:
-    # "reflink", "link" or "copy".
-    placing = ""
+    @functools.cached_property
+    def placing(self) -> str:
+        """How place() puts a large object for a script: "reflink" where files/
+        shares blocks (tried on two unnamed files), else "link" for an ordinary
+        user, else "copy" (root, whom permissions do not stop)."""
+        with tempfile.TemporaryFile(dir=self.files) as a, \
+                tempfile.TemporaryFile(dir=self.files) as b:
+            a.write(b"probe")
+            a.flush()
+            try:
+                fcntl.ioctl(b.fileno(), FICLONE, a.fileno())
+                return "reflink"
+            except OSError:
+                return "link" if os.geteuid() != 0 else "copy"
 
     def place(self, digest: str, target: str) -> bool:
         """Put a large object at `target` for a script to read (its $INPUT_FILE)
-        so that writing into it never changes the object: a reflink where the
-        filesystem shares blocks; else, for an ordinary user, a hard link to
-        the read-only file (writes fail with EACCES); else (root, whom
-        permissions do not stop) a private copy made in the kernel. False if
-        the object is not a file."""
+        so that writing into it never changes the object: a reflink, a hard
+        link to the read-only file (writes fail with EACCES) or a private copy
+        made in the kernel, as `placing` says. False if the object is not a file."""
         source = self.file_path(digest)
         if not os.path.exists(source):  # a small object: one failed stat
             return False
         with contextlib.suppress(FileNotFoundError):
             os.unlink(target)
-        if self.placing != "link":
-            with open(source, "rb", buffering=0) as src, open(os.open(
-                    target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600),
-                    "wb", buffering=0) as dst:
-                if self.placing != "copy":
-                    try:
-                        fcntl.ioctl(dst.fileno(), FICLONE, src.fileno())
-                        self.placing = "reflink"
-                        return True
-                    except OSError:
-                        self.placing = "link" if os.geteuid() != 0 else "copy"
-                if self.placing == "copy":
-                    copy_file(src.fileno(), dst.fileno())
-                    return True
-            os.unlink(target)
-        os.link(source, target)
+        if self.placing == "link":
+            os.link(source, target)
+            return True
+        with open(source, "rb", buffering=0) as src, open(os.open(
+                target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600),
+                "wb", buffering=0) as dst:
+            copy_file(src.fileno(), dst.fileno())  # a reflink where it can
         return True
 
-    def _put_small(self, digest: str, data: bytes) -> None:
-        """A one-chunk object, unless stored already: one write transaction."""
+    def _put_lmdb(self, digest: str, data: bytes) -> None:
+        """An object under FILE_MIN_BYTES, unless stored already: its chunks
+        and its header in one write transaction."""
         key = bytes.fromhex(digest)
+        chunks = [data[i:i + CHUNK_SIZE] for i in range(0, len(data), CHUNK_SIZE)] or [b""]
 
         def write(txn: object) -> None:
             if txn.get(key, db=self._objects) is None:  # type: ignore[attr-defined]
-                txn.put(key + struct.pack(">I", 0), data, db=self._chunks)  # type: ignore[attr-defined]
-                txn.put(key, HEADER.pack(len(data), 1), db=self._objects)  # type: ignore[attr-defined]
-
-        self._write(write)
-
-    def _put_chunks(self, digest: str, size: int, chunks: Iterator[bytes]) -> None:
-        key = bytes.fromhex(digest)
-        batch = list(chunks)
-
-        def write(txn: object) -> None:
-            for i, chunk in enumerate(batch):
-                txn.put(key + struct.pack(">I", i), chunk, db=self._chunks)  # type: ignore[attr-defined]
-            txn.put(key, HEADER.pack(size, len(batch)), db=self._objects)  # type: ignore[attr-defined]
+                for i, chunk in enumerate(chunks):
+                    txn.put(key + struct.pack(">I", i), chunk, db=self._chunks)  # type: ignore[attr-defined]
+                txn.put(key, HEADER.pack(len(data), len(chunks)), db=self._objects)  # type: ignore[attr-defined]
 
         self._write(write)
 
@@ -2055,9 +2046,10 @@ NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "afs", "9p", "lus
 RELEASE_GRACE_SECONDS = 2.0
 
 
-def _unmount(mount: str) -> None:
-    """Unmount, waiting a little for busy files, then detach lazily."""
-    fusermount = shutil.which("fusermount") or shutil.which("fusermount3")
+def _unmount(mount: str, fuse: bool = True) -> None:
+    """Unmount, waiting a little for busy files, then detach lazily (a FUSE
+    mount through fusermount where there is one)."""
+    fusermount = fuse and (shutil.which("fusermount") or shutil.which("fusermount3"))
     for attempt in range(20):
         if fusermount:
             done = os.spawnv(os.P_WAIT, fusermount,
@@ -2102,11 +2094,23 @@ def filesystem_type(path: str, table: list[tuple[str, str]]) -> str:
 
 
 def unmount_stale(root: str) -> None:
-    """Unmount FUSE mounts left under `root` by a grit that was killed."""
+    """Unmount what a grit that was killed left mounted under `root` (FUSE,
+    overlays of $INPUT_FILE)."""
     root = os.path.realpath(root) + "/"
-    for point, _ in mounts():
+    for point, kind in mounts():
         if (point + "/").startswith(root):
-            _unmount(point)
+            _unmount(point, fuse=kind.startswith("fuse"))
+
+
+def mount_overlay(lower: str, upper: str, work: str, target: str) -> bool:
+    """An overlay filesystem at `target`: `lower` read-only beneath, what is
+    written going to `upper`. False where this process may not mount one (not
+    root, no CAP_SYS_ADMIN, a filesystem overlayfs cannot write to, or a path
+    its option syntax cannot carry)."""
+    if any(c in "".join((lower, upper, work)) for c in ",:\\"):
+        return False
+    options = f"lowerdir={lower},upperdir={upper},workdir={work}".encode()
+    return _libc().mount(b"overlay", target.encode(), b"overlay", 0, options) == 0  # type: ignore[attr-defined]
 
 
 def _last_line(path: str) -> str:
@@ -2724,7 +2728,6 @@ class _Follower:
         may still change is copied in instead."""
         st = os.lstat(path)
         followed = self.files.pop((st.st_dev, st.st_ino), None)
-        stored = None
         try:
             if st.st_size >= FILE_MIN_BYTES and still_written(path):
                 stored = self.store.put_file(path)
@@ -2860,7 +2863,8 @@ class DirCapture:
 
 
 # What a worker's scratch directory holds beside $OUTPUT_DIR (see LocalExecutor).
-SLOT_FILES = frozenset({"input", "stdout", "stderr", "inputs", "input-list", "input-index"})
+SLOT_FILES = frozenset({"input", "stdout", "stderr", "inputs", "input-list", "input-index",
+                        "in", "in-lower", "in-upper", "in-work"})
 
 
 def input_tree(gathered: list[Output]) -> list[tuple[str, Output]]:
@@ -3319,14 +3323,7 @@ class OutputFS:
 
     def write_back_later(self, spool: int) -> None:
         """start_writeback on the hash thread, with a descriptor of its own."""
-        self.hash_queue.put((self._write_back, os.dup(spool)))
-
-    @staticmethod
-    def _write_back(fd: int) -> None:
-        try:
-            start_writeback(fd, 0, 0)  # 0 bytes: to the end
-        finally:
-            os.close(fd)
+        self.hash_queue.put((functools.partial(start_writeback, close=True), os.dup(spool)))
 
     def _hash_worker(self) -> None:
         while True:
@@ -4037,9 +4034,7 @@ class FuseCapture:
             elif item["size"] >= FILE_MIN_BYTES:
                 store.adopt(item["spool"], item["hash"])
             else:
-                with open(item["spool"], "rb") as f:
-                    store.put(f.read())
-                os.unlink(item["spool"])
+                store.put_file(item["spool"], move=True)
         return outputs
 
     def discard(self, out: str) -> str | None:
@@ -4211,6 +4206,7 @@ class LocalExecutor(Executor):
         self._free = parallel  # script slots (-parallel) not in use; a task takes its cpus
         self._waiting: collections.deque[_Launch] = collections.deque()  # for a slot
         self._environ = dict(os.environ)  # copied once: os.environ decodes on every copy
+        self._overlays = os.geteuid() == 0  # until a mount is refused
 
     @classmethod
     def for_run(cls, opts: RunOptions, manifest: Manifest, db: Database,
@@ -4311,6 +4307,9 @@ class LocalExecutor(Executor):
         except BaseException:  # a timeout, or grit's own error: what the script
             self.capture.discard(out)  # wrote must not reach the worker's next task
             raise
+        finally:
+            if input_file == os.path.join(slot.path, "in", "input"):
+                self._drop_overlay(slot.path)
         return result
 
     def _run_script(self, spec: TaskSpec, slot: "_Slot", out: str, input_file: str,
@@ -4359,8 +4358,11 @@ class LocalExecutor(Executor):
         result.stderr_hash = self._keep_log(log_err)
 
     def _write_input(self, spec: TaskSpec, slot: str) -> str:
-        """$INPUT_FILE: a large object placed (ObjectStore.place), a small one's
-        bytes written into the worker's reused input file."""
+        """$INPUT_FILE: a large object beneath an overlay or placed
+        (ObjectStore.place), a small one's bytes written into the worker's
+        reused input file."""
+        if self._overlay_input(spec.input_hash, slot):
+            return os.path.join(slot, "in", "input")
         path = os.path.join(slot, "input")
         if self.store.place(spec.input_hash, path):
             return path
@@ -4369,6 +4371,33 @@ class LocalExecutor(Executor):
             f.flush()
             truncate_here(f.fileno())
         return path
+
+    def _overlay_input(self, digest: str, slot: str) -> bool:
+        """Root's $INPUT_FILE of a large object without a copy, where the store
+        would copy it: the object (hard-linked) beneath an overlay whose upper
+        layer takes whatever the script writes, removes or renames there (the
+        file is copied up whole at its first write). False for a small object,
+        or where mounting is refused (copies from then on)."""
+        source = self.store.file_path(digest)
+        if not self._overlays or self.store.placing != "copy" or not os.path.exists(source):
+            return False
+        layers = [os.path.join(slot, name) for name in ("in-lower", "in-upper", "in-work", "in")]
+        for layer in layers:
+            os.makedirs(layer, 0o700, exist_ok=True)
+        os.link(source, os.path.join(layers[0], "input"))
+        self._overlays = mount_overlay(*layers)
+        if not self._overlays:
+            self._drop_overlay(slot)
+        return self._overlays
+
+    @staticmethod
+    def _drop_overlay(slot: str) -> None:
+        """After the task: unmount its input overlay and empty its layers."""
+        merged = os.path.join(slot, "in")
+        if os.path.ismount(merged):
+            _unmount(merged, fuse=False)
+        for layer in ("in-lower", "in-upper"):
+            shutil.rmtree(os.path.join(slot, layer), ignore_errors=True)
 
     def _gather(self, spec: TaskSpec, slot: str, out: str) -> tuple[str, str]:
         """A gather task's $INPUT_DIR and $INPUT_LIST ("" for other tasks)."""
@@ -4642,14 +4671,7 @@ def export_object(store: ObjectStore, digest: str, folder: str) -> None:
     with contextlib.suppress(OSError):  # small (no file), or another filesystem
         os.link(source, path)
         return
-
-    def copy(f: IO[bytes]) -> None:
-        try:
-            with open(source, "rb") as src:
-                copy_file(src.fileno(), f.fileno())
-        except FileNotFoundError:
-            f.writelines(store.open(digest))
-    write_atomically(path, copy)
+    write_atomically(path, lambda f: f.writelines(store.open(digest)))
 
 
 def task_hashes(spec: TaskSpec) -> list[str]:

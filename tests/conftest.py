@@ -38,6 +38,20 @@ def mounts_under(path) -> list[str]:
         return [line.split()[4] for line in f if line.split()[4].startswith(root)]
 
 
+def processes_using(path):
+    """PIDs whose command line or working directory mentions `path`."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+        except OSError:
+            continue
+        if int(pid) != os.getpid() and (str(path) in cmd or cwd.startswith(str(path))):
+            found.append(int(pid))
+    return found
+
+
 class Grit:
     """A working directory with a manifest and a database, and grit to run in it."""
 

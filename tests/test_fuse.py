@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import GRIT, mounts_under, require_fuse, wait_for
+from conftest import GRIT, mounts_under, processes_using, require_fuse, wait_for
 
 
 @pytest.fixture(autouse=True)
@@ -330,20 +330,6 @@ script = 'echo fine > $OUTPUT_DIR/fine'
     proc = grit.run("-output-mode", "fuse", check=1)
     assert "still open 2 s after the script exited" in proc.stderr
     assert grit.has("fine") and not grit.has("x")
-
-
-def processes_using(path):
-    """PIDs whose command line or working directory mentions `path`."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmd = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
-            cwd = os.readlink(f"/proc/{pid}/cwd")
-        except OSError:
-            continue
-        if int(pid) != os.getpid() and (str(path) in cmd or cwd.startswith(str(path))):
-            found.append(int(pid))
-    return found
 
 
 def test_ctrl_c_during_writes_leaves_no_mount_or_process(grit):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import GRIT, ROOT, Grit, require_fuse, wait_for
+from conftest import GRIT, ROOT, Grit, mounts_under, processes_using, require_fuse, wait_for
 
 SIZE = 3_000_000  # bytes of the large output: a file object, not an LMDB one
 CONTENT = (b"grit\n" * (SIZE // 5 + 1))[:SIZE]
@@ -99,10 +99,12 @@ name = "vandal"
 inputs = ["big"]
 script = \'\'\'
 filefrag -v "$INPUT_FILE" 2>/dev/null | grep -c shared > $OUTPUT_DIR/shared || true
+stat -f -c %T "$INPUT_FILE" > $OUTPUT_DIR/fstype
 n=0
 printf XXXX | dd of="$INPUT_FILE" conv=notrunc 2>/dev/null || n=$((n+1))
 truncate -s 10 "$INPUT_FILE" 2>/dev/null || n=$((n+1))
 echo more 2>/dev/null >> "$INPUT_FILE" || n=$((n+1))
+sed -i s/grit/GRIT/ "$INPUT_FILE" && rm "$INPUT_FILE" || n=$((n+10))  # replacing it works
 echo $n > $OUTPUT_DIR/refused
 \'\'\'
 '''
@@ -128,10 +130,42 @@ def vandalise(grit: Grit, mode: str, python: str = sys.executable, user: str = "
     return int(refused)
 
 
+def can_mount() -> bool:
+    """Whether this process may mount (root with CAP_SYS_ADMIN, not in a locked container)."""
+    with tempfile.TemporaryDirectory() as d:
+        if subprocess.run(["mount", "-t", "tmpfs", "none", d], capture_output=True).returncode:
+            return False
+        subprocess.run(["umount", d], check=True)
+        return True
+
+
 def test_writing_into_input_file_as_root_lands_in_a_private_copy(grit, output_mode):
     if os.geteuid() != 0:
         pytest.skip("runs as root: grit runs as an ordinary user here (the next test covers it)")
     assert vandalise(grit, output_mode) == 0  # root's writes succeed, into its own copy
+    # on a filesystem without reflinks, an overlay's upper layer takes them (else a copy)
+    [fstype] = grit.contents("fstype")
+    assert fstype.strip() == (b"overlayfs" if can_mount() else fstype.strip())
+    assert not [m for m in mounts_under(grit.db)]
+
+
+def test_a_run_killed_with_an_input_overlay_mounted_leaves_nothing_behind(grit, tmp_path):
+    if os.geteuid() != 0 or not can_mount():
+        pytest.skip("root's $INPUT_FILE overlay needs root allowed to mount")
+    started = tmp_path / "started"
+    grit.write(PIPELINE.replace("sha256sum < $INPUT_FILE", f"touch {started}; sleep 60; cat"))
+    proc = grit.popen("-output-mode", "dir")
+    assert wait_for(started.exists, timeout=60)
+    assert [m for m in mounts_under(grit.db) if m.endswith("/in")]  # the overlay
+    proc.kill()
+    proc.wait()
+    for pid in processes_using(grit.path):  # the script's sleep
+        os.kill(pid, 9)
+    grit.write(PIPELINE)
+    grit.run("-output-mode", "dir")
+    assert not mounts_under(grit.db)
+    assert grit.contents("sum") == [DIGEST.encode() + b"\n"]
+    assert "0 problem(s)" in grit("-db", str(grit.db), "-verify").stderr
 
 
 OTHER = "grit-test-other"

@@ -107,7 +107,9 @@ class Background:
     def __init__(self, db, executor, steps=STEPS):
         self.sched, versions = scheduler(db, executor, steps)
         self.summary = None
-        self.thread = threading.Thread(target=self._run, args=(versions,))
+        # a daemon: a test that fails while the scheduler waits must not keep
+        # pytest from exiting
+        self.thread = threading.Thread(target=self._run, args=(versions,), daemon=True)
         self.thread.start()
 
     def _run(self, versions):
