@@ -12,7 +12,7 @@ for that step, and a gather step's input count is what it gathers.
 
 Each sequence runs grit in this process (grit.main), which is what makes
 hundreds of them affordable. GRIT_PROPERTY_EXAMPLES sets how many sequences
-per mode (default 200); `GRIT_PROPERTY_EXAMPLES=2000 tests/run -k property`
+per mode (default 150); `GRIT_PROPERTY_EXAMPLES=2000 tests/run -k property`
 is the long run. derandomize: CI sees the same histories every time."""
 import collections
 import contextlib
@@ -203,7 +203,7 @@ def with_known(test):
 
 
 @pytest.mark.parametrize("mode", ["dir", "fuse"])
-@settings(max_examples=examples(200), deadline=None, derandomize=True,
+@settings(max_examples=examples(150), deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @with_known
 @given(edits=HISTORIES)
