@@ -4381,6 +4381,7 @@ class LocalExecutor(Executor):
         source = self.store.file_path(digest)
         if not self._overlays or self.store.placing != "copy" or not os.path.exists(source):
             return False
+        self._drop_overlay(slot)  # what a task that failed before its script left
         layers = [os.path.join(slot, name) for name in ("in-lower", "in-upper", "in-work", "in")]
         for layer in layers:
             os.makedirs(layer, 0o700, exist_ok=True)
