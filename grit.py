@@ -4361,10 +4361,11 @@ class LocalExecutor(Executor):
         """$INPUT_FILE: a large object beneath an overlay or placed
         (ObjectStore.place), a small one's bytes written into the worker's
         reused input file."""
-        if self._overlay_input(spec.input_hash, slot):
-            return os.path.join(slot, "in", "input")
         path = os.path.join(slot, "input")
-        if self.store.place(spec.input_hash, path):
+        if os.path.exists(self.store.file_path(spec.input_hash)):  # a large object
+            if self._overlay_input(spec.input_hash, slot):
+                return os.path.join(slot, "in", "input")
+            self.store.place(spec.input_hash, path)
             return path
         with os.fdopen(open_private(path), "wb") as f:
             f.writelines(self.store.open(spec.input_hash))
@@ -4376,16 +4377,15 @@ class LocalExecutor(Executor):
         """Root's $INPUT_FILE of a large object without a copy, where the store
         would copy it: the object (hard-linked) beneath an overlay whose upper
         layer takes whatever the script writes, removes or renames there (the
-        file is copied up whole at its first write). False for a small object,
-        or where mounting is refused (copies from then on)."""
-        source = self.store.file_path(digest)
-        if not self._overlays or self.store.placing != "copy" or not os.path.exists(source):
+        file is copied up whole at its first write). False where the store
+        would not copy, or where mounting is refused (copies from then on)."""
+        if not self._overlays or self.store.placing != "copy":
             return False
         self._drop_overlay(slot)  # what a task that failed before its script left
         layers = [os.path.join(slot, name) for name in ("in-lower", "in-upper", "in-work", "in")]
         for layer in layers:
             os.makedirs(layer, 0o700, exist_ok=True)
-        os.link(source, os.path.join(layers[0], "input"))
+        os.link(self.store.file_path(digest), os.path.join(layers[0], "input"))
         self._overlays = mount_overlay(*layers)
         if not self._overlays:
             self._drop_overlay(slot)
