@@ -230,7 +230,8 @@ def human_bytes(n: float) -> str:
 
 # Longest path segment most Linux filesystems accept, in bytes.
 MAX_SEGMENT_BYTES = 255
-GLOB_CHARS = "*?["
+GLOB_CHAR = re.compile(r"[*?\[]")
+CONTROL_CHAR = re.compile(r"[\x00-\x1f\x7f]")
 STEP_NAME_RE = re.compile(r"[A-Za-z0-9_.-]+\Z")
 
 
@@ -244,9 +245,9 @@ def resource_name_problem(name: str, pattern: bool = False) -> str | None:
         name.encode("utf-8")
     except UnicodeEncodeError:  # undecodable bytes arrive as surrogate escapes
         return "is not valid UTF-8"
-    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+    if CONTROL_CHAR.search(name):
         return "contains a control character"
-    if not pattern and any(c in GLOB_CHARS for c in name):
+    if not pattern and GLOB_CHAR.search(name):
         return "contains one of * ? [ (pattern characters in inputs)"
     for segment in name.split("/"):
         if segment == "":
@@ -259,7 +260,7 @@ def resource_name_problem(name: str, pattern: bool = False) -> str | None:
 
 
 def is_pattern(text: str) -> bool:
-    return any(c in GLOB_CHARS for c in text)
+    return GLOB_CHAR.search(text) is not None
 
 
 def matches_inputs(name: str, inputs: Sequence[str]) -> bool:
@@ -667,6 +668,7 @@ FILE_MIN_BYTES = 1024 * 1024
 BLOCK_BYTES = 1024 * 1024  # a large object is read and hashed in blocks of this size
 # Bytes read per LMDB read transaction: bounds the memory of one reader.
 READ_BATCH_BYTES = 4 * 1024 * 1024
+HOLD_MAX_BYTES = 64 * 1024 * 1024  # small objects held for the next sync, at most
 HEADER = struct.Struct(">QI")  # object header: size in bytes, number of chunks
 # The header of a large object an older grit wrote before its hash was known:
 # its chunks stay under the random key they were written under.
@@ -691,6 +693,15 @@ def hash_blocks(f: IO[bytes]) -> tuple[str, int]:
             size += len(block)
         hashing.result()
     return h.hexdigest(), size
+
+
+def read_whole(fd: int, size: int) -> bytes:
+    """A file's bytes from its offset to its end, `size` of them expected
+    (plain os.read: a file object costs three more system calls)."""
+    data = os.read(fd, size + 1)
+    if len(data) > size:  # it grew meanwhile
+        data += b"".join(iter(lambda: os.read(fd, BLOCK_BYTES), b""))
+    return data
 
 
 @functools.lru_cache(maxsize=None)
@@ -779,6 +790,12 @@ class ObjectStore:
         # Every transaction holds this lock: LMDB may only be resized while no
         # transaction of this process is open.
         self._guard = threading.Lock()
+        # Small objects put since the last sync, written by it in one transaction
+        # (one write transaction per object cost six system calls; bench/budget.py).
+        # Only where sync() comes before anything outside this process needs them.
+        self.hold = False
+        self._held: dict[str, bytes] = {}
+        self._held_bytes = 0
 
     def _open(self, path: str, size: int, readonly: bool) -> object:
         # readahead: an object is read front to back, in chunks of 64 contiguous
@@ -792,9 +809,15 @@ class ObjectStore:
         self.env.close()
 
     def sync(self) -> None:
-        """Flush written objects to disk; called before metadata that names them
-        commits. File objects were synced when adopted; their names are now."""
-        self.env.sync(True)
+        """Write the held objects and flush them to disk; called before metadata
+        that names them commits. File objects were synced when adopted; their
+        names are now."""
+        try:
+            with self._guard:
+                self._write_held()
+            self.env.sync(True)
+        except self._lmdb.Error as e:  # a full disk shows up as EIO here
+            raise OSError(f"cannot write the object store: {e}") from None
         if self._new_files:
             self._new_files = False
             fd = os.open(self.files, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -807,22 +830,25 @@ class ObjectStore:
         """Run fn(txn) in a write transaction, growing the map when it is full
         (or adopting the size another process grew it to)."""
         with self._guard:
-            while True:
-                try:
-                    with self.env.begin(write=True) as txn:
-                        fn(txn)
-                    return
-                except self._lmdb.MapFullError:
-                    self.env.set_mapsize(self.env.info()["map_size"] * 2)
-                except self._lmdb.MapResizedError:
-                    self.env.set_mapsize(0)
+            self._transact(fn)
+
+    def _transact(self, fn: Callable[[object], None]) -> None:
+        while True:
+            try:
+                with self.env.begin(write=True) as txn:
+                    fn(txn)
+                return
+            except self._lmdb.MapFullError:
+                self.env.set_mapsize(self.env.info()["map_size"] * 2)
+            except self._lmdb.MapResizedError:
+                self.env.set_mapsize(0)
 
     def file_path(self, digest: str) -> str:
         return os.path.join(self.files, digest)
 
     def has(self, digest: str) -> bool:
         with self._guard, self._reader() as txn:
-            if txn.get(bytes.fromhex(digest), db=self._objects) is not None:
+            if digest in self._held or txn.get(bytes.fromhex(digest), db=self._objects) is not None:
                 return True
         return os.path.exists(self.file_path(digest))
 
@@ -843,13 +869,18 @@ class ObjectStore:
         with `move` (hashed, then renamed: it must be ours and finished), else
         copied in (in the kernel) and the copy hashed, so the object is what
         was hashed even if the file changes meanwhile."""
-        with open(path, "rb", buffering=0) as f:
-            if os.fstat(f.fileno()).st_size < FILE_MIN_BYTES:
-                stored = self.put(f.read())
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            size = os.fstat(fd).st_size
+            if size < FILE_MIN_BYTES:
+                stored = self.put(read_whole(fd, size))
             elif not move:
-                return self._copy_in(f.fileno())
+                return self._copy_in(fd)
             else:
-                stored = hash_blocks(f)  # type: ignore[arg-type]
+                with open(fd, "rb", buffering=0, closefd=False) as f:
+                    stored = hash_blocks(f)  # type: ignore[arg-type]
+        finally:
+            os.close(fd)
         if move and stored[1] >= FILE_MIN_BYTES:
             self.adopt(path, stored[0])
         elif move:
@@ -930,30 +961,60 @@ class ObjectStore:
         return True
 
     def _put_lmdb(self, digest: str, data: bytes) -> None:
-        """An object under FILE_MIN_BYTES, unless stored already: its chunks
-        and its header in one write transaction."""
-        key = bytes.fromhex(digest)
-        chunks = [data[i:i + CHUNK_SIZE] for i in range(0, len(data), CHUNK_SIZE)] or [b""]
+        """An object under FILE_MIN_BYTES: held (with `hold`) until the next
+        sync writes all held ones in one transaction, else written now."""
+        with self._guard:
+            if digest not in self._held:
+                self._held[digest] = data
+                self._held_bytes += len(data)
+            if not self.hold or self._held_bytes >= HOLD_MAX_BYTES:
+                self._write_held()
 
+    def _write_held(self) -> None:
+        """Each held object, unless stored already: its chunks, then its header.
+        Call with the guard held, so that readers find it in one place or the other."""
         def write(txn: object) -> None:
-            if txn.get(key, db=self._objects) is None:  # type: ignore[attr-defined]
-                for i, chunk in enumerate(chunks):
-                    txn.put(key + struct.pack(">I", i), chunk, db=self._chunks)  # type: ignore[attr-defined]
-                txn.put(key, HEADER.pack(len(data), len(chunks)), db=self._objects)  # type: ignore[attr-defined]
+            for digest, data in self._held.items():
+                key = bytes.fromhex(digest)
+                if txn.get(key, db=self._objects) is None:  # type: ignore[attr-defined]
+                    chunks = [data[i:i + CHUNK_SIZE]
+                              for i in range(0, len(data), CHUNK_SIZE)] or [b""]
+                    for i, chunk in enumerate(chunks):
+                        txn.put(key + struct.pack(">I", i), chunk, db=self._chunks)  # type: ignore[attr-defined]
+                    txn.put(key, HEADER.pack(len(data), len(chunks)), db=self._objects)  # type: ignore[attr-defined]
 
-        self._write(write)
+        if self._held:
+            self._transact(write)
+        self._held, self._held_bytes = {}, 0
+
+    def small(self, digest: str) -> bytes | None:
+        """A small object's bytes (held, or read in one transaction); None if
+        it is not one (a file, or absent)."""
+        digest_key = bytes.fromhex(digest)
+        with self._guard:
+            data = self._held.get(digest)
+            if data is not None:
+                return data
+            with self._reader() as txn:
+                header = txn.get(digest_key, db=self._objects)
+                if header is None:
+                    return None
+                size, count, key = self._unpack(digest_key, header)
+                if size >= FILE_MIN_BYTES:  # an older grit's large object
+                    return None
+                return b"".join(self._chunks_in(txn, key, 0, count, count))
 
     def open(self, digest: str) -> Iterator[bytes]:
         """The object's bytes, block by block. Raises KeyError if absent."""
+        data = self.small(digest)
+        if data is not None:
+            return iter((data,))
         try:
-            _, count, key = self._header(digest)
-        except KeyError:
-            try:
-                f = open(self.file_path(digest), "rb", buffering=0)
-            except FileNotFoundError:
-                raise KeyError(digest) from None
-            return self._read_file(f)
-        return self._read_chunks(key, count)
+            f = open(self.file_path(digest), "rb", buffering=0)
+        except FileNotFoundError:
+            _, count, key = self._header(digest)  # an older grit's large object, or KeyError
+            return self._read_chunks(key, count)
+        return self._read_file(f)
 
     @staticmethod
     def _read_file(f: IO[bytes]) -> Iterator[bytes]:
@@ -961,6 +1022,9 @@ class ObjectStore:
             yield from iter(lambda: f.read(BLOCK_BYTES), b"")
 
     def size(self, digest: str) -> int:
+        data = self._held.get(digest)
+        if data is not None:
+            return len(data)
         try:
             return self._header(digest)[0]
         except KeyError:
@@ -1016,15 +1080,20 @@ class ObjectStore:
         return HEADER.unpack(header) + (key,)
 
     def _read_chunks(self, key: bytes, count: int) -> Iterator[bytes]:
+        """A large object an older grit kept in LMDB, a few chunks per transaction."""
         per_txn = max(1, READ_BATCH_BYTES // CHUNK_SIZE)
         for first in range(0, count, per_txn):
             with self._guard, self._reader() as txn:
-                batch = [txn.get(key + struct.pack(">I", i), db=self._chunks)
-                         for i in range(first, min(count, first + per_txn))]
-            for i, chunk in enumerate(batch, start=first):
-                if chunk is None:
-                    raise DamagedObject(f"object {key.hex()} is missing chunk {i} of {count}")
-                yield chunk
+                batch = self._chunks_in(txn, key, first, min(count, first + per_txn), count)
+            yield from batch
+
+    def _chunks_in(self, txn: object, key: bytes, first: int, end: int, count: int) -> list[bytes]:
+        chunks = [txn.get(key + struct.pack(">I", i), db=self._chunks)  # type: ignore[attr-defined]
+                  for i in range(first, end)]
+        if None in chunks:
+            missing = first + chunks.index(None)
+            raise DamagedObject(f"object {key.hex()} is missing chunk {missing} of {count}")
+        return chunks
 
     def check(self, digest: str) -> str | None:
         """What is wrong with the stored object, or None if it matches its hash."""
@@ -1244,11 +1313,25 @@ def sql_transaction(db: sqlite3.Connection, commit: bool = True) -> Iterator[Non
     db.execute("COMMIT" if commit else "ROLLBACK")
 
 
+_SECOND: list[tuple[int, str]] = [(0, "")]  # the last second formatted, kept: 3 calls a task
+
+
 def utc_now() -> str:
     t = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
+    second, text = _SECOND[0]
+    if int(t) != second:
+        second, text = int(t), time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t))
+        _SECOND[0] = second, text
+    return f"{text}.{int(t % 1 * 1000):03d}Z"
 
 
+@functools.lru_cache(maxsize=1024)
+def passes_through(passes: str | None, step_name: str) -> int:
+    """The how-manieth time a task's chain reaches its step (1: the first)."""
+    return json.loads(passes).get(step_name, 1) if passes else 1
+
+
+@functools.lru_cache(maxsize=1024)
 def one_more_pass(passes: str | None, step_name: str) -> str:
     """The passes (JSON, see the task table) of a task of `step_name` whose input
     was made by a task with `passes`."""
@@ -1359,7 +1442,7 @@ class LiveView:
         """Give a newly live resource its tasks in every current version that
         matches it; returns what revived done tasks emitted (live in turn)."""
         consumers = self.exact.get(name, []) + [c for c in self.patterned
-                                                if matches_inputs(name, c.inputs)]
+                                                if input_matcher(c.inputs)(name)]
         passes = self.passes_of(producer) if consumers else None
         return [r for consumer in consumers for r in self.task_for(consumer, rid, passes)]
 
@@ -1719,7 +1802,7 @@ class Metadata:
         since = self.previous_start(step.name) if step.definition.is_seed else ""
         return [TaskSpec(tid, step.name, step.definition.script, name or "", digest or "",
                          step.definition.timeout, since,
-                         json.loads(passes).get(step.name, 1) if passes else 1,
+                         passes_through(passes, step.name),
                          self.gathered(tid) if step.definition.gather else None,
                          step.definition.cpus)
                 for tid, name, digest, passes in rows]
@@ -2132,8 +2215,10 @@ def write_atomically(path: str, write: Callable[[IO[bytes]], None]) -> None:
 
 
 def _kill_group(pgid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
+    try:
         os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 @contextlib.contextmanager
@@ -2591,16 +2676,16 @@ class _Followed:
     size: int = 0
     checkpoints: list[tuple[int, "hashlib._Hash"]] = field(default_factory=list)  # (size, hash then)
 
-    def read_new(self, stop: threading.Event | None = None) -> bool:
-        """Take in what the file gained since the last look (or until `stop`
-        is set); False once it shrank or was deleted (it is stored the
-        ordinary way then)."""
+    def read_new(self, follower: "_Follower | None" = None) -> bool:
+        """Take in what the file gained since the last look (or until the
+        follower is stopped); False once it shrank or was deleted (it is
+        stored the ordinary way then)."""
         end = os.fstat(self.fd)
         if end.st_nlink == 0 or end.st_size < self.size:
             return False
         start = self.size
         for block in self._blocks(self.size, end.st_size):
-            if stop and stop.is_set():
+            if follower and follower.stopped:
                 break
             self.hash.update(block)
             self.size += len(block)
@@ -2664,22 +2749,22 @@ class _Follower:
         self.store = store
         self.files: dict[tuple[int, int], _Followed] = {}  # (st_dev, st_ino) -> file
         self.lock = threading.Lock()  # held for a look; stop() waits for it
-        self.stopped = threading.Event()  # also cuts short a look catching up
+        self.stopped = False  # also cuts short a look catching up
         self._dropped: set[tuple[int, int]] = set()
         self._walking = True
 
     def look(self) -> None:
         with self.lock:
-            if self.stopped.is_set():
+            if self.stopped:
                 return
             try:
                 if self._walking:
                     self._walk()
                 for identity, followed in list(self.files.items()):
-                    if not followed.read_new(self.stopped):
+                    if not followed.read_new(self):
                         self._drop(identity)
             except Exception:  # its files are stored the ordinary way at the end
-                self.stopped.set()
+                self.stopped = True
                 self._close_files()
 
     def _walk(self) -> None:
@@ -2718,7 +2803,7 @@ class _Follower:
 
     def stop(self) -> None:
         """Stop following; what is left is taken in by put(), beside the proof."""
-        self.stopped.set()
+        self.stopped = True
         with self.lock:
             pass  # a look under way has seen it
 
@@ -2783,7 +2868,7 @@ class DirCapture:
         """An empty output directory for the task, followed while it runs: the
         worker's previous one, emptied and renamed (no new inode), so a process
         the last script left behind that writes by path finds nothing there."""
-        out = os.path.join(slot, f"out-{task_id}")
+        out = f"{slot}/out-{task_id}"
         previous = self._previous.get(slot)
         self._previous[slot] = out
         if previous and _is_real_dir(previous):
@@ -2880,7 +2965,7 @@ def input_tree(gathered: list[Output]) -> list[tuple[str, Output]]:
 
 def _remove_gathered(out: str) -> None:
     """A dir-mode gather task's copies of its inputs."""
-    top = os.path.join(os.path.dirname(out), "inputs")
+    top = out.rpartition("/")[0] + "/inputs"
     if _is_real_dir(top):
         shutil.rmtree(top)
 
@@ -2888,8 +2973,8 @@ def _remove_gathered(out: str) -> None:
 def _remove_escapes(out: str) -> str | None:
     """Remove what a script wrote next to its $OUTPUT_DIR (`$OUTPUT_DIR/../x`,
     which FUSE mode refuses) and say what it was; None if nothing."""
-    slot = os.path.dirname(out)
-    stray = sorted(set(os.listdir(slot)) - SLOT_FILES - {os.path.basename(out)})
+    slot, _, name = out.rpartition("/")
+    stray = sorted(set(os.listdir(slot)) - SLOT_FILES - {name})
     for name in stray:
         _remove(os.path.join(slot, name))
     if not stray:
@@ -4166,7 +4251,9 @@ class _Launch:
     spec: TaskSpec
     env: dict
     files: list
-    started: threading.Event = field(default_factory=threading.Event)
+    # Held until the script started (or grit gave up on it): a plain lock,
+    # as an Event costs a Condition per task.
+    started: "threading.Lock" = field(default_factory=threading.Lock)
     pid: int | None = None       # None once started: grit is stopping
     error: OSError | None = None  # posix_spawn failed
 
@@ -4223,17 +4310,22 @@ class LocalExecutor(Executor):
         fuse_demanded(self.output_mode)
         self.capture: OutputCapture | None = None  # started with the first task
         self.store = self.db.objects
+        self.store.hold = True  # the scheduler syncs before it records a task
         # Forked now, before grit grows and before any thread starts; mounted at
         # the first task.
         self._server, self._unavailable = fork_fuse_server(
             self.output_mode, self.workroot, self.capacity, self.db.objects_path)
-        self._pool = concurrent.futures.ThreadPoolExecutor(self.capacity, "grit-task")
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()  # (spec, future); None: stop
+        self._workers: list[threading.Thread] = []  # started with the first task
         return self
 
     def __exit__(self, kind: object, *exc: object) -> None:
         if kind is not None:  # the run failed: stop what runs rather than wait for it
             self.cancel()
-        self._pool.shutdown(wait=True)
+        for _ in self._workers:
+            self._tasks.put(None)
+        for worker in self._workers:
+            worker.join()
         if self.capture:
             self.capture.__exit__(kind, *exc)
         elif self._server:  # no task ran: the server never mounted
@@ -4242,7 +4334,22 @@ class LocalExecutor(Executor):
     def submit(self, spec: TaskSpec) -> "concurrent.futures.Future[TaskResult]":
         if self.capture is None:
             self._start_capture()
-        return self._pool.submit(self.run, spec)
+            self._workers = [threading.Thread(target=self._work, name=f"grit-task-{i}", daemon=True)
+                             for i in range(self.capacity)]
+            for worker in self._workers:
+                worker.start()
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._tasks.put((spec, future))
+        return future
+
+    def _work(self) -> None:
+        """A worker thread: runs tasks in the order submitted until told to stop
+        (a ThreadPoolExecutor cost 25 Python calls a task more)."""
+        while True:
+            item = self._tasks.get()
+            if item is None:
+                return
+            item[1].set_result(self.run(item[0]))
 
     def _start_capture(self) -> None:
         """The output capture, at the first task: a run with nothing to do mounts
@@ -4308,7 +4415,7 @@ class LocalExecutor(Executor):
             self.capture.discard(out)  # wrote must not reach the worker's next task
             raise
         finally:
-            if input_file == os.path.join(slot.path, "in", "input"):
+            if input_file == f"{slot.path}/in/input":
                 self._drop_overlay(slot.path)
         return result
 
@@ -4330,8 +4437,7 @@ class LocalExecutor(Executor):
             status = spawn(spec, env, log_out.fileno(), log_err.fileno())
         except TaskTimeout as e:
             status, timed_out = -signal.SIGKILL, str(e)
-        truncate_here(log_out.fileno())
-        truncate_here(log_err.fileno())
+        out_size, err_size = truncate_here(log_out.fileno()), truncate_here(log_err.fileno())
         result.duration = time.monotonic() - started
         if status is None:
             result.interrupted = True
@@ -4354,23 +4460,28 @@ class LocalExecutor(Executor):
         except OSError as e:
             result.error = f"cannot collect outputs: {e}"
             self.capture.discard(out)
-        result.stdout_hash = self._keep_log(log_out)
-        result.stderr_hash = self._keep_log(log_err)
+        result.stdout_hash = self._keep_log(log_out, out_size)
+        result.stderr_hash = self._keep_log(log_err, err_size)
 
     def _write_input(self, spec: TaskSpec, slot: str) -> str:
         """$INPUT_FILE: a large object beneath an overlay or placed
         (ObjectStore.place), a small one's bytes written into the worker's
         reused input file."""
-        path = os.path.join(slot, "input")
+        path = f"{slot}/input"
         if os.path.exists(self.store.file_path(spec.input_hash)):  # a large object
             if self._overlay_input(spec.input_hash, slot):
                 return os.path.join(slot, "in", "input")
             self.store.place(spec.input_hash, path)
             return path
-        with os.fdopen(open_private(path), "wb") as f:
-            f.writelines(self.store.open(spec.input_hash))
-            f.flush()
-            truncate_here(f.fileno())
+        fd, offset = open_private(path), 0
+        try:
+            for block in self.store.open(spec.input_hash):
+                _pwrite_all(fd, block, offset)
+                offset += len(block)
+            if os.fstat(fd).st_size > offset:
+                os.ftruncate(fd, offset)
+        finally:
+            os.close(fd)
         return path
 
     def _overlay_input(self, digest: str, slot: str) -> bool:
@@ -4420,12 +4531,13 @@ class LocalExecutor(Executor):
         files = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                  (os.POSIX_SPAWN_DUP2, fd_out, 1), (os.POSIX_SPAWN_DUP2, fd_err, 2)]
         launch = _Launch(spec, env, files)
+        launch.started.acquire()
         with self._lock:
             if self._stopping:
                 return None
             self._waiting.append(launch)
             self._hand_on()
-        launch.started.wait()
+        launch.started.acquire()
         if launch.error:
             raise launch.error
         if launch.pid is None:
@@ -4458,17 +4570,17 @@ class LocalExecutor(Executor):
             except OSError as e:
                 self._free += need
                 launch.error = e
-                launch.started.set()
+                launch.started.release()
                 continue
             self._running[launch.spec.task_id] = (launch.pid, launch.spec.step)
-            launch.started.set()
+            launch.started.release()
 
     def _wait_for(self, pid: int, spec: TaskSpec) -> int | None:
         timeout = spec.timeout or self.timeout
-        fired = threading.Event()
+        fired: list[bool] = []
 
         def time_out() -> None:
-            fired.set()  # before the kill, so the exit is read as a timeout
+            fired.append(True)  # before the kill, so the exit is read as a timeout
             _kill_group(pid, signal.SIGKILL)
 
         timer = threading.Timer(timeout, time_out) if timeout else None
@@ -4490,7 +4602,7 @@ class LocalExecutor(Executor):
                 self._running.pop(spec.task_id, None)
         if self._stopping and status != 0:
             return None
-        if fired.is_set() and status != 0:
+        if fired and status != 0:
             raise TaskTimeout(f"timed out after {timeout:g} s (its process group was killed)")
         return status
 
@@ -4500,7 +4612,7 @@ class LocalExecutor(Executor):
             self._stopping = True
             groups = [pgid for pgid, _ in self._running.values()]
             for launch in self._waiting:
-                launch.started.set()  # pid None: not started
+                launch.started.release()  # pid None: not started
             self._waiting.clear()
         for pgid in groups:
             _kill_group(pgid, sig)
@@ -4510,14 +4622,12 @@ class LocalExecutor(Executor):
         with self._lock:
             return collections.Counter(step for _, step in self._running.values())
 
-    def _keep_log(self, log: IO[bytes]) -> str | None:
-        size = os.fstat(log.fileno()).st_size
+    def _keep_log(self, log: IO[bytes], size: int) -> str | None:
         if size == 0:
             return None
         if size >= FILE_MIN_BYTES:
             return self.store.put_file(f"/proc/self/fd/{log.fileno()}")[0]
-        log.seek(0)
-        return self.store.put(log.read())[0]
+        return self.store.put(os.pread(log.fileno(), size, 0))[0]
 
     def _spawn_streaming(self, spec: TaskSpec, env: dict, fd_out: int, fd_err: int) -> int | None:
         """_spawn_and_wait for -verbose: the script writes into pipes, and a
@@ -4590,14 +4700,15 @@ def open_private(path: str) -> int:
     return os.open(path, flags | os.O_EXCL, 0o600)
 
 
-def truncate_here(fd: int) -> None:
-    """Cut a reused scratch file at the current offset: the end of what was
+def truncate_here(fd: int) -> int:
+    """Cut a reused scratch file at the current offset, the end of what was
     written this time (for a log, the script's own writes through the shared
-    file description). Only when it is longer: ftruncate costs even when it
-    changes nothing (77 us on ext4 here, against 1 us for fstat)."""
+    file description), and return it. Only when it is longer: ftruncate costs
+    even when it changes nothing (77 us on ext4 here, against 1 us for fstat)."""
     here = os.lseek(fd, 0, os.SEEK_CUR)
     if os.fstat(fd).st_size > here:
         os.ftruncate(fd, here)
+    return here
 
 
 def describe_exit(status: int) -> str:
@@ -5492,9 +5603,11 @@ class Scheduler:
         self.position = {s.id: i for i, s in enumerate(steps)}  # manifest order
         self.start = start
         self.states: dict[int, StepState] = {}
+        self._order: list[StepState] = []  # the states, downstream steps first
         self.summary = RunSummary()
         self.produced: dict[str, set[str]] = {}  # step name -> resource names (for -start)
         self._stop = threading.Event()
+        self._done: queue.SimpleQueue = queue.SimpleQueue()  # futures as they finish
         self.fatal = ""  # why the run had to stop, if it had to
         self._last_progress = 0.0
         self._rate_window: collections.deque = collections.deque()  # (time, tasks finished)
@@ -5555,9 +5668,7 @@ class Scheduler:
                 if not self._stop.is_set() and not self.fatal and self._settle_gather():
                     continue
                 break
-            done, _ = concurrent.futures.wait(running, timeout=PROGRESS_INTERVAL,
-                                              return_when=concurrent.futures.FIRST_COMPLETED)
-            for future in done:
+            for future in self._finished_futures():
                 state = running.pop(future)
                 state.running -= 1
                 finished.append((future.result(), state))
@@ -5568,6 +5679,18 @@ class Scheduler:
         self.summary.interrupted = self._stop.is_set()
         return self.summary
 
+    def _finished_futures(self) -> list[concurrent.futures.Future]:
+        """The futures done since the last call, waiting up to PROGRESS_INTERVAL
+        for the first. Each future puts itself in a queue when done: waiting on
+        all running futures at every turn cost 0.1 ms a task (bench/budget.py)."""
+        done: list[concurrent.futures.Future] = []
+        try:
+            done.append(self._done.get(timeout=PROGRESS_INTERVAL))
+            while True:
+                done.append(self._done.get_nowait())
+        except queue.Empty:
+            return done
+
     def _commit_or_stop(self, finished: list[tuple[TaskResult, StepState]]) -> None:
         """Commit; if the database cannot take it (disk full, I/O error), stop the
         run: those tasks stay pending and run again next time."""
@@ -5576,19 +5699,24 @@ class Scheduler:
         try:
             self._commit(finished)
         except (sqlite3.Error, OSError) as e:
-            self.fatal = f"cannot record finished tasks ({e}); stopped the run, the " \
+            full = f" [the disk holding {self.db.path} is full]" if disk_is_full(self.db.path) else ""
+            self.fatal = f"cannot record finished tasks ({e}){full}; stopped the run, the " \
                          "unrecorded tasks run again next time"
             self.request_stop()
 
     def _dispatch(self, running: dict[concurrent.futures.Future, StepState]) -> None:
-        # Downstream steps first: results reach the end of the pipeline sooner
-        # and the queue of intermediate resources stays short.
-        order = sorted(self.states.values(), key=lambda s: -self.position[s.step.id])
-        for state in order:
+        capacity = self.executor.capacity
+        if len(running) >= capacity:
+            return
+        if len(self._order) != len(self.states):
+            # Downstream steps first: results reach the end of the pipeline
+            # sooner and the queue of intermediate resources stays short.
+            self._order = sorted(self.states.values(), key=lambda s: -self.position[s.step.id])
+        for state in self._order:
             if state.step.definition.gather and not state.settled:
                 continue  # a task from before the barrier may hold a stale set
             cap = state.step.definition.parallel or sys.maxsize  # the step's own parallel
-            while len(running) < self.executor.capacity and state.running < cap:
+            while len(running) < capacity and state.running < cap:
                 if not state.queue and not self._refill(state):
                     break
                 spec = state.queue.popleft()
@@ -5639,17 +5767,21 @@ class Scheduler:
     def _submit(self, spec: TaskSpec, state: StepState) -> concurrent.futures.Future:
         limit = state.step.definition.cycle_limit
         if spec.passes > limit:  # a cycle that does not converge: stop this chain
-            return failed_at_once(spec, f"a chain of resources reached step {quote(spec.step)} "
-                                        f"{spec.passes} times, more than its cycle_limit "
-                                        f"({limit}): a cycle that does not converge?")
-        self.cycled[spec.step] += spec.passes > 1
-        if self.console.verbose:
-            self.console.detail(f"start task {spec.task_id} {spec.step}"
-                                + (f" on {spec.input_name} {spec.input_hash[:12]}"
-                                   if spec.input_hash else
-                                   f" over {len(spec.gathered)} gathered input(s)"
-                                   if spec.gathered is not None else " (seed)"))
-        return self.executor.submit(spec)
+            future = failed_at_once(spec, f"a chain of resources reached step "
+                                          f"{quote(spec.step)} {spec.passes} times, more than "
+                                          f"its cycle_limit ({limit}): a cycle that does not "
+                                          "converge?")
+        else:
+            self.cycled[spec.step] += spec.passes > 1
+            if self.console.verbose:
+                self.console.detail(f"start task {spec.task_id} {spec.step}"
+                                    + (f" on {spec.input_name} {spec.input_hash[:12]}"
+                                       if spec.input_hash else
+                                       f" over {len(spec.gathered)} gathered input(s)"
+                                       if spec.gathered is not None else " (seed)"))
+            future = self.executor.submit(spec)
+        future.add_done_callback(self._done.put)
+        return future
 
     def _refill(self, state: StepState) -> bool:
         if state.exhausted:

@@ -1,0 +1,68 @@
+#!/usr/bin/env python3
+"""Run grit and write down the CPU grit itself spent (issue 31): its own process
+(all threads, Python's start and grit's import included, the scripts not) and
+its FUSE server, whose times are read from /proc while it is a zombie, just
+before grit reaps it.
+
+    bench/owncpu.py CPU_FILE GRIT_PY ARGS...
+
+CPU_FILE gets one line: "<grit seconds> <FUSE server seconds>".
+"""
+from __future__ import annotations
+
+import os
+import resource
+import runpy
+import sys
+
+TICK = os.sysconf("SC_CLK_TCK")
+server_seconds = [0.0]
+SCRIPTS: set[int] = set()  # grit's children that are not its FUSE server
+_waitpid, _posix_spawn = os.waitpid, os.posix_spawn
+
+
+def times_of_exited(pid: int, options: int) -> None:
+    """utime + stime of a child that has exited and is not reaped yet."""
+    try:
+        if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT | (options & os.WNOHANG)) is None:
+            return  # still running (WNOHANG)
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return
+    server_seconds[0] += (int(fields[11]) + int(fields[12])) / TICK
+
+
+def waitpid(pid: int, options: int) -> tuple[int, int]:
+    if pid > 0 and pid not in SCRIPTS:
+        times_of_exited(pid, options)
+    return _waitpid(pid, options)
+
+
+def posix_spawn(*args, **kw) -> int:
+    pid = _posix_spawn(*args, **kw)
+    SCRIPTS.add(pid)
+    return pid
+
+
+
+
+def main() -> None:
+    cpu_file, grit_py, *args = sys.argv[1:]
+    os.waitpid = waitpid
+    os.posix_spawn = posix_spawn
+    sys.argv = [grit_py, *args]
+    code = 0
+    try:
+        runpy.run_path(grit_py, run_name="__main__")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (1 if e.code else 0)
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    with open(cpu_file, "w") as f:
+        f.write(f"{own.ru_utime + own.ru_stime:.4f} {server_seconds[0]:.4f} "
+                f"{own.ru_utime:.4f} {own.ru_stime:.4f}\n")
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
