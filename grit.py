@@ -2810,11 +2810,21 @@ class _Follower:
     def put(self, path: str) -> tuple[str, int]:
         """Store a collected file (after stop()): a large one is moved into the
         store, by the hash followed when it proves to be its content's; one that
-        may still change is copied in instead."""
-        st = os.lstat(path)
-        followed = self.files.pop((st.st_dev, st.st_ino), None)
+        may still change is copied in instead; a small one is read once."""
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            if st.st_size >= FILE_MIN_BYTES and still_written(path):
+            st = os.fstat(fd)
+            data = read_whole(fd, st.st_size) if st.st_size < FILE_MIN_BYTES else None
+        finally:
+            os.close(fd)
+        followed = self.files.pop((st.st_dev, st.st_ino), None)
+        if data is not None:
+            if followed:
+                followed.close()
+            os.unlink(path)
+            return self.store.put(data)
+        try:
+            if still_written(path):
                 stored = self.store.put_file(path)
                 os.unlink(path)
                 return stored
@@ -2974,12 +2984,13 @@ def _remove_escapes(out: str) -> str | None:
     """Remove what a script wrote next to its $OUTPUT_DIR (`$OUTPUT_DIR/../x`,
     which FUSE mode refuses) and say what it was; None if nothing."""
     slot, _, name = out.rpartition("/")
-    stray = sorted(set(os.listdir(slot)) - SLOT_FILES - {name})
-    for name in stray:
-        _remove(os.path.join(slot, name))
+    stray = set(os.listdir(slot)) - SLOT_FILES - {name}
     if not stray:
         return None
-    return (f"the script wrote {quote(stray[0])} outside $OUTPUT_DIR (in its parent "
+    names = sorted(stray)
+    for name in names:
+        _remove(os.path.join(slot, name))
+    return (f"the script wrote {quote(names[0])} outside $OUTPUT_DIR (in its parent "
             f"{slot}); only files inside $OUTPUT_DIR become resources")
 
 
@@ -4260,11 +4271,14 @@ class _Launch:
 
 @dataclass
 class _Slot:
-    """A worker thread's scratch directory and its open log files."""
+    """A worker thread's scratch directory, its open log files and its open
+    input file (-1: none yet) with that file's (st_dev, st_ino)."""
 
     path: str
     stdout: io.FileIO
     stderr: io.FileIO
+    input: int = -1
+    input_id: tuple[int, int] = (0, 0)
 
 
 class LocalExecutor(Executor):
@@ -4407,7 +4421,7 @@ class LocalExecutor(Executor):
     def _run_in(self, spec: TaskSpec, slot: "_Slot") -> TaskResult:
         result = TaskResult(spec.task_id, started_at=utc_now())
         started = time.monotonic()
-        input_file = self._write_input(spec, slot.path) if spec.input_hash else ""
+        input_file = self._write_input(spec, slot) if spec.input_hash else ""
         out = self.capture.prepare(slot.path, spec.task_id)
         try:
             self._run_script(spec, slot, out, input_file, result, started)
@@ -4463,26 +4477,42 @@ class LocalExecutor(Executor):
         result.stdout_hash = self._keep_log(log_out, out_size)
         result.stderr_hash = self._keep_log(log_err, err_size)
 
-    def _write_input(self, spec: TaskSpec, slot: str) -> str:
+    def _write_input(self, spec: TaskSpec, slot: _Slot) -> str:
         """$INPUT_FILE: a large object beneath an overlay or placed
         (ObjectStore.place), a small one's bytes written into the worker's
         reused input file."""
-        path = f"{slot}/input"
-        if os.path.exists(self.store.file_path(spec.input_hash)):  # a large object
-            if self._overlay_input(spec.input_hash, slot):
-                return os.path.join(slot, "in", "input")
+        path = f"{slot.path}/input"
+        data = self.store.small(spec.input_hash)
+        if data is None and os.path.exists(self.store.file_path(spec.input_hash)):
+            if self._overlay_input(spec.input_hash, slot.path):
+                return f"{slot.path}/in/input"
             self.store.place(spec.input_hash, path)
             return path
-        fd, offset = open_private(path), 0
-        try:
-            for block in self.store.open(spec.input_hash):
-                _pwrite_all(fd, block, offset)
-                offset += len(block)
-            if os.fstat(fd).st_size > offset:
-                os.ftruncate(fd, offset)
-        finally:
-            os.close(fd)
+        fd, size = self._input_file(slot, path)
+        offset = 0
+        for block in (data,) if data is not None else self.store.open(spec.input_hash):
+            _pwrite_all(fd, block, offset)
+            offset += len(block)
+        if size > offset:
+            os.ftruncate(fd, offset)
         return path
+
+    @staticmethod
+    def _input_file(slot: _Slot, path: str) -> tuple[int, int]:
+        """The worker's input file, open, and its size: kept open from task to
+        task while it stays our one-link 0600 file (a script may have removed,
+        replaced, linked or chmod-ed it: then a new one)."""
+        with contextlib.suppress(FileNotFoundError):
+            st = os.stat(path, follow_symlinks=False)
+            if (st.st_dev, st.st_ino) == slot.input_id and st.st_nlink == 1 and \
+                    st.st_mode == stat.S_IFREG | 0o600:
+                return slot.input, st.st_size
+        if slot.input >= 0:
+            os.close(slot.input)
+        slot.input = open_private(path)
+        st = os.fstat(slot.input)
+        slot.input_id = (st.st_dev, st.st_ino)
+        return slot.input, st.st_size
 
     def _overlay_input(self, digest: str, slot: str) -> bool:
         """Root's $INPUT_FILE of a large object without a copy, where the store

@@ -74,6 +74,35 @@ def test_scripts_cannot_make_grit_follow_symlinks_in_scratch(grit, tmp_path):
     assert grit.count("keep") == 0
 
 
+def test_a_script_keeping_its_input_file_does_not_see_the_next_task_rewrite_it(grit, tmp_path):
+    """Dir mode reuses each worker's input file; a script that hard-links,
+    moves or appends to its $INPUT_FILE keeps what it had, and every task
+    still reads its own input."""
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    grit.write(f'''
+        [[step]]
+        name = "seed"
+        script = "for i in 1 2 3 4 5 6; do echo input-$i > $OUTPUT_DIR/n-$i; done"
+        [[step]]
+        name = "keep"
+        inputs = ["n-*"]
+        script = \'\'\'
+        cat "$INPUT_FILE" > "$OUTPUT_DIR/read-$GRIT_INPUT_NAME"
+        case $GRIT_INPUT_NAME in
+          n-1|n-4) ln "$INPUT_FILE" {kept}/$GRIT_INPUT_NAME ;;
+          n-2|n-5) mv "$INPUT_FILE" {kept}/$GRIT_INPUT_NAME ;;
+          *) echo appended >> "$INPUT_FILE" ;;
+        esac
+        \'\'\'
+    ''')
+    grit.run("-parallel", "1", "-output-mode", "dir")
+    for i in range(1, 7):
+        assert grit.contents(f"read-n-{i}") == [f"input-{i}\n".encode()]
+    for i in (1, 2, 4, 5):
+        assert (kept / f"n-{i}").read_text() == f"input-{i}\n"
+
+
 def test_sigpipe_is_default_in_scripts(grit):
     grit.write('''
         [[step]]
