@@ -10,8 +10,8 @@ on each: 2N tasks), in dir and FUSE mode:
     callback on every connection grit opens) and Python function calls (cProfile
     in every thread of grit's process; the FUSE server's are not counted), from a
     run inside this process;
-  - grit's own CPU per task: the run's CPU (grit and the FUSE server, read from
-    /proc when each exits) less the scripts', which xargs measures alone.
+  - grit's own CPU per task: grit's process and its FUSE server, not the
+    scripts (bench/owncpu.py, as bench/compare.py reports it).
 
     bench/budget.py [--tasks 1000]
 
@@ -26,7 +26,6 @@ import io
 import os
 import pstats
 import re
-import resource
 import shutil
 import sqlite3
 import subprocess
@@ -110,12 +109,13 @@ def in_process(work: str, mode: str) -> tuple[int, int]:
     return statements[0], calls
 
 
-def cpu_of(argv: list[str], cwd: str) -> float:
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    subprocess.run(argv, cwd=cwd, check=True, stdout=subprocess.DEVNULL,
+def own_cpu(argv: list[str], cwd: str) -> float:
+    """grit's own CPU seconds in a run (bench/owncpu.py)."""
+    subprocess.run([sys.executable, os.path.join(ROOT, "bench", "owncpu.py"), "cpu.txt",
+                    *argv[1:]], cwd=cwd, check=True, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    with open(os.path.join(cwd, "cpu.txt")) as f:
+        return sum(map(float, f.read().split()[:2]))
 
 
 def main() -> None:
@@ -136,7 +136,7 @@ def main() -> None:
             own = {k: total.get(k, 0) - alone.get(k, 0) for k in total}
             shutil.rmtree(os.path.join(work, "db"))
             shutil.rmtree(os.path.join(work, "alone"))
-            cpu = cpu_of(run, work) - cpu_of(scripts_alone(work, n), work)
+            cpu = own_cpu(run, work)
             statements, calls = in_process(work, mode)
             top = sorted(own.items(), key=lambda kv: -kv[1])[:6]
             values = {

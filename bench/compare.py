@@ -43,6 +43,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRIT = os.path.join(ROOT, "grit.py")  # --grit replaces it
+OWNCPU = os.path.join(ROOT, "bench", "owncpu.py")
 BENCH_VENV = os.path.join(ROOT, ".bench-venv")
 
 
@@ -116,8 +117,13 @@ script = 'rev "$INPUT_FILE" > "$OUTPUT_DIR/rev-$GRIT_INPUT_NAME"'
         self.manifest(work, bump="# v1")
 
     def run(self, work: str) -> tuple[float, int]:
-        return sh(f"{sys.executable} {GRIT} -manifest m.toml -db db -run -quiet -parallel 2 "
-                  f"-output-mode {self.mode}", work)
+        """Through bench/owncpu.py, which leaves grit's own CPU in cpu.txt."""
+        took = sh(f"{sys.executable} {OWNCPU} cpu.txt {GRIT} -manifest m.toml -db db -run -quiet "
+                  f"-parallel 2 -output-mode {self.mode}", work)
+        with open(os.path.join(work, "cpu.txt")) as f:
+            grit_s, server_s = map(float, f.read().split()[:2])
+        self.cpu = grit_s + server_s
+        return took
 
     def changed(self, work: str) -> None:
         if self.seed_copy:
@@ -212,12 +218,13 @@ def workloads(runner, n: int) -> dict:
         make_inputs(work, n)
         runner.setup(work, n)
         cold = runner.run(work)
+        cpu = getattr(runner, "cpu", None)  # grit's own, in W1
         noop = runner.run(work)
         change_inputs(work, n)
         runner.changed(work)
         incremental = runner.run(work)
         check_outputs(runner, work, n)
-        return {"W1": cold, "W2": noop, "W3": incremental}
+        return {"W1": cold, "W2": noop, "W3": incremental, "cpu": cpu}
     finally:
         shutil.rmtree(work)
 
@@ -334,19 +341,29 @@ def main() -> None:
     have_snakemake = "snakemake" in wanted and ensure_snakemake()
     print(f"# grit compared, {time.strftime('%Y-%m-%d')}, {platform.node()}, "
           f"{os.cpu_count()} CPUs, Python {platform.python_version()}\n")
-    print("| N | runner | W1 cold | ratio | W2 no-op | W3 one new + one changed | peak RSS |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| N | runner | W1 cold | ratio | W2 no-op | W3 one new + one changed | peak RSS "
+          "| grit's own CPU per task (W1) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for n in (int(x) for x in args.sizes.split(",") if x):
         chosen = runners + ([Snakemake()] if have_snakemake and n <= args.snakemake_max else [])
+        runs: dict[str, list[dict]] = {r.name: [] for r in chosen}
+        for i in range(args.repeat):  # alternated, so a machine slowing down weighs on all
+            for runner in chosen if i % 2 == 0 else chosen[::-1]:
+                if not (isinstance(runner, Snakemake) and i):  # Snakemake is slow: once
+                    runs[runner.name].append(workloads(runner, n))
         base = None
         for runner in chosen:
-            repeat = 1 if isinstance(runner, Snakemake) else args.repeat
-            rows = [workloads(runner, n) for _ in range(repeat)]
+            rows = runs[runner.name]
             w1, w2, w3 = (median(rows, k) for k in ("W1", "W2", "W3"))
             base = base or w1[0]
             rss = max(w1[1], w2[1], w3[1])
+            cpus = [r["cpu"] for r in rows if r["cpu"] is not None]
+            cpu = f"{statistics.median(cpus) / (2 * n) * 1000:.2f} ms" if cpus else ""
             print(f"| {n:,} | {runner.name} | {w1[0]:.2f} s | {w1[0] / base:.2f}x | "
-                  f"{w2[0]:.3f} s | {w3[0]:.3f} s | {rss} MiB |", flush=True)
+                  f"{w2[0]:.3f} s | {w3[0]:.3f} s | {rss} MiB | {cpu} |", flush=True)
+        each = "; ".join(name + " " + "/".join(f"{r['W1'][0]:.2f}" for r in rows)
+                         for name, rows in runs.items())
+        print(f"\n(W1 runs at N = {n:,}: {each})\n", flush=True)
     size = f"{args.w4_gib} GiB from {'a cached file' if args.w4_from == 'file' else 'urandom'}"
     for flag, readers, title in ((args.w4, 1, f"W4: {size}, then sha256"),
                                  (args.w5, 2, f"W5: {size}, then sha256 and md5")):
