@@ -836,9 +836,12 @@ class ObjectStore:
         them): else a run's RSS grows by every page it read, 62 MiB at 100,000
         tasks. Call with the guard held: no transaction is open."""
         import ctypes
-        with open("/proc/self/maps") as f:
-            spans = [line.split("-", 1) for line in f
-                     if line.rstrip("\n").endswith(self._map_name)]
+        try:
+            with open("/proc/self/maps") as f:
+                spans = [line.split("-", 1) for line in f
+                         if line.rstrip("\n").endswith(self._map_name)]
+        except OSError:  # no /proc: the pages stay mapped, nothing else changes
+            return
         for start, rest in spans:
             end = int(rest.split(maxsplit=1)[0], 16)
             _libc().madvise(ctypes.c_void_p(int(start, 16)),  # type: ignore[attr-defined]
@@ -4342,7 +4345,6 @@ class LocalExecutor(Executor):
         fuse_demanded(self.output_mode)
         self.capture: OutputCapture | None = None  # started with the first task
         self.store = self.db.objects
-        self.store.hold = True  # the scheduler syncs before it records a task
         # Forked now, before grit grows and before any thread starts; mounted at
         # the first task.
         self._server, self._unavailable = fork_fuse_server(
@@ -4380,6 +4382,9 @@ class LocalExecutor(Executor):
         while True:
             item = self._tasks.get()
             if item is None:
+                slot = getattr(self._local, "slot", None)
+                if slot and slot.input >= 0:
+                    os.close(slot.input)
                 return
             item[1].set_result(self.run(item[0]))
 
@@ -5645,6 +5650,9 @@ class Scheduler:
     def __init__(self, db: Database, executor: Executor, steps: list[StepVersion],
                  console: Console, start: str | None = None) -> None:
         self.db = db
+        # record() syncs the objects before the rows that name them, and a task
+        # reads only recorded ones: small objects can wait for that sync.
+        db.objects.hold = True
         self.executor = executor
         self.console = console
         self.all_steps = steps
