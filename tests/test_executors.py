@@ -110,3 +110,27 @@ def test_a_registered_executor_brings_its_table_and_its_flags(inprocess, tmp_pat
         grit.main(base + ["-executor", "inprocess"])
     grit.EXECUTORS["inprocess"] = InProcess
     assert stop.value.code == grit.EXIT_USAGE
+
+
+@pytest.mark.parametrize("mode", ["dir", "fuse"])
+def test_runs_in_one_process_leave_no_descriptor_open(tmp_path, mode):
+    """A program that runs grit.main again and again (the property tests do)
+    must not run out of file descriptors: each run closes what it opened."""
+    if mode == "fuse":
+        from conftest import require_fuse
+        require_fuse()
+    manifest = tmp_path / "workflow.toml"
+    manifest.write_text('[[step]]\nname = "seed"\n'
+                        'script = "for i in 1 2 3 4 5 6; do echo $i > $OUTPUT_DIR/n-$i; done"\n'
+                        '[[step]]\nname = "copy"\ninputs = ["n-*"]\n'
+                        'script = "cat $INPUT_FILE > $OUTPUT_DIR/c-$GRIT_INPUT_NAME"\n')
+
+    def run(i: int) -> None:
+        assert grit.main(["-manifest", str(manifest), "-db", str(tmp_path / f"db{i}"), "-run",
+                          "-quiet", "-output-mode", mode]) == 0
+
+    run(0)  # what stays open for good (imported libraries) is open after the first
+    before = len(os.listdir("/proc/self/fd"))
+    for i in range(1, 4):
+        run(i)
+    assert len(os.listdir("/proc/self/fd")) == before
