@@ -812,12 +812,14 @@ class ObjectStore:
     def close(self) -> None:
         self.env.close()
 
-    def sync(self) -> None:
-        """Write the held objects and flush them to disk; called before metadata
-        that names them commits. File objects were synced when adopted; their
-        names are now."""
+    def sync(self, held: bool = True) -> None:
+        """Write the held objects (or, with held=False, drop them: no recorded
+        task names them) and flush to disk; called before metadata that names
+        them commits. File objects were synced when adopted; their names are now."""
         try:
             with self._guard:
+                if not held:
+                    self._held, self._held_bytes = {}, 0
                 self._write_held()
                 self._drop_map()
             self.env.sync(True)
@@ -2336,10 +2338,11 @@ class Database:
         return self._objects
 
     def close_objects(self) -> None:
-        """Close the object store (-gc replaces its files)."""
+        """Close the object store (-gc replaces its files). Objects still held
+        belong to tasks a stopped run did not record: they run again."""
         if self._objects is not None:
             if not self.readonly:
-                self._objects.sync()
+                self._objects.sync(held=False)
             self._objects.close()
             self._objects = None
 
