@@ -31,6 +31,7 @@ import fnmatch
 import functools
 import glob
 import hashlib
+import importlib.util
 import inspect
 import io
 import itertools
@@ -3957,24 +3958,29 @@ def _send(sock: "socket.socket", message: dict) -> None:
     sock.sendall(json.dumps(message).encode() + b"\n")
 
 
+def libfuse_name() -> str:
+    """The libfuse FUSE mode loads: FUSE_LIBRARY_PATH when set (the Nix package
+    sets it), else libfuse3 where it loads (it offers the kernel's writeback
+    cache), else libfuse2; GRIT_LIBFUSE=2 or 3 picks one. OSError if none loads."""
+    import ctypes
+    names = {"2": ["libfuse.so.2"], "3": ["libfuse3.so.3"]}.get(
+        settings().libfuse, ["libfuse3.so.3", "libfuse.so.2"])
+    if os.environ.get("FUSE_LIBRARY_PATH"):
+        names = [os.environ["FUSE_LIBRARY_PATH"]]
+    for name in names:  # by soname, as the dynamic loader finds it (no ldconfig run)
+        try:
+            ctypes.CDLL(name)
+            return name
+        except OSError:
+            continue
+    raise OSError(f"cannot load {' or '.join(names)}")
+
+
 def fuse_binding() -> object:
-    """mfusepy on libfuse3 where it exists (it offers the kernel's writeback
-    cache), else on libfuse2. GRIT_LIBFUSE=2 or 3 picks one; FUSE_LIBRARY_PATH,
-    when set (the Nix package sets it), names the library itself."""
-    if "mfusepy" not in sys.modules and not os.environ.get("FUSE_LIBRARY_PATH"):
-        import ctypes
-        wanted = settings().libfuse
-        names = {"2": ["libfuse.so.2"], "3": ["libfuse3.so.3"]}.get(
-            wanted, ["libfuse3.so.3", "libfuse.so.2"])
-        for name in names:  # by soname, as the dynamic loader finds it (no ldconfig run)
-            try:
-                ctypes.CDLL(name)
-            except OSError:
-                continue
-            os.environ["FUSE_LIBRARY_PATH"] = name
-            break
-        else:
-            raise OSError(f"cannot load {' or '.join(names)}")
+    """mfusepy on libfuse_name(), in the FUSE server process only: mfusepy reads
+    FUSE_LIBRARY_PATH when imported, and grit's own environment, which scripts
+    and later runs in the same process inherit, stays as it was."""
+    os.environ["FUSE_LIBRARY_PATH"] = libfuse_name()
     import mfusepy
     return mfusepy
 
@@ -4029,7 +4035,9 @@ class FuseServer:
         """FuseUnavailable if FUSE surely cannot be used here (no binding or
         libfuse, no /dev/fuse); whether mounting is allowed shows when it mounts."""
         try:
-            fuse_binding()
+            libfuse_name()
+            if importlib.util.find_spec("mfusepy") is None:
+                raise ImportError("no module named 'mfusepy'")
         except (ImportError, OSError) as e:
             raise FuseUnavailable(f"mfusepy or libfuse not found ({e})") from None
         if not os.path.exists("/dev/fuse"):

@@ -115,7 +115,8 @@ def test_a_registered_executor_brings_its_table_and_its_flags(inprocess, tmp_pat
 @pytest.mark.parametrize("mode", ["dir", "fuse"])
 def test_runs_in_one_process_leave_no_descriptor_open(tmp_path, mode):
     """A program that runs grit.main again and again (the property tests do)
-    must not run out of file descriptors: each run closes what it opened."""
+    must not run out of file descriptors: each run closes what it opened, and
+    leaves the environment (which later runs and their scripts inherit) as it was."""
     if mode == "fuse":
         from conftest import require_fuse
         require_fuse()
@@ -129,8 +130,10 @@ def test_runs_in_one_process_leave_no_descriptor_open(tmp_path, mode):
         assert grit.main(["-manifest", str(manifest), "-db", str(tmp_path / f"db{i}"), "-run",
                           "-quiet", "-output-mode", mode]) == 0
 
+    environment = dict(os.environ)
     run(0)  # what stays open for good (imported libraries) is open after the first
     before = len(os.listdir("/proc/self/fd"))
     for i in range(1, 4):
         run(i)
     assert len(os.listdir("/proc/self/fd")) == before
+    assert dict(os.environ) == environment
