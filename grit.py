@@ -420,6 +420,7 @@ class TaskResult:
     started_at: str = ""
     duration: float = 0.0
     interrupted: bool = False  # killed by grit's shutdown: stays pending
+    told: bool = False  # its failure was told already, in one line with others'
 
     @property
     def ok(self) -> bool:
@@ -4996,6 +4997,11 @@ SLURM_CAPACITY = 100_000  # tasks handed to Slurm at once (each step's parallel 
 # TIMEOUT, OUT_OF_MEMORY, NODE_FAIL, CANCELLED, ...) is final.
 SLURM_ALIVE = {"PENDING", "RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "REQUEUED",
                "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED"}
+# Final states of an element whose tasks are not to blame (its node died, it was
+# preempted) and GONE (squeue no longer knows it): its tasks without a result run
+# again in a new job, without counting an attempt, at most LOST_MAX times.
+SLURM_LOST = {"NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "GONE"}
+LOST_MAX = 3
 # Reasons a job pends that waiting never clears: it is cancelled, its tasks fail.
 SLURM_NEVER_RUNS = {"PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit",
                     "BadConstraints", "InvalidAccount", "InvalidQOS", "QOSMaxCpuPerJobLimit",
@@ -5073,6 +5079,7 @@ class _Element:
     ended: float = 0.0  # when squeue first showed it ended or gone (monotonic); 0: not
     started: bool = False
     left: int = -1  # its tasks without a result yet
+    requeued: bool = False  # Slurm queued it again (its node failed): grit cancelled it
 
     def __post_init__(self) -> None:
         self.left = len(self.tasks)
@@ -5143,7 +5150,8 @@ class SlurmExecutor(Executor):
         self._last_submit = 0.0
         self._held_since: dict[str, float] = {}  # step -> when its waiting tasks began to wait
         self._futures: dict[int, concurrent.futures.Future] = {}
-        self._specs: dict[int, TaskSpec] = {}  # claimed tasks of adopted jobs
+        self._specs: dict[int, TaskSpec] = {}  # tasks asked for and not finished
+        self._lost: collections.Counter = collections.Counter()  # task -> times its element was lost
         self._where: dict[int, tuple[_Job, int]] = {}  # task -> its job and element
         self._early: dict[int, TaskResult] = {}  # adopted jobs' results not yet asked for
         self._jobs: dict[str, _Job] = {}  # jobs with tasks to come
@@ -5213,9 +5221,8 @@ class SlurmExecutor(Executor):
                 future.set_result(self._early.pop(spec.task_id))
                 return future
             self._futures[spec.task_id] = future
-            if spec.task_id in self._where:  # an adopted job runs it
-                self._specs[spec.task_id] = spec
-            else:
+            self._specs[spec.task_id] = spec
+            if spec.task_id not in self._where:  # else an adopted job runs it
                 self._waiting.append(spec)
             self._last_submit = time.monotonic()
         self._wake.set()
@@ -5528,6 +5535,12 @@ class SlurmExecutor(Executor):
                     element.ended = element.ended or now
                 elif element.state == "PENDING" and reason in SLURM_NEVER_RUNS:
                     job.never_runs = reason
+                elif element.state == "PENDING" and reason == "BeginTime" and element.left \
+                        and not element.requeued:
+                    # Requeued after a node failure: Slurm holds it back ~2 minutes;
+                    # a new job runs its tasks sooner (grit never asks for --begin).
+                    element.requeued = True
+                    slurm_command(["scancel", f"{job.slurm_id}_{k}"])
             counts[job.name] = (sum(e.state == "PENDING" for e in job.elements),
                                 sum(e.state == "RUNNING" for e in job.elements))
         self.book.states(counts)
@@ -5550,20 +5563,35 @@ class SlurmExecutor(Executor):
                     continue
                 self._collect()
                 lost = [t for t in element.tasks if t in self._where]
-                if job.adopted and element.state == "GONE":
-                    self._resubmit(lost)
-                else:
-                    self._fail(lost, f"Slurm job {job.slurm_id}_{k} ended {element.state} "
-                                     "without a result for this task"
-                               + self._element_tail(job, k))
+                if lost:
+                    self._lost_element(job, k, lost)
 
-    def _element_tail(self, job: _Job, k: int) -> str:
-        line = _last_line(os.path.join(job.folder, f"element-{k}.out"))
-        return f": {line}" if line else ""
+    def _lost_element(self, job: _Job, k: int, tasks: list[int]) -> None:
+        """An element ended without a result for these tasks: they run again in
+        a new job if its node or Slurm is to blame (up to LOST_MAX times), else
+        they fail; one line either way."""
+        element = job.elements[k]
+        state = "REQUEUED" if element.requeued else element.state
+        what = f"Slurm job {job.slurm_id}_{k} ended {state}"
+        tail = _last_line(os.path.join(job.folder, f"element-{k}.out"))
+        again = [t for t in tasks if self._lost[t] < LOST_MAX]
+        if state in SLURM_LOST | {"REQUEUED"} and len(again) == len(tasks):
+            self.console.warn(f"{what}: its {len(tasks)} task(s) without a result run again "
+                              "in a new job" + (f" ({tail})" if tail else ""))
+            self._lost.update(tasks)
+            self._resubmit(tasks)
+            return
+        if state in SLURM_LOST:
+            what += f", its tasks' element lost {LOST_MAX + 1} times"
+        self.console.error(f"{what}: its {len(tasks)} task(s) failed" + (f": {tail}" if tail else ""))
+        for task in tasks:
+            self._finish(TaskResult(task, error=f"{what} without a result for this task"
+                                    + (f": {tail}" if tail else ""), started_at=utc_now(),
+                                    told=True))
 
     def _resubmit(self, tasks: list[int]) -> None:
-        """An adopted job's tasks that never ran: asked for already, they are
-        submitted now; not yet asked for, they are submitted when they are."""
+        """Tasks whose element was lost: asked for already, they are submitted
+        again now; not yet asked for (an adopted job's), when they are."""
         with self._lock:
             for task in tasks:
                 self._release(task)
@@ -5893,7 +5921,8 @@ class Scheduler:
         else:
             state.failed += 1
             self.summary.failed += 1
-            if self.summary.failed <= FAILURES_SHOWN or self.console.verbose:
+            if not result.told and (self.summary.failed <= FAILURES_SHOWN
+                                    or self.console.verbose):
                 self.console.error(f"task {result.task_id} ({state.step.name}) failed: "
                                    f"{result.error}")
 

@@ -189,10 +189,12 @@ def require_slurm() -> None:
 
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory):
-    """SLURM_CONF of a running cluster; its daemons are stopped however the tests end."""
+    """SLURM_CONF of a running two-node cluster (grit-node1, grit-node2: 2 CPUs
+    each); its daemons are stopped however the tests end."""
     require_slurm()
     folder = tmp_path_factory.mktemp("slurm")
-    started = subprocess.run([SLURM_SCRIPT, "start", str(folder)], capture_output=True, text=True,
+    started = subprocess.run([SLURM_SCRIPT, "start", str(folder), "2"], capture_output=True,
+                             text=True,
                              timeout=120, env=dict(os.environ, GRIT_SLURM_MIN_JOB_AGE="2"))
     try:
         assert started.returncode == 0, started.stderr

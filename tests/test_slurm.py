@@ -1,4 +1,4 @@
-"""-executor slurm against a real single-node cluster (tests/slurm-cluster.sh):
+"""-executor slurm against a real two-node cluster (tests/slurm-cluster.sh):
 real sbatch, squeue and scancel, array elements running `grit -worker` on the node."""
 import json
 import os
@@ -294,3 +294,75 @@ def test_parallel_caps_the_elements_of_all_the_runs_jobs(grit, cluster, tmp_path
     names = [n for n in grit.status()["resources"]["names"] if n.startswith("seen-")]
     seen = [int(c) for name in names for c in grit.contents(name)]
     assert len(seen) == 10 and max(seen) <= 2, seen
+
+
+def scontrol(cluster, *args, check=True) -> None:
+    subprocess.run(["scontrol", *args], env=dict(os.environ, SLURM_CONF=cluster["SLURM_CONF"]),
+                   check=check, timeout=60, capture_output=True)
+
+
+# Eight tasks in four elements of two: two elements on each node at once.
+ON_TWO_NODES = '''
+    [[step]]
+    name = "seed"
+    script = "for i in 1 2 3 4 5 6 7 8; do echo $i > $OUTPUT_DIR/n-$i; done"
+    [[step]]
+    name = "work"
+    inputs = ["n-*"]
+    batch = 2
+    script = """
+    echo "$GRIT_TASK_ID $SLURMD_NODENAME" >> {ran}
+    {wait}
+    rev $INPUT_FILE > $OUTPUT_DIR/r-$GRIT_INPUT_NAME
+    """
+'''
+
+
+def test_a_node_taken_down_mid_run_its_tasks_run_again_elsewhere(grit, cluster, tmp_path):
+    ran, go = tmp_path / "ran.log", tmp_path / "go"
+    manifest = ON_TWO_NODES.format(ran=ran, wait=f"while [ ! -e {go} ]; do sleep 0.1; done")
+    grit.write(manifest)
+    proc = popen_on_slurm(grit, cluster)
+    try:
+        assert wait_for(lambda: ran.exists() and "grit-node2" in ran.read_text(), 60)
+        scontrol(cluster, "update", "nodename=grit-node2", "state=down", "reason=grit-test")
+        go.touch()  # the tasks on node 1 finish; those on node 2 were killed with it
+        _, stderr = proc.communicate(timeout=120)  # far less than Slurm's requeue delay
+    finally:
+        proc.kill()
+        # back in service (ReturnToService=2 may have done it: then this fails)
+        scontrol(cluster, "update", "nodename=grit-node2", "state=resume", check=False)
+    assert proc.returncode == 0, stderr
+    lost = [line for line in stderr.splitlines() if "run again in a new job" in line]
+    assert lost and all("ended REQUEUED" in line or "ended NODE_FAIL" in line for line in lost)
+    tasks = grit.tasks("work")
+    assert tasks == {"pending": 0, "done": 8, "failed": 0}, tasks
+    runs = [line.split()[0] for line in ran.read_text().splitlines()]
+    assert len(runs) > 8 and set(runs) == {str(t) for t in range(2, 10)}  # the lost ones again
+    assert live(grit) == local_twin(tmp_path, ON_TWO_NODES.format(ran=os.devnull, wait=""))
+
+
+def test_an_element_cancelled_from_outside_fails_its_tasks_in_one_line(grit, cluster, tmp_path):
+    ran, go = tmp_path / "ran.log", tmp_path / "go"
+    grit.write(ON_TWO_NODES.format(ran=ran, wait=f"while [ ! -e {go} ]; do sleep 0.1; done"))
+    proc = popen_on_slurm(grit, cluster)
+    try:
+        assert wait_for(lambda: ran.exists() and len(ran.read_text().splitlines()) == 4, 60)
+        [job] = [j["slurm_id"] for j in grit.status()["slurm_jobs"] if j["step"] == "work"]
+        subprocess.run(["scancel", f"{job}_1"], env=dict(os.environ, SLURM_CONF=cluster[
+            "SLURM_CONF"]), check=True, timeout=60)
+        assert wait_for(lambda: f"{job}_1 " not in squeue(cluster, "-o", "%i "), 60)
+        go.touch()
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("grit: error:")]
+    assert len(errors) == 2 and "9 task(s) run, 2 failed" in errors[1], errors  # and the summary
+    assert errors[0].startswith(f"grit: error: Slurm job {job}_1 ended CANCELLED: its 2 task(s) "
+                                "failed: "), errors[0]
+    assert "CANCELLED" in errors[0].split("failed: ", 1)[1]  # the element's own last line
+    failed = grit.status()["failed_tasks"]
+    assert len(failed) == 2 and grit.tasks("work")["done"] == 6
+    for task in failed:  # each task's log carries the reason
+        assert f"Slurm job {job}_1 ended CANCELLED" in grit.log(task["task"])["error"]
