@@ -1798,6 +1798,13 @@ class Metadata:
         return self.db.execute("SELECT count(*) FROM task WHERE step_id = ? AND status = ? "
                                "AND live = 1", (step_id, status)).fetchone()[0]
 
+    def pending_among(self, task_ids: Iterable[int]) -> set[int]:
+        """Those of these tasks that are pending."""
+        ids = list(task_ids)
+        return {row[0] for i in range(0, len(ids), 500) for row in self.db.execute(
+            f"SELECT id FROM task WHERE status = 'pending' AND id IN "
+            f"({','.join('?' * len(ids[i:i + 500]))})", ids[i:i + 500])}
+
     def has_tasks(self, step_id: int) -> bool:
         return self.db.execute("SELECT 1 FROM task WHERE step_id = ? LIMIT 1",
                                (step_id,)).fetchone() is not None
@@ -4345,11 +4352,6 @@ class LocalExecutor(Executor):
     @classmethod
     def for_run(cls, opts: RunOptions, manifest: Manifest, db: Database,
                 console: Console) -> "LocalExecutor":
-        jobs = db.meta.slurm_jobs()
-        if jobs:
-            console.warn(f"{len(jobs)} Slurm job(s) of an earlier -executor slurm run are not "
-                         "finished with; -executor slurm would adopt them, their tasks run "
-                         "here instead")
         return cls(db, console, opts.parallel or os.cpu_count() or 1, opts.output_mode,
                    opts.timeout)
 
@@ -5161,6 +5163,7 @@ class SlurmExecutor(Executor):
         self._closing = False
         self._warned: set[str] = set()
         self._serial = itertools.count(1)
+        self.settling = False  # see settle()
 
     # -- the seam ----------------------------------------------------------------
 
@@ -5241,6 +5244,32 @@ class SlurmExecutor(Executor):
                                     if e.started or e.state == "RUNNING")
         return counts
 
+    @classmethod
+    def settle(cls, opts: RunOptions, manifest: Manifest, db: Database,
+               console: Console) -> dict[int, TaskResult]:
+        """Before a run on another executor: the jobs an earlier -executor slurm
+        run left (killed) are cancelled and the results their elements wrote
+        taken in (returned by task), so no task runs in two places at once."""
+        jobs = db.meta.slurm_jobs()
+        if not jobs:
+            return {}
+        if not shutil.which("scancel"):
+            raise GritError(f"{len(jobs)} Slurm job(s) of an earlier -executor slurm run may "
+                            "still be running, and Slurm's commands are not on PATH here to "
+                            "cancel them: run where they are (-executor slurm adopts them)")
+        slurm = cls(dataclasses.replace(opts, parallel=opts.parallel or 1), manifest, db, console)
+        slurm.settling = True
+        with slurm:
+            alive = [e for job in slurm._jobs.values() for e in job.elements
+                     if e.left and e.state in SLURM_ALIVE]
+            slurm.cancel()
+            slurm._thread.join()
+        results = {t: slurm._early[t] for t in db.meta.pending_among(slurm._early)}
+        console.info(f"slurm: {slurm.adopted} job(s) of an earlier -executor slurm run: took in "
+                     f"{len(results)} finished task(s); cancelled {len(alive)} element(s) "
+                     f"with {sum(e.left for e in alive)} task(s) to go, which run here")
+        return results
+
     # -- starting ----------------------------------------------------------------
 
     def _default_command(self) -> str:
@@ -5268,12 +5297,13 @@ class SlurmExecutor(Executor):
                        [_Element([t["task_id"] for t in chunk]) for chunk in chunks],
                        row["slurm_id"] or "", adopted=True)
             self._add(job)
+        self.adopted = len(self._jobs)
         if self._jobs:
-            adopted = len(self._jobs)
             self._collect()
             self._squeue()
-            self.console.info(f"slurm: adopted {adopted} job(s) of an earlier run; "
-                              f"{len(self._where)} of their task(s) still to finish")
+            if not self.settling:
+                self.console.info(f"slurm: adopted {self.adopted} job(s) of an earlier run; "
+                                  f"{len(self._where)} of their task(s) still to finish")
 
     def _add(self, job: _Job) -> None:
         self._jobs[job.name] = job
@@ -5627,6 +5657,7 @@ class SlurmExecutor(Executor):
 
 EXECUTORS["slurm"] = SlurmExecutor
 
+
 # =============================================================================
 # Scheduler
 # =============================================================================
@@ -5687,8 +5718,10 @@ class Scheduler:
     """
 
     def __init__(self, db: Database, executor: Executor, steps: list[StepVersion],
-                 console: Console, start: str | None = None) -> None:
+                 console: Console, start: str | None = None,
+                 earlier: dict[int, TaskResult] | None = None) -> None:
         self.db = db
+        self.earlier = earlier or {}  # results of tasks another executor ran (settled Slurm jobs)
         # record() syncs the objects before the rows that name them, and a task
         # reads only recorded ones: small objects can wait for that sync.
         db.objects.hold = True
@@ -5861,7 +5894,10 @@ class Scheduler:
 
     def _submit(self, spec: TaskSpec, state: StepState) -> concurrent.futures.Future:
         limit = state.step.definition.cycle_limit
-        if spec.passes > limit:  # a cycle that does not converge: stop this chain
+        if spec.task_id in self.earlier:
+            future = concurrent.futures.Future()
+            future.set_result(self.earlier.pop(spec.task_id))
+        elif spec.passes > limit:  # a cycle that does not converge: stop this chain
             future = failed_at_once(spec, f"a chain of resources reached step "
                                           f"{quote(spec.step)} {spec.passes} times, more than "
                                           f"its cycle_limit ({limit}): a cycle that does not "
@@ -6137,27 +6173,37 @@ def cmd_run(opts: RunOptions, console: Console) -> int:
         return cmd_dry_run(opts, manifest, selected)
     if opts.json:
         raise GritError("-json goes with -run only together with -dry-run")
-    with Database.for_run(opts.db, console) as db, \
-            EXECUTORS[opts.executor].for_run(opts, manifest, db, console) as executor:
-        versions = register_steps(db.meta, manifest, console)
-        active = [v for v in versions if v.name in selected]
-        left_out = [v.name for v in versions if v.definition.files and v not in active]
-        if left_out:
-            console.info(f"source step(s) {', '.join(left_out)} not walked: -step or -start "
-                         "leaves them out, so changes to their files are not seen")
-        not_imported = start_roots(db, active, manifest, console)
-        scheduler = Scheduler(db, executor, versions, console, start=opts.start)
-        with stop_on_signals(scheduler.request_stop):
-            summary = scheduler.run(active)
-        summary.not_imported = not_imported
-        if not summary.interrupted:  # an interrupted run may not have reached a step yet
-            warn_unmatched(db, scheduler, console)
-        for step, n in scheduler.cycled.items():
-            if n:
-                console.info(f"step {quote(step)} consumed {n} resource(s) made by itself or a "
-                             "step after it: a cycle, which stops when its outputs stop "
-                             "changing or at cycle_limit")
+    with Database.for_run(opts.db, console) as db:
+        earlier = {} if opts.executor == "slurm" else SlurmExecutor.settle(opts, manifest, db,
+                                                                          console)
+        with EXECUTORS[opts.executor].for_run(opts, manifest, db, console) as executor:
+            summary = run_steps(opts, manifest, selected, db, executor, earlier, console)
     return report_run(summary, time.monotonic() - started, console)
+
+
+def run_steps(opts: RunOptions, manifest: Manifest, selected: list[str], db: Database,
+              executor: Executor, earlier: dict[int, TaskResult],
+              console: Console) -> RunSummary:
+    """Register the steps, import the roots, run the scheduler until done."""
+    versions = register_steps(db.meta, manifest, console)
+    active = [v for v in versions if v.name in selected]
+    left_out = [v.name for v in versions if v.definition.files and v not in active]
+    if left_out:
+        console.info(f"source step(s) {', '.join(left_out)} not walked: -step or -start "
+                     "leaves them out, so changes to their files are not seen")
+    not_imported = start_roots(db, active, manifest, console)
+    scheduler = Scheduler(db, executor, versions, console, start=opts.start, earlier=earlier)
+    with stop_on_signals(scheduler.request_stop):
+        summary = scheduler.run(active)
+    summary.not_imported = not_imported
+    if not summary.interrupted:  # an interrupted run may not have reached a step yet
+        warn_unmatched(db, scheduler, console)
+    for step, n in scheduler.cycled.items():
+        if n:
+            console.info(f"step {quote(step)} consumed {n} resource(s) made by itself or a "
+                         "step after it: a cycle, which stops when its outputs stop "
+                         "changing or at cycle_limit")
+    return summary
 
 
 def check_gather_cycles(meta: Metadata, manifest: Manifest) -> None:

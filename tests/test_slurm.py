@@ -2,6 +2,7 @@
 real sbatch, squeue and scancel, array elements running `grit -worker` on the node."""
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -366,3 +367,42 @@ def test_an_element_cancelled_from_outside_fails_its_tasks_in_one_line(grit, clu
     assert len(failed) == 2 and grit.tasks("work")["done"] == 6
     for task in failed:  # each task's log carries the reason
         assert f"Slurm job {job}_1 ended CANCELLED" in grit.log(task["task"])["error"]
+
+
+def test_a_local_run_after_a_killed_slurm_run_cancels_its_jobs_and_takes_their_results(
+        grit, cluster, tmp_path):
+    ran = tmp_path / "ran.log"
+    grit.write(f'''
+        [[step]]
+        name = "seed"
+        script = "for i in 1 2 3 4 5 6 7 8; do echo $i > $OUTPUT_DIR/n-$i; done"
+        [[step]]
+        name = "work"
+        inputs = ["n-*"]
+        batch = 2
+        script = """
+        exec 9> {tmp_path}/lock-$GRIT_TASK_ID  # held while the script runs, freed when killed
+        flock -n 9 || echo "twice at once $GRIT_TASK_ID" >> {ran}
+        echo "start $GRIT_TASK_ID ${{SLURM_JOB_ID:+slurm}}" >> {ran}
+        sleep 2
+        rev $INPUT_FILE > $OUTPUT_DIR/r-$GRIT_INPUT_NAME
+        """
+    ''')
+    proc = popen_on_slurm(grit, cluster)
+    assert wait_for(lambda: grit.path.joinpath("grit-work").exists() and len(list(
+        grit.path.joinpath("grit-work").glob("*/jobs/work.*/records/*.task"))) >= 2, 60)
+    proc.kill()  # kill -9: the elements go on without it
+    proc.wait(timeout=10)
+    local = grit.run("-parallel", "2", env={"SLURM_CONF": cluster["SLURM_CONF"]})
+    [line] = [x for x in local.stderr.splitlines() if "earlier -executor slurm run" in x]
+    took, cancelled = (int(x) for x in re.findall(r"took in (\d+) .*cancelled \d+ element\(s\) "
+                                                    r"with (\d+) task", line)[0])
+    assert took >= 2 and took + cancelled == 8, line
+    assert our_jobs(cluster, grit) == "" and grit.status()["slurm_jobs"] == []
+    events = ran.read_text().splitlines()
+    assert not [e for e in events if e.startswith("twice")], events
+    here = {e.split()[1] for e in events if e.startswith("start") and len(e.split()) == 2}
+    assert len(here) == 8 - took, events  # what Slurm finished did not run again
+    assert grit.tasks("work") == {"pending": 0, "done": 8, "failed": 0}
+    assert live(grit) == local_twin(tmp_path, grit.manifest.read_text().replace(str(ran),
+                                                                                os.devnull))
