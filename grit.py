@@ -318,6 +318,14 @@ class StepDef:
     partition: str = ""  # Slurm partition; "" = the cluster's default
     batch: int = 0  # tasks per array element; 0 = chosen from the step's task durations
     sbatch: tuple[str, ...] = ()  # further sbatch options, as given
+    retries: int = -1  # times a failed task runs again in the same run; -1 = -retries
+    by_attempt: tuple[tuple[str, tuple], ...] = ()  # (key, values) of cpus/mem/time lists
+
+    def for_attempt(self, attempt: int) -> "StepDef":
+        """The step as its attempt-th try runs: each list-valued key at that
+        entry, its last entry repeating."""
+        return dataclasses.replace(self, **{key: values[min(attempt, len(values)) - 1]
+                                            for key, values in self.by_attempt})
 
     @property
     def is_seed(self) -> bool:
@@ -371,6 +379,7 @@ class RunOptions:
     json: bool = False
     executor: str = "local"
     executor_flags: dict[str, str] = field(default_factory=dict)  # its own flags given (-work-dir)
+    retries: int = 0  # a step's retries where neither it nor its executor's table sets them
 
 
 # Executors by name (-executor NAME), each registered by its own section. An
@@ -394,6 +403,7 @@ class TaskSpec:
     passes: int = 1  # times the chain of resources that led here passed through this step
     gathered: list[Output] | None = None  # a gather task's inputs, by (name, hash)
     cpus: int = 1  # script slots it takes (the step's cpus)
+    attempt: int = 1  # which try this is ($GRIT_ATTEMPT); more than 1 with retries
 
 
 @dataclass
@@ -433,7 +443,7 @@ class TaskResult:
 # The TOML manifest to StepDefs: every mistake is one line naming the file,
 # the step and the key. Reads the file, nothing else.
 
-SCHEDULING_KEYS = ("cpus", "mem", "time", "partition", "batch", "sbatch")
+SCHEDULING_KEYS = ("cpus", "mem", "time", "partition", "batch", "sbatch", "retries")
 STEP_KEYS = ("name", "inputs", "parallel", "script", "start", "timeout", "cycle_limit", "files",
              "rerun", "gather") + SCHEDULING_KEYS
 
@@ -505,21 +515,35 @@ def _parse_executor_table(table: object, where: str, kind: type, defaults: dict)
 def _parse_scheduling(table: dict, where: str, defaults: dict) -> dict:
     """The scheduling keys of a step (or of [slurm]), over `defaults`."""
     keys = dict(defaults)
-    if "cpus" in table:
-        keys["cpus"] = _number(table, "cpus", where, 1, "1 or more", least=1)
+    by_attempt = dict(keys.get("by_attempt", ()))
+    for key, parse in (("cpus", lambda t: _number(t, "cpus", where, 1, "1 or more", least=1)),
+                       ("mem", lambda t: _string(t, "mem", where)),
+                       ("time", lambda t: slurm_seconds(t["time"], where))):
+        if key in table:  # one value, or a list by attempt (with retries)
+            values = table[key] if isinstance(table[key], list) else [table[key]]
+            if not values:
+                raise GritError(f"{where}: \"{key}\" is an empty list: give a value, or one "
+                                "per attempt")
+            values = [parse({key: v}) for v in values]
+            keys[key] = values[0]
+            by_attempt.pop(key, None)
+            by_attempt.update({key: tuple(values)} if len(values) > 1 else {})
+    keys["by_attempt"] = tuple(by_attempt.items())
     if "batch" in table:
         keys["batch"] = _number(table, "batch", where, 0, "0 (chosen by grit) or more")
-    for key in ("mem", "partition"):
-        if key in table:
-            if not isinstance(table[key], str):
-                raise GritError(f"{where}: \"{key}\" must be a string, not "
-                                f"{_toml_type(table[key])}")
-            keys[key] = table[key]
-    if "time" in table:
-        keys["time"] = slurm_seconds(table["time"], where)
+    if "retries" in table:
+        keys["retries"] = _number(table, "retries", where, 0, "0 or more")
+    if "partition" in table:
+        keys["partition"] = _string(table, "partition", where)
     if "sbatch" in table:
         keys["sbatch"] = tuple(_strings(table, "sbatch", where, 'sbatch = ["--qos=long"]'))
     return keys
+
+
+def _string(table: dict, key: str, where: str) -> str:
+    if not isinstance(table[key], str):
+        raise GritError(f"{where}: \"{key}\" must be a string, not {_toml_type(table[key])}")
+    return table[key]
 
 
 def slurm_seconds(value: object, where: str) -> float:
@@ -1193,7 +1217,7 @@ class ObjectStore:
 # The SQLite schema of steps and their versions, tasks and resources, its
 # migrations, and the small rules the queries share. Knows nothing of object bytes.
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 # Every table and index of the current schema, by name: SCHEMA creates them
 # all, and the migration that added one creates it from the same text.
 DDL = {
@@ -1288,7 +1312,21 @@ DDL = {
     elements    INTEGER NOT NULL,
     queued      INTEGER NOT NULL DEFAULT 0, -- elements pending at the last squeue
     running     INTEGER NOT NULL DEFAULT 0, -- elements running at the last squeue
-    submitted_at TEXT NOT NULL)"""}
+    submitted_at TEXT NOT NULL,
+    looked_at   TEXT                        -- when squeue last answered for it
+    )""",
+    # A try of a task that failed and ran again in the same run (retries); the
+    # task row holds its last try.
+    "attempt": """CREATE TABLE attempt (
+    task_id     INTEGER NOT NULL REFERENCES task(id),
+    attempt     INTEGER NOT NULL,           -- 1, 2, ...: $GRIT_ATTEMPT of that try
+    exit_code   INTEGER,
+    error       TEXT NOT NULL,
+    stdout_hash TEXT,
+    stderr_hash TEXT,
+    started_at  TEXT NOT NULL,
+    duration    REAL NOT NULL)""",
+    "attempt_task": "CREATE INDEX attempt_task ON attempt(task_id)"}
 SCHEMA = "".join(f"{statement};\n" for statement in DDL.values())
 # Statements that bring a database of schema N to N + 1.
 MIGRATIONS = {1: ["ALTER TABLE resource ADD COLUMN deleted_at TEXT"],
@@ -1316,7 +1354,13 @@ MIGRATIONS = {1: ["ALTER TABLE resource ADD COLUMN deleted_at TEXT"],
               # (large objects written as they arrived), which a grit of schema
               # 6 cannot read; schema 8 large objects as files in files/, which
               # a grit of schema 7 cannot find.
-              6: [], 7: []}
+              6: [], 7: [],
+              # slurm_job made anew (schema 5's step makes today's form)
+              8: ["ALTER TABLE slurm_job RENAME TO slurm_job_8", DDL["slurm_job"],
+                  "INSERT INTO slurm_job (name, folder, step, slurm_id, tasks, elements, queued, "
+                  "running, submitted_at) SELECT name, folder, step, slurm_id, tasks, elements, "
+                  "queued, running, submitted_at FROM slurm_job_8", "DROP TABLE slurm_job_8",
+                  DDL["attempt"], DDL["attempt_task"]]}
 # Schemas before 4 had no live view: it is computed once, after the upgrade.
 LIVE_VIEW_SINCE = 4
 
@@ -1882,6 +1926,21 @@ class Metadata:
                 "AND live = 1 AND status = 'done' AND id != ?", (step_id, result.task_id))])
         return created
 
+    def record_attempt(self, result: TaskResult, attempt: int) -> None:
+        """A failed try of a task that runs again."""
+        self.db.execute("INSERT INTO attempt VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (result.task_id, attempt, result.exit_code, result.error or "",
+                         result.stdout_hash, result.stderr_hash, result.started_at,
+                         result.duration))
+
+    def attempts(self, task_id: int) -> list[dict]:
+        """A task's failed tries before its last, oldest first."""
+        columns = ("attempt", "exit_code", "error", "stdout_hash", "stderr_hash", "started_at",
+                   "duration")
+        return [dict(zip(columns, row)) for row in self.db.execute(
+            f"SELECT {', '.join(columns)} FROM attempt WHERE task_id = ? ORDER BY rowid",
+            (task_id,))]
+
     def emit(self, task_id: int, outputs: Iterable[Output], live: int) -> int:
         """Record what a task emitted; a live task's outputs are live and get
         their tasks. Returns the resources created (or back after -delete)."""
@@ -1990,7 +2049,9 @@ class Metadata:
     def referenced_hashes(self) -> list[str]:
         """Every object hash the metadata refers to: resources and task logs."""
         rows = self.db.execute("SELECT hash FROM resource WHERE deleted_at IS NULL "
-                               "UNION SELECT stdout_hash FROM task UNION SELECT stderr_hash FROM task")
+                               "UNION SELECT stdout_hash FROM task UNION SELECT stderr_hash FROM task "
+                               "UNION SELECT stdout_hash FROM attempt "
+                               "UNION SELECT stderr_hash FROM attempt")
         return sorted(r[0] for r in rows if r[0])
 
     def step_counts(self) -> list[dict]:
@@ -2100,6 +2161,8 @@ class Metadata:
         now = utc_now()
         for rid in resource_ids:
             self.db.execute("UPDATE resource SET deleted_at = ? WHERE id = ?", (now, rid))
+            self.db.execute("DELETE FROM attempt WHERE task_id IN (SELECT id FROM task WHERE "
+                            "input_resource_id = ? AND status != 'done')", (rid,))
             self.db.execute("DELETE FROM task WHERE input_resource_id = ? AND status != 'done'",
                             (rid,))
 
@@ -2363,11 +2426,15 @@ class Database:
 
     # -- what spans both stores ----------------------------------------------------
 
-    def record(self, results: list[TaskResult]) -> list[int]:
-        """Record finished tasks and their outputs (call inside a transaction);
-        returns the resources each created. Their objects reach the disk first,
-        so a committed row never names a missing object."""
+    def record(self, results: list[TaskResult],
+               attempts: Sequence[tuple[TaskResult, int]] = ()) -> list[int]:
+        """Record finished tasks and their outputs, and failed attempts before
+        them (call inside a transaction); returns the resources each task
+        created. Their objects reach the disk first, so a committed row never
+        names a missing object."""
         self.objects.sync()
+        for result, attempt in attempts:
+            self.meta.record_attempt(result, attempt)
         return [self.meta.record(result) for result in results]
 
     def slurm_jobs(self) -> "SlurmJobs":
@@ -4477,7 +4544,8 @@ class LocalExecutor(Executor):
         input_dir, input_list = self._gather(spec, slot.path, out)
         env = dict(self._environ, INPUT_FILE=input_file, INPUT_DIR=input_dir,
                    INPUT_LIST=input_list, OUTPUT_DIR=out, GRIT_STEP=spec.step,
-                   GRIT_TASK_ID=str(spec.task_id), GRIT_INPUT_NAME=spec.input_name,
+                   GRIT_TASK_ID=str(spec.task_id), GRIT_ATTEMPT=str(spec.attempt),
+                   GRIT_INPUT_NAME=spec.input_name,
                    GRIT_INPUT_HASH=spec.input_hash, GRIT_PREVIOUS_START=spec.previous_start)
         log_out, log_err = slot.stdout, slot.stderr
         log_out.seek(0)
@@ -5347,16 +5415,16 @@ class SlurmExecutor(Executor):
             time.sleep(SUBMIT_SETTLE_SECONDS)
         with self._lock:
             specs, self._waiting = self._waiting, []
-        by_step: dict[str, list[TaskSpec]] = {}
+        by_step: dict[tuple[str, int], list[TaskSpec]] = {}  # an attempt may need more
         for spec in specs:
-            by_step.setdefault(spec.step, []).append(spec)
-        for step, group in by_step.items():
+            by_step.setdefault((spec.step, spec.attempt), []).append(spec)
+        for (step, attempt), group in by_step.items():
             if self._holds(step):
                 with self._lock:
                     self._waiting += group
             else:
                 self._held_since.pop(step, None)
-                self._submit_job(self.steps[step], group)
+                self._submit_job(self.steps[step].for_attempt(attempt), group)
 
     def _in_flight(self) -> int:
         """Elements that run or may run now: each job's unfinished ones, up to its throttle."""
@@ -5719,8 +5787,9 @@ class Scheduler:
 
     def __init__(self, db: Database, executor: Executor, steps: list[StepVersion],
                  console: Console, start: str | None = None,
-                 earlier: dict[int, TaskResult] | None = None) -> None:
+                 earlier: dict[int, TaskResult] | None = None, retries: int = 0) -> None:
         self.db = db
+        self.retries = retries  # -retries: for steps that do not set theirs
         self.earlier = earlier or {}  # results of tasks another executor ran (settled Slurm jobs)
         # record() syncs the objects before the rows that name them, and a task
         # reads only recorded ones: small objects can wait for that sync.
@@ -5740,6 +5809,7 @@ class Scheduler:
         self._last_progress = 0.0
         self._rate_window: collections.deque = collections.deque()  # (time, tasks finished)
         self._warned_waiting: set[str] = set()  # gather steps that wait for left-out steps
+        self.attempts: list[tuple[TaskResult, int]] = []  # failed tries, to record
         self.cycled: collections.Counter = collections.Counter()  # step -> tasks in a cycle
 
     def request_stop(self) -> None:
@@ -5777,7 +5847,7 @@ class Scheduler:
             self.produced = {s.name: self.db.meta.names_produced_by(s.name) for s in self.all_steps}
             self._activate_downstream()
         self.db.meta.live.take_new_tasks()  # counted by _activate already
-        running: dict[concurrent.futures.Future, StepState] = {}
+        running: dict[concurrent.futures.Future, tuple[StepState, TaskSpec]] = {}
         finished: list[tuple[TaskResult, StepState]] = []
         last_commit = time.monotonic()
         while True:
@@ -5797,9 +5867,14 @@ class Scheduler:
                     continue
                 break
             for future in self._finished_futures():
-                state = running.pop(future)
+                state, spec = running.pop(future)
+                result = future.result()
+                again = self._try_again(spec, result, state)
+                if again:
+                    running[self._submit(again, state)] = (state, again)
+                    continue
                 state.running -= 1
-                finished.append((future.result(), state))
+                finished.append((result, state))
             self._show_progress()
         self.console.end_progress()
         if self.fatal:
@@ -5832,7 +5907,8 @@ class Scheduler:
                          "unrecorded tasks run again next time"
             self.request_stop()
 
-    def _dispatch(self, running: dict[concurrent.futures.Future, StepState]) -> None:
+    def _dispatch(self, running: dict[concurrent.futures.Future, tuple[StepState, TaskSpec]]
+                  ) -> None:
         capacity = self.executor.capacity
         if len(running) >= capacity:
             return
@@ -5849,7 +5925,7 @@ class Scheduler:
                     break
                 spec = state.queue.popleft()
                 state.running += 1
-                running[self._submit(spec, state)] = state
+                running[self._submit(spec, state)] = (state, spec)
 
     def _settle_gather(self) -> bool:
         """The barrier: nothing runs or waits, so each gather step (in manifest
@@ -5914,6 +5990,20 @@ class Scheduler:
         future.add_done_callback(self._done.put)
         return future
 
+    def _try_again(self, spec: TaskSpec, result: TaskResult, state: StepState) -> TaskSpec | None:
+        """A failed task's next attempt, while its step's retries allow one; the
+        failed attempt is recorded with the next commit (-log shows it)."""
+        definition = state.step.definition
+        retries = definition.retries if definition.retries >= 0 else self.retries
+        if result.ok or result.interrupted or spec.attempt > retries or self._stop.is_set():
+            return None
+        self.attempts.append((result, spec.attempt))
+        if not result.told:  # else its element's line told it
+            self.console.warn(f"task {spec.task_id} ({spec.step}) failed, attempt {spec.attempt} of "
+                              f"{retries + 1}: {error_line(result.error or '')}; trying again")
+        nxt = definition.for_attempt(spec.attempt + 1)
+        return dataclasses.replace(spec, attempt=spec.attempt + 1, cpus=nxt.cpus)
+
     def _refill(self, state: StepState) -> bool:
         if state.exhausted:
             return False
@@ -5928,10 +6018,11 @@ class Scheduler:
     def _commit(self, finished: list[tuple[TaskResult, StepState]]) -> None:
         """Record finished tasks in one transaction; interrupted ones stay pending."""
         results = [(r, s) for r, s in finished if not r.interrupted]
-        if not results:
+        if not results and not self.attempts:
             return
         with self.db.meta.transaction():
-            created = self.db.record([r for r, _ in results])
+            created = self.db.record([r for r, _ in results], self.attempts)
+            self.attempts = []
             for (result, state), new in zip(results, created):
                 self.summary.resources += new
                 self.summary.tasks += 1
@@ -6192,7 +6283,8 @@ def run_steps(opts: RunOptions, manifest: Manifest, selected: list[str], db: Dat
         console.info(f"source step(s) {', '.join(left_out)} not walked: -step or -start "
                      "leaves them out, so changes to their files are not seen")
     not_imported = start_roots(db, active, manifest, console)
-    scheduler = Scheduler(db, executor, versions, console, start=opts.start, earlier=earlier)
+    scheduler = Scheduler(db, executor, versions, console, start=opts.start, earlier=earlier,
+                          retries=opts.retries)
     with stop_on_signals(scheduler.request_stop):
         summary = scheduler.run(active)
     summary.not_imported = not_imported
@@ -6421,12 +6513,14 @@ def cmd_log(db_path: str, ref: str, as_json: bool) -> int:
     if task is None:
         raise NotFoundError(f"no task {ref} in {db_path}")
     store = db.objects
+    task["attempts"] = meta.attempts(task_id)
     try:
         if as_json:
-            for label in ("stdout", "stderr"):
-                digest = task.pop(f"{label}_hash")
-                task[label] = b"".join(store.open(digest)).decode("utf-8", "replace") \
-                    if digest else ""
+            for entry in [task, *task["attempts"]]:
+                for label in ("stdout", "stderr"):
+                    digest = entry.pop(f"{label}_hash")
+                    entry[label] = b"".join(store.open(digest)).decode("utf-8", "replace") \
+                        if digest else ""
             emit_json(task)
         else:
             print_task(task, store)
@@ -6436,11 +6530,16 @@ def cmd_log(db_path: str, ref: str, as_json: bool) -> int:
 
 
 def print_task(task: dict, store: "ObjectStore") -> None:
-    """A task as text; its logs are streamed, never held whole."""
-    exit_text = "" if task["exit_code"] is None else f", {describe_exit(task['exit_code'])}"
-    took = "" if task["duration"] is None else f" in {task['duration']:.2f} s"
-    print(f"task {task['task']}: {task['step']} v{task['version']}, {task['status']}"
-          f"{exit_text}{took}" + (f" (started {task['started_at']})" if task["started_at"] else ""))
+    """A task as text, each failed attempt before its last first; logs are
+    streamed, never held whole."""
+    for tried in task["attempts"]:
+        print(f"task {task['task']}: {task['step']} v{task['version']}, attempt "
+              f"{tried['attempt']} failed{how_it_ended(tried)}")
+        print(f"error:  {tried['error']}")
+        print_logs(tried, store)
+    attempt = f", attempt {len(task['attempts']) + 1}" if task["attempts"] else ""
+    print(f"task {task['task']}: {task['step']} v{task['version']}{attempt}, {task['status']}"
+          f"{how_it_ended(task)}")
     src = task["input"]
     if "gathered" in task:
         print_gathered(task["gathered"], len(task["gathered"]), "", task["task"])
@@ -6450,6 +6549,17 @@ def print_task(task: dict, store: "ObjectStore") -> None:
         print(f"output: {describe_resource(out)}")
     if task["error"]:
         print(f"error:  {task['error']}")
+    print_logs(task, store)
+
+
+def how_it_ended(task: dict) -> str:
+    """", exit status 1 in 0.20 s (started ...)": what -log says after a task's status."""
+    exit_text = "" if task["exit_code"] is None else f", {describe_exit(task['exit_code'])}"
+    took = "" if task["duration"] is None else f" in {task['duration']:.2f} s"
+    return f"{exit_text}{took}" + (f" (started {task['started_at']})" if task["started_at"] else "")
+
+
+def print_logs(task: dict, store: "ObjectStore") -> None:
     for label in ("stdout", "stderr"):
         digest = task[f"{label}_hash"]
         print(f"--- {label} ({human_bytes(store.size(digest) if digest else 0)}) ---", flush=True)
@@ -6826,6 +6936,8 @@ def run_options(args: argparse.Namespace) -> RunOptions:
         raise GritError(f"-parallel must be 1 or more, not {args.parallel}")
     if not 0 <= args.timeout < float("inf"):
         raise GritError(f"-timeout must be 0 (no limit) or more seconds, not {args.timeout}")
+    if args.retries < 0:
+        raise GritError(f"-retries must be 0 or more, not {args.retries}")
     flags = {}
     for name, executor in EXECUTORS.items():  # an executor's own flags go with it alone
         for flag in executor.flags:
@@ -6836,7 +6948,7 @@ def run_options(args: argparse.Namespace) -> RunOptions:
                 flags[flag.replace("-", "_")] = value
     return RunOptions(args.manifest, args.db, args.parallel or 0, args.start, args.step,
                       args.output_mode, args.timeout, args.dry_run, args.json, args.executor,
-                      flags)
+                      flags, args.retries)
 
 
 @dataclass(frozen=True)
@@ -6905,6 +7017,9 @@ OPTIONS: dict[str, dict] = {
     "retired": dict(SWITCH, help="first delete the content of every resource that is not live"),
     "timeout": dict(metavar="SECONDS", type=float, default=0, help="kill a task after SECONDS "
                     "unless its step sets timeout (default: no limit)"),
+    "retries": dict(metavar="N", type=int, default=0, help="run a failed task again up to N "
+                    "times in the same run unless its step (or [slurm]) sets retries "
+                    "(default 0)"),
     "executor": dict(metavar="NAME", default="local", help="where tasks run: local (this "
                      "machine, the default) or another registered executor"),
     "output-mode": dict(metavar="MODE", default="auto", choices=("auto", "fuse", "dir"),

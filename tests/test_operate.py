@@ -153,7 +153,8 @@ def test_log_by_task_id_and_by_resource_hash(grit, tmp_path):
     assert failed["input"]["name"] == "in-3" and failed["outputs"] == []
     assert failed["step"] == "upper" and failed["version"] == 1
     assert set(failed) == {"task", "step", "version", "status", "exit_code", "error", "duration",
-                           "started_at", "finished_at", "input", "outputs", "stdout", "stderr"}
+                           "started_at", "finished_at", "input", "outputs", "stdout", "stderr",
+                           "attempts"}
     digest = grit.export("rev")[0][0]
     by_hash = as_json(grit, "-log", digest[:10])
     assert by_hash["step"] == "rev" and [o["hash"] for o in by_hash["outputs"]] == [digest]
@@ -316,6 +317,8 @@ def test_options_that_need_another_command_say_so(grit, tmp_path):
 # What each schema version added, newest first: undone, they turn today's
 # database into an older grit's.
 UNDO_SCHEMA = {  # newest first
+    9: ["DROP INDEX attempt_task", "DROP TABLE attempt",
+        "ALTER TABLE slurm_job DROP COLUMN looked_at"],
     8: [],  # large objects as files: nothing in SQLite
     7: [],  # the object store's second header form: nothing in SQLite
     6: ["DROP TABLE slurm_job"],
@@ -335,7 +338,7 @@ UNDO_SCHEMA = {  # newest first
 }
 
 
-@pytest.mark.parametrize("old", [1, 2, 3, 4, 5, 6, 7])
+@pytest.mark.parametrize("old", [1, 2, 3, 4, 5, 6, 7, 8])
 def test_an_old_database_is_upgraded_in_place(grit, tmp_path, old):
     pipeline(grit, tmp_path, succeed=True)
     import sqlite3
@@ -349,8 +352,9 @@ def test_an_old_database_is_upgraded_in_place(grit, tmp_path, old):
     db.close()
     resources = as_json(grit, "-status")["resources"]   # a read-only command upgrades it
     assert resources["count"] == 9 and resources["live"] == 9  # the live view, computed
-    assert grit.sql("PRAGMA user_version") == [(8,)]
+    assert grit.sql("PRAGMA user_version") == [(9,)]
     assert as_json(grit, "-status")["slurm_jobs"] == []  # schema 6's table is there
+    assert as_json(grit, "-log", "1")["attempts"] == []  # schema 9's table is there
     cmd(grit, "-delete", "rev")
     assert "0 task(s) run" in grit.run().stderr
     # tasks made before the upgrade have no passes: their descendants count from there

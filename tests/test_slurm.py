@@ -406,3 +406,22 @@ def test_a_local_run_after_a_killed_slurm_run_cancels_its_jobs_and_takes_their_r
     assert grit.tasks("work") == {"pending": 0, "done": 8, "failed": 0}
     assert live(grit) == local_twin(tmp_path, grit.manifest.read_text().replace(str(ran),
                                                                                 os.devnull))
+
+
+def test_a_failed_task_runs_again_on_slurm_with_the_resources_of_its_attempt(grit, cluster):
+    grit.write('''
+        [[step]]
+        name = "seed"
+        retries = 1
+        cpus = [1, 2]
+        script = """
+        echo "try $GRIT_ATTEMPT with $SLURM_CPUS_PER_TASK CPU(s)" >&2
+        [ "$GRIT_ATTEMPT" = 2 ] || exit 7
+        echo ok > $OUTPUT_DIR/x
+        """
+    ''')
+    proc = on_slurm(grit, cluster)
+    assert "attempt 1 of 2: exit status 7: try 1 with 1 CPU(s); trying again" in proc.stderr
+    log = grit.log(1)
+    assert log["stderr"] == "try 2 with 2 CPU(s)\n" and log["status"] == "done"
+    assert [a["stderr"] for a in log["attempts"]] == ["try 1 with 1 CPU(s)\n"]
