@@ -1,14 +1,10 @@
 """Gather steps (fan-in): one task over every live resource that matches, run
 once what feeds it is done, again only when that set changes."""
 import json
-import os
 import signal
-import time
-
-import pytest
 
 from conftest import require_fuse, wait_for
-from test_live import live, live_set, tasks_run, write
+from test_live import live, tasks_run, write
 
 DOCUMENTS = '''
 [[step]]
