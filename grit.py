@@ -2172,7 +2172,7 @@ class SlurmJobs:
     poller thread writes it while the scheduler's transactions use theirs."""
 
     COLUMNS = ("name", "folder", "step", "slurm_id", "tasks", "elements", "queued", "running",
-               "submitted_at")
+               "submitted_at", "looked_at")
 
     def __init__(self, path: str) -> None:
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -2196,8 +2196,9 @@ class SlurmJobs:
 
     def states(self, counts: dict[str, tuple[int, int]]) -> None:
         """(queued, running) elements per job, from the last squeue."""
-        self.db.executemany("UPDATE slurm_job SET queued = ?, running = ? WHERE name = ?",
-                            [(q, r, name) for name, (q, r) in counts.items()])
+        now = utc_now()
+        self.db.executemany("UPDATE slurm_job SET queued = ?, running = ?, looked_at = ? "
+                            "WHERE name = ?", [(q, r, now, name) for name, (q, r) in counts.items()])
 
     def remove(self, name: str) -> None:
         self.db.execute("DELETE FROM slurm_job WHERE name = ?", (name,))
@@ -4331,6 +4332,7 @@ class Executor:
     settings: type | None = None  # the dataclass of its manifest table, [NAME]
     flags: dict[str, tuple[str, str]] = {}  # its -run flags: name -> (metavar, help)
     capacity: int = 1  # most tasks in flight at once
+    queues: bool = False  # a task submitted waits in a queue (-verbose: "queued", not "start")
 
     @classmethod
     def for_run(cls, opts: RunOptions, manifest: Manifest, db: Database,
@@ -4414,6 +4416,7 @@ class LocalExecutor(Executor):
         self._free = parallel  # script slots (-parallel) not in use; a task takes its cpus
         self._waiting: collections.deque[_Launch] = collections.deque()  # for a slot
         self._environ = dict(os.environ)  # copied once: os.environ decodes on every copy
+        self.on_start: Callable[[TaskSpec], None] | None = None  # called as a script starts
         self._overlays = os.geteuid() == 0  # until a mount is refused
 
     @classmethod
@@ -4677,6 +4680,8 @@ class LocalExecutor(Executor):
             raise launch.error
         if launch.pid is None:
             return None  # grit is stopping
+        if self.on_start:
+            self.on_start(spec)
         return self._wait_for(launch.pid, spec)
 
     def _slots_for(self, spec: TaskSpec) -> int:
@@ -4979,18 +4984,28 @@ def cmd_worker(folder: str, console: Console) -> int:
         plan = json.load(f)
     element = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
     records = os.path.join(folder, "records")
-    open(os.path.join(records, f"started-{element}"), "w").close()  # for the coordinator
     done = set(os.listdir(records))  # a requeued element skips what it did
     specs = [spec_from_json(t) for t in plan["chunks"][element]
              if f"{t['task_id']}.task" not in done]
     scratch = tempfile.mkdtemp(prefix="grit-worker-")
+    # For the coordinator: this element's node, then each task as its script starts.
+    started = open(os.path.join(records, f"started-{element}"), "a", buffering=1,
+                   encoding="utf-8")
+    started.write(f"node {os.environ.get('SLURMD_NODENAME') or os.uname().nodename}\n")
+    lock = threading.Lock()
+
+    def tell(spec: TaskSpec) -> None:
+        with lock:
+            started.write(f"{spec.task_id}\n")
     try:
         with Database.for_run(os.path.join(scratch, "db"), console) as db, \
                 LocalExecutor(db, console, plan["cpus"], plan["output_mode"],
                               plan["timeout"]) as executor, \
                 open(os.path.join(folder, "inputs.pack"), "rb") as pack:
+            executor.on_start = tell
             run_chunk(db.objects, executor, specs, plan, pack, folder)
     finally:
+        started.close()
         shutil.rmtree(scratch, ignore_errors=True)
     return EXIT_OK
 
@@ -5149,6 +5164,8 @@ class _Element:
     ended: float = 0.0  # when squeue first showed it ended or gone (monotonic); 0: not
     started: bool = False
     left: int = -1  # its tasks without a result yet
+    read: int = 0  # bytes of its started-K file read (-verbose)
+    node: str = ""
     requeued: bool = False  # Slurm queued it again (its node failed): grit cancelled it
 
     def __post_init__(self) -> None:
@@ -5196,6 +5213,7 @@ class SlurmExecutor(Executor):
     """
 
     settings = SlurmSettings
+    queues = True
     flags = {"work-dir": ("DIR", "with -executor slurm: the folder shared with the nodes "
                                  "(default: grit-work beside the manifest)")}
 
@@ -5231,7 +5249,7 @@ class SlurmExecutor(Executor):
         self._closing = False
         self._warned: set[str] = set()
         self._serial = itertools.count(1)
-        self.settling = False  # see settle()
+        self.ending = False  # see end_earlier_jobs()
 
     # -- the seam ----------------------------------------------------------------
 
@@ -5313,8 +5331,8 @@ class SlurmExecutor(Executor):
         return counts
 
     @classmethod
-    def settle(cls, opts: RunOptions, manifest: Manifest, db: Database,
-               console: Console) -> dict[int, TaskResult]:
+    def end_earlier_jobs(cls, opts: RunOptions, manifest: Manifest, db: Database,
+                         console: Console) -> dict[int, TaskResult]:
         """Before a run on another executor: the jobs an earlier -executor slurm
         run left (killed) are cancelled and the results their elements wrote
         taken in (returned by task), so no task runs in two places at once."""
@@ -5326,16 +5344,17 @@ class SlurmExecutor(Executor):
                             "still be running, and Slurm's commands are not on PATH here to "
                             "cancel them: run where they are (-executor slurm adopts them)")
         slurm = cls(dataclasses.replace(opts, parallel=opts.parallel or 1), manifest, db, console)
-        slurm.settling = True
+        slurm.ending = True
         with slurm:
-            alive = [e for job in slurm._jobs.values() for e in job.elements
-                     if e.left and e.state in SLURM_ALIVE]
+            tasks = [t for job in [*slurm._jobs.values(), *slurm._ended]
+                     for e in job.elements for t in e.tasks]
             slurm.cancel()
             slurm._thread.join()
         results = {t: slurm._early[t] for t in db.meta.pending_among(slurm._early)}
         console.info(f"slurm: {slurm.adopted} job(s) of an earlier -executor slurm run: took in "
-                     f"{len(results)} finished task(s); cancelled {len(alive)} element(s) "
-                     f"with {sum(e.left for e in alive)} task(s) to go, which run here")
+                     f"{len(results)} finished task(s), cancelled the rest; "
+                     f"{len(db.meta.pending_among(tasks)) - len(results)} of their task(s) "
+                     "run here")
         return results
 
     # -- starting ----------------------------------------------------------------
@@ -5369,7 +5388,7 @@ class SlurmExecutor(Executor):
         if self._jobs:
             self._collect()
             self._squeue()
-            if not self.settling:
+            if not self.ending:
                 self.console.info(f"slurm: adopted {self.adopted} job(s) of an earlier run; "
                                   f"{len(self._where)} of their task(s) still to finish")
 
@@ -5531,6 +5550,25 @@ class SlurmExecutor(Executor):
                     self._finish(self._ingest(job, name))
                 elif name.startswith("started-") and name[8:].isdigit():  # first sign of life
                     job.elements[int(name[8:])].started = True
+            if self.console.verbose:
+                self._tell_starts(job)
+
+    def _tell_starts(self, job: _Job) -> None:
+        """-verbose: "start" for each task an element's worker started since the last look."""
+        for k, element in enumerate(job.elements):
+            if not element.started or not element.left:
+                continue
+            with contextlib.suppress(OSError), \
+                    open(os.path.join(job.folder, "records", f"started-{k}"), "rb") as f:
+                f.seek(element.read)
+                lines = f.read().split(b"\n")[:-1]  # whole lines only
+                element.read += sum(len(line) + 1 for line in lines)
+                for line in lines:
+                    if line.startswith(b"node "):
+                        element.node = line[5:].decode(errors="replace")
+                    elif line.isdigit():
+                        self.console.detail(f"start task {int(line)} {job.step} on {element.node}"
+                                            f" (Slurm job {job.slurm_id}_{k})")
 
     def _ingest(self, job: _Job, name: str) -> TaskResult:
         """A task's result file: its record, its objects into the store."""
@@ -5724,6 +5762,36 @@ class SlurmExecutor(Executor):
 
 
 EXECUTORS["slurm"] = SlurmExecutor
+
+
+def slurm_present(jobs: list[dict]) -> str:
+    """-status: each job's elements queued and running now (one squeue), and its
+    results written ("results") and whether all are ("finished"); or, where
+    squeue does not answer, why ("" when it did)."""
+    for job in jobs:
+        with contextlib.suppress(OSError):
+            job["results"] = sum(name.endswith(".task") for name in os.listdir(
+                os.path.join(job["folder"], "records")))
+        job["finished"] = job.get("results", 0) >= job["tasks"]
+    ids = [job["slurm_id"] for job in jobs if job["slurm_id"]]
+    if not ids:
+        return ""
+    if not shutil.which("squeue"):
+        return "squeue is not on PATH"
+    done = slurm_command(["squeue", "-h", "-t", "all", f"--jobs={','.join(ids)}",
+                          "-o", "%F|%K|%T"], timeout=20)
+    if done.returncode != 0 and "Invalid job id" not in done.stderr:  # all purged: none left
+        return (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+    states: dict[str, collections.Counter] = {}
+    for line in done.stdout.splitlines():
+        job_id, indices, state = (line.split("|") + ["", ""])[:3]
+        states.setdefault(job_id, collections.Counter())[state] += len(array_indices(indices))
+    now = utc_now()
+    for job in jobs:
+        seen = states.get(job["slurm_id"], collections.Counter())
+        job["queued"], job["running"] = seen["PENDING"], seen["RUNNING"] + seen["COMPLETING"]
+        job["looked_at"] = now
+    return ""
 
 
 # =============================================================================
@@ -5981,7 +6049,8 @@ class Scheduler:
         else:
             self.cycled[spec.step] += spec.passes > 1
             if self.console.verbose:
-                self.console.detail(f"start task {spec.task_id} {spec.step}"
+                self.console.detail(("queued" if self.executor.queues else "start") +
+                                    f" task {spec.task_id} {spec.step}"
                                     + (f" on {spec.input_name} {spec.input_hash[:12]}"
                                        if spec.input_hash else
                                        f" over {len(spec.gathered)} gathered input(s)"
@@ -6265,8 +6334,8 @@ def cmd_run(opts: RunOptions, console: Console) -> int:
     if opts.json:
         raise GritError("-json goes with -run only together with -dry-run")
     with Database.for_run(opts.db, console) as db:
-        earlier = {} if opts.executor == "slurm" else SlurmExecutor.settle(opts, manifest, db,
-                                                                          console)
+        earlier = {} if opts.executor == "slurm" else SlurmExecutor.end_earlier_jobs(
+            opts, manifest, db, console)
         with EXECUTORS[opts.executor].for_run(opts, manifest, db, console) as executor:
             summary = run_steps(opts, manifest, selected, db, executor, earlier, console)
     return report_run(summary, time.monotonic() - started, console)
@@ -6461,6 +6530,7 @@ def cmd_status(db_path: str, as_json: bool) -> int:
             "failed_tasks": meta.failed_tasks(), "slurm_jobs": meta.slurm_jobs(),
             "resources": {**totals, "names": meta.name_counts(),
                           "live_names": meta.name_counts(live_only=True)}}
+    squeue_problem = slurm_present(data["slurm_jobs"])
     if as_json:
         emit_json(data)
         return EXIT_OK
@@ -6477,9 +6547,15 @@ def cmd_status(db_path: str, as_json: bool) -> int:
         print(f"{s['name']:<{width}}  {version:<9}  {t['pending']:>8} {t['done']:>8} "
               f"{t['failed']:>8}" + (f"  gather: {s['gather']}" if "gather" in s else ""))
     for job in data["slurm_jobs"]:
+        if job["finished"]:  # every result written: nothing to wait for
+            continue
+        when = "now" if not squeue_problem else (
+            f"at grit's last look, {job['looked_at']}" if job["looked_at"] else
+            f"at submission, {job['submitted_at']}")
         print(f"slurm job {job['slurm_id'] or '(not submitted)'}: {job['step']}, "
-              f"{job['tasks']} task(s) in {job['elements']} element(s): {job['queued']} queued, "
-              f"{job['running']} running at the last look")
+              f"{job['tasks']} task(s) in {job['elements']} element(s), {job.get('results', 0)} "
+              f"result(s) written: {job['queued']} queued, {job['running']} running {when}"
+              + (f" (squeue: {squeue_problem})" if squeue_problem else ""))
     failed = data["failed_tasks"]
     if failed:
         print("failed tasks (-log TASK shows one):")

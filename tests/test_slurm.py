@@ -64,8 +64,8 @@ def on_slurm(grit: Grit, cluster, *extra, check=0, env=None, timeout=180):
 
 def popen_on_slurm(grit: Grit, cluster, *extra, env=None) -> subprocess.Popen:
     return grit.popen("-executor", "slurm", *extra,
-                      env=dict(os.environ, **FAST, SLURM_CONF=cluster["SLURM_CONF"],
-                               **(env or {})))
+                      env=dict(os.environ, **dict(FAST, SLURM_CONF=cluster["SLURM_CONF"],
+                                                  **(env or {}))))
 
 
 def live(grit: Grit) -> set[tuple[str, str]]:
@@ -178,14 +178,23 @@ def test_ctrl_c_cancels_the_jobs_and_leaves_the_tasks_pending(grit, cluster, tmp
         batch = 2
         script = "touch {tmp_path}/started-$GRIT_TASK_ID; {marker}"
     ''')
-    proc = popen_on_slurm(grit, cluster)
-    assert wait_for(lambda: len(list(tmp_path.glob("started-*"))) >= 2, 60)
-    assert wait_for(lambda: "running" in grit("-db", str(grit.db), "-status").stdout, 10)
-    status = grit("-db", str(grit.db), "-status").stdout
-    assert "slurm job" in status and "running at the last look" in status, status
+    # grit itself asks squeue once a minute here: -status asks it for the present
+    proc = popen_on_slurm(grit, cluster, "-verbose", env={"GRIT_SLURM_POLL": "60"})
+    assert wait_for(lambda: len(list(tmp_path.glob("started-*"))) >= 3, 60)
+    env = {"SLURM_CONF": cluster["SLURM_CONF"]}
+    status = grit("-db", str(grit.db), "-status", env=env).stdout
+    [job] = [line for line in status.splitlines() if line.startswith("slurm job")]  # not seed's
+    assert ": wait, 6 task(s) in 3 element(s), 0 result(s) written: 0 queued, 3 running now" \
+        in job, status
+    away = grit("-db", str(grit.db), "-status", env=dict(env, PATH="/nonexistent")).stdout
+    assert "3 element(s), 0 result(s) written: 0 queued, 0 running at submission, " in away \
+        and "(squeue: squeue is not on PATH)" in away, away  # how old its figures are
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=90)
     assert proc.returncode == 130, stderr
+    assert len(re.findall(r"queued task \d+ wait", stderr)) == 6  # at submission
+    starts = re.findall(r"start task \d+ wait on grit-node\d \(Slurm job \d+_(\d)\)", stderr)
+    assert set(starts[:3]) == {"0", "1", "2"}, stderr  # as each element's worker started one
     assert our_jobs(cluster, grit) == ""
     assert wait_for(lambda: subprocess.run(["pgrep", "-f", marker]).returncode == 1, 20)
     tasks = grit.tasks("wait")
@@ -395,14 +404,15 @@ def test_a_local_run_after_a_killed_slurm_run_cancels_its_jobs_and_takes_their_r
     proc.wait(timeout=10)
     local = grit.run("-parallel", "2", env={"SLURM_CONF": cluster["SLURM_CONF"]})
     [line] = [x for x in local.stderr.splitlines() if "earlier -executor slurm run" in x]
-    took, cancelled = (int(x) for x in re.findall(r"took in (\d+) .*cancelled \d+ element\(s\) "
-                                                    r"with (\d+) task", line)[0])
-    assert took >= 2 and took + cancelled == 8, line
+    took, here = (int(x) for x in re.findall(r"took in (\d+) finished task\(s\), cancelled "
+                                               r"the rest; (\d+) of their task\(s\) run here",
+                                               line)[0])
+    assert took >= 2 and took + here == 8, line
     assert our_jobs(cluster, grit) == "" and grit.status()["slurm_jobs"] == []
     events = ran.read_text().splitlines()
     assert not [e for e in events if e.startswith("twice")], events
-    here = {e.split()[1] for e in events if e.startswith("start") and len(e.split()) == 2}
-    assert len(here) == 8 - took, events  # what Slurm finished did not run again
+    ran_here = {e.split()[1] for e in events if e.startswith("start") and len(e.split()) == 2}
+    assert len(ran_here) == here, events  # what Slurm finished did not run again
     assert grit.tasks("work") == {"pending": 0, "done": 8, "failed": 0}
     assert live(grit) == local_twin(tmp_path, grit.manifest.read_text().replace(str(ran),
                                                                                 os.devnull))
