@@ -1,5 +1,6 @@
 """-executor slurm against a real two-node cluster (tests/slurm-cluster.sh):
 real sbatch, squeue and scancel, array elements running `grit -worker` on the node."""
+import collections
 import json
 import os
 import re
@@ -436,3 +437,30 @@ def test_a_failed_task_runs_again_on_slurm_with_the_resources_of_its_attempt(gri
     log = grit.log(1)
     assert log["stderr"] == "try 2 with 2 CPU(s)\n" and log["status"] == "done"
     assert [a["stderr"] for a in log["attempts"]] == ["try 1 with 1 CPU(s)\n"]
+
+
+def test_an_element_slurm_starts_again_runs_only_its_tasks_without_a_result(
+        grit, cluster, tmp_path):
+    ran, go = tmp_path / "ran.log", tmp_path / "go"
+    # The first task an element runs ends at once, its second waits for go.
+    first = f"{tmp_path}/first-$SLURM_ARRAY_JOB_ID-$SLURM_ARRAY_TASK_ID"
+    grit.write(ON_TWO_NODES.format(ran=ran, wait=f'mkdir {first} 2>/dev/null || '
+                                                  f'while [ ! -e {go} ]; do sleep 0.1; done'))
+    proc = popen_on_slurm(grit, cluster)
+    assert wait_for(lambda: ran.exists() and len(ran.read_text().splitlines()) == 8, 60)
+    [job] = [j for j in grit.status()["slurm_jobs"] if j["step"] == "work"]
+    records = os.path.join(job["folder"], "records")
+    assert wait_for(lambda: sum(n.endswith(".task") for n in os.listdir(records)) == 4, 30)
+    proc.kill()  # kill -9: nothing of grit's steps in while Slurm starts the element again
+    proc.wait(timeout=10)
+    element = f"{job['slurm_id']}_0"
+    scontrol(cluster, "requeue", element)
+    assert wait_for(lambda: f"{element} PENDING" in squeue(cluster, "-t", "all", "-o", "%i %T"), 30)
+    scontrol(cluster, "update", f"jobid={element}", "StartTime=now")  # not in 2 minutes
+    assert wait_for(lambda: len(ran.read_text().splitlines()) == 9, 60)  # its second task again
+    go.touch()
+    on_slurm(grit, cluster)
+    runs = collections.Counter(line.split()[0] for line in ran.read_text().splitlines())
+    assert sorted(runs.values()) == [1] * 7 + [2], runs  # only the one without a result again
+    assert grit.tasks("work") == {"pending": 0, "done": 8, "failed": 0}
+    assert live(grit) == local_twin(tmp_path, ON_TWO_NODES.format(ran=os.devnull, wait=""))
