@@ -5536,13 +5536,17 @@ class SlurmExecutor(Executor):
     # -- results -------------------------------------------------------------------
 
     def _collect(self) -> None:
-        """Ingest the result records that appeared."""
+        """Ingest the result records that appeared: those a listing of the job's
+        records/ shows, and those looked up by name. A network filesystem may
+        serve a cached listing for a minute (NFS's acdirmax, sshfs's
+        dcache_timeout); the lookup of a new name asks the server."""
         for job in list(self._jobs.values()):
+            records = os.path.join(job.folder, "records")
             try:
-                names = os.listdir(os.path.join(job.folder, "records"))
+                names = os.listdir(records)
             except FileNotFoundError:
                 continue
-            for name in names:
+            for name in names + self._looked_up(job, records):
                 if name in job.recorded:
                     continue
                 job.recorded.add(name)
@@ -5552,6 +5556,33 @@ class SlurmExecutor(Executor):
                     job.elements[int(name[8:])].started = True
             if self.console.verbose:
                 self._tell_starts(job)
+
+    def _looked_up(self, job: _Job, records: str) -> list[str]:
+        """The records that exist of those an element would write next: its
+        started-K while it may be starting, else its next tasks in chunk order
+        (it runs them about in that order; a miss or two: it runs them now)."""
+        found, may_start = [], job.throttle or len(job.elements)
+        cpus = getattr(self.steps.get(job.step), "cpus", 1)  # an adopted job's step may be gone
+        for k, element in enumerate(job.elements):
+            if not element.left:
+                continue
+            if not element.started:
+                may_start -= 1
+                if may_start >= 0 and os.path.exists(os.path.join(records, f"started-{k}")):
+                    found.append(f"started-{k}")
+                continue
+            misses = 0
+            for task in element.tasks:
+                name = f"{task}.task"
+                if task not in self._where or name in job.recorded:
+                    continue
+                if os.path.exists(os.path.join(records, name)):
+                    found.append(name)
+                else:
+                    misses += 1
+                    if misses > cpus:
+                        break
+        return found
 
     def _tell_starts(self, job: _Job) -> None:
         """-verbose: "start" for each task an element's worker started since the last look."""

@@ -4,9 +4,10 @@
 #   - a venv in .venv with grit's dependencies and the test tools;
 #   - FUSE (fuse3 for fusermount3, libfuse3 for mfusepy, and libfuse2, whose path
 #     the emission tests also run on), Nix (nix-bin, for the offline flake
-#     check) and Slurm (slurmctld, slurmd, slurm-client, munge: the single-node
-#     cluster of tests/slurm-cluster.sh) and xfsprogs (a loop-mounted XFS image
-#     with reflinks) when root on Debian/Ubuntu and missing.
+#     check), Slurm (slurmctld, slurmd, slurm-client, munge: the two-node
+#     cluster of tests/slurm-cluster.sh), openssh-server and sshfs (a work dir
+#     shared as over a network: tests/sshfs-share.sh) and xfsprogs (a
+#     loop-mounted XFS image with reflinks) when root on Debian/Ubuntu and missing.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${GRIT_VENV:-$root/.venv}
@@ -23,11 +24,14 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     "$python" -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)  # Debian splits it out
     command -v rsync >/dev/null || missing+=(rsync)   # a FUSE test writes with it
     command -v mkfs.xfs >/dev/null || missing+=(xfsprogs)  # a reflink filesystem (loop image)
-    # a single-node Slurm cluster (tests/slurm-cluster.sh) for the Slurm tests
+    # a two-node Slurm cluster on this machine (tests/slurm-cluster.sh) for the Slurm tests
     command -v slurmctld >/dev/null || missing+=(slurmctld)
     command -v slurmd >/dev/null || missing+=(slurmd)
     command -v sbatch >/dev/null || missing+=(slurm-client)
     command -v munged >/dev/null || missing+=(munge)
+    # a work dir shared as a network filesystem shares it (tests/sshfs-share.sh)
+    [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
+    command -v sshfs >/dev/null || missing+=(sshfs)
     if [ ${#missing[@]} -gt 0 ]; then
         echo "bootstrap: installing ${missing[*]}" >&2
         export DEBIAN_FRONTEND=noninteractive

@@ -106,7 +106,11 @@ start() {
         --pid-file="$dir/munged.pid" --log-file="$dir/munged.log" --seed-file="$dir/munged.seed"
     export SLURM_CONF=$conf
     slurmctld -f "$conf"
-    for n in $(seq 1 "$nodes"); do slurmd -f "$conf" -N "grit-node$n"; done
+    # GRIT_SLURMD_NAMESPACE=PID: the nodes live in that process's mount namespace
+    # (tests/sshfs-share.sh: the work dir mounted as a second host mounts it)
+    local enter=()
+    [ -z "${GRIT_SLURMD_NAMESPACE:-}" ] || enter=(nsenter -t "$GRIT_SLURMD_NAMESPACE" -m)
+    for n in $(seq 1 "$nodes"); do "${enter[@]}" slurmd -f "$conf" -N "grit-node$n"; done
     for _ in $(seq 1 300); do
         state=$(sinfo -h -N -o %t 2>/dev/null | sort -u | tr '\n' ' ' || true)
         if [ "$state" = "idle " ]; then

@@ -4,13 +4,15 @@ import collections
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
-from conftest import EXAMPLES, Grit, wait_for
+from conftest import EXAMPLES, SLURM_SCRIPT, Grit, require_slurm, wait_for
 
 # The tests look at squeue every second and give a finished element 3 s for its
 # records; the defaults (30 s each) suit real clusters.
@@ -464,3 +466,44 @@ def test_an_element_slurm_starts_again_runs_only_its_tasks_without_a_result(
     assert sorted(runs.values()) == [1] * 7 + [2], runs  # only the one without a result again
     assert grit.tasks("work") == {"pending": 0, "done": 8, "failed": 0}
     assert live(grit) == local_twin(tmp_path, ON_TWO_NODES.format(ran=os.devnull, wait=""))
+
+
+SHARE_SCRIPT = str(Path(SLURM_SCRIPT).with_name("sshfs-share.sh"))
+
+
+@pytest.fixture(scope="module")
+def shared_work(tmp_path_factory):
+    """A work dir on a network filesystem that caches listings (tests/sshfs-share.sh):
+    the coordinator's mount serves the same listing for an hour, and a cluster of
+    its own whose nodes see the folder through a mount of their own."""
+    require_slurm()
+    missing = [c for c in ("sshd", "sshfs", "unshare", "nsenter")
+               if not shutil.which(c, path=os.environ["PATH"] + ":/usr/sbin")]
+    if missing:
+        if os.environ.get("GRIT_REQUIRE_SLURM") == "1":
+            pytest.fail(f"{missing} are missing (tests/bootstrap.sh installs them)")
+        pytest.skip(f"{', '.join(missing)} missing (tests/bootstrap.sh installs them as root)")
+    share, nodes = tmp_path_factory.mktemp("share"), tmp_path_factory.mktemp("slurm-share")
+    try:
+        started = subprocess.run([SHARE_SCRIPT, "start", str(share)], capture_output=True,
+                                 text=True, timeout=120,
+                                 env=dict(os.environ, GRIT_SSHFS_OPTIONS="dcache_timeout=3600"))
+        assert started.returncode == 0, started.stderr
+        cluster = subprocess.run([SLURM_SCRIPT, "start", str(nodes), "2"], capture_output=True,
+                                 text=True, timeout=120,
+                                 env=dict(os.environ, GRIT_SLURM_MIN_JOB_AGE="2",
+                                          GRIT_SLURMD_NAMESPACE=started.stdout.strip()))
+        assert cluster.returncode == 0, cluster.stderr
+        yield {"SLURM_CONF": cluster.stdout.strip(), "work": share / "work", "folder": nodes}
+    finally:
+        subprocess.run([SLURM_SCRIPT, "stop", str(nodes)], timeout=120)
+        subprocess.run([SHARE_SCRIPT, "stop", str(share)], timeout=120)
+
+
+def test_results_arrive_through_a_work_dir_whose_listings_lag(grit, shared_work, tmp_path):
+    """The records/ listing the coordinator sees never changes during the run:
+    it finds each element's records by name."""
+    grit.write(FAN_OUT)
+    proc = on_slurm(grit, shared_work, "-work-dir", str(shared_work["work"]))
+    assert "0 failed" in proc.stderr, proc.stderr
+    assert live(grit) == local_twin(tmp_path, FAN_OUT)
