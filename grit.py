@@ -5155,6 +5155,27 @@ def cluster_cpus(console: Console) -> int:
     return cpus or SLURM_PARALLEL_FALLBACK
 
 
+def squeue_elements(selector: str) -> tuple[dict[str, dict[int, tuple[str, str]]],
+                                           dict[str, str], str]:
+    """One squeue over the jobs `selector` picks: each element's (state, pending
+    reason) by Slurm job id and index; each job's id by its --comment (grit's job
+    folder name); and why squeue did not answer ("" when it did). Jobs Slurm
+    purged (MinJobAge) are absent."""
+    done = slurm_command(["squeue", "-h", "-t", "all", selector, "-o", "%F|%K|%T|%r|%k"])
+    if done.returncode != 0 and "Invalid job id" not in done.stderr:  # (every one purged)
+        return {}, {}, (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+    seen: dict[str, dict[int, tuple[str, str]]] = {}
+    ids: dict[str, str] = {}
+    for line in done.stdout.splitlines():
+        fields = line.split("|", 4)
+        if len(fields) == 5:
+            job_id, indices, state, reason, comment = fields
+            ids[comment] = job_id
+            for index in array_indices(indices):
+                seen.setdefault(job_id, {})[index] = (state, reason)
+    return seen, ids, ""
+
+
 @dataclass
 class _Element:
     """One element of an array job: its chunk of tasks, as squeue last saw it."""
@@ -5675,20 +5696,10 @@ class SlurmExecutor(Executor):
 
     def _squeue(self) -> None:
         """One squeue for the whole run: each element's state, or its absence."""
-        done = slurm_command(["squeue", "-h", "-t", "all", f"--name={self.job_name}",
-                              "-o", "%F|%K|%T|%r|%k"])
-        if done.returncode != 0:  # the controller is busy or down: conclude nothing
-            self.console.detail(f"slurm: squeue: {done.stderr.strip()}")
+        seen, ids, problem = squeue_elements(f"--name={self.job_name}")
+        if problem:  # the controller is busy or down: conclude nothing
+            self.console.detail(f"slurm: squeue: {problem}")
             return
-        seen: dict[str, dict[int, tuple[str, str]]] = {}
-        ids: dict[str, str] = {}  # job folder name (the --comment) -> Slurm job id
-        for line in done.stdout.splitlines():
-            fields = line.split("|", 4)
-            if len(fields) == 5:
-                job_id, indices, state, reason, comment = fields
-                ids[comment] = job_id
-                for index in array_indices(indices):
-                    seen.setdefault(job_id, {})[index] = (state, reason)
         now = time.monotonic()
         counts = {}
         for job in list(self._jobs.values()):
@@ -5809,18 +5820,13 @@ def slurm_present(jobs: list[dict]) -> str:
         return ""
     if not shutil.which("squeue"):
         return "squeue is not on PATH"
-    done = slurm_command(["squeue", "-h", "-t", "all", f"--jobs={','.join(ids)}",
-                          "-o", "%F|%K|%T"], timeout=20)
-    if done.returncode != 0 and "Invalid job id" not in done.stderr:  # all purged: none left
-        return (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
-    states: dict[str, collections.Counter] = {}
-    for line in done.stdout.splitlines():
-        job_id, indices, state = (line.split("|") + ["", ""])[:3]
-        states.setdefault(job_id, collections.Counter())[state] += len(array_indices(indices))
+    seen, _, problem = squeue_elements(f"--jobs={','.join(ids)}")
+    if problem:
+        return problem
     now = utc_now()
     for job in jobs:
-        seen = states.get(job["slurm_id"], collections.Counter())
-        job["queued"], job["running"] = seen["PENDING"], seen["RUNNING"] + seen["COMPLETING"]
+        states = collections.Counter(state for state, _ in seen.get(job["slurm_id"], {}).values())
+        job["queued"], job["running"] = states["PENDING"], states["RUNNING"] + states["COMPLETING"]
         job["looked_at"] = now
     return ""
 
