@@ -2200,6 +2200,10 @@ class SlurmJobs:
         self.db.executemany("UPDATE slurm_job SET queued = ?, running = ?, looked_at = ? "
                             "WHERE name = ?", [(q, r, now, name) for name, (q, r) in counts.items()])
 
+    def more_tasks(self, name: str, tasks: int) -> None:
+        """Its elements took further tasks."""
+        self.db.execute("UPDATE slurm_job SET tasks = tasks + ? WHERE name = ?", (tasks, name))
+
     def remove(self, name: str) -> None:
         self.db.execute("DELETE FROM slurm_job WHERE name = ?", (name,))
 
@@ -4891,10 +4895,14 @@ def error_line(error: str) -> str:
 # objects; large ones as files named by hash), and `grit -worker FOLDER` runs
 # one chunk there with a LocalExecutor over a scratch database, leaving one
 # result record per task in FOLDER/records (its TaskResult as a JSON line,
-# then its small objects) for the coordinator to ingest. A remote executor
-# only moves folders and starts workers.
+# then its small objects) for the coordinator to ingest. Done with its chunk,
+# an element takes further tasks the coordinator hands it (FOLDER/more/K-N.json
+# and .pack, N = 1, 2, ...), waiting MORE_WAIT_SECONDS for each: one start-up
+# serves several rounds and steps. A remote executor only moves folders and
+# starts workers.
 
 RECORD_INTERVAL = 0.2  # seconds between looks for new result records (a listing per job)
+MORE_WAIT_SECONDS = 2.0  # an element done with its tasks waits this long for more
 
 # Objects smaller than this travel inside one file: a job's input pack, a task's
 # result file. Creating a file cost 0.5-0.9 ms here (on NFS a round trip to the
@@ -4978,8 +4986,8 @@ def unpack_object(store: ObjectStore, digest: str, pack: IO[bytes], base: int,
 
 def cmd_worker(folder: str, console: Console) -> int:
     """-worker FOLDER: this array element's chunk of tasks (SLURM_ARRAY_TASK_ID),
-    run by a LocalExecutor here over a scratch database; per task, one result
-    file goes into FOLDER."""
+    then the further tasks handed to it, run by a LocalExecutor here over a
+    scratch database; per task, one result file goes into FOLDER."""
     with open(os.path.join(folder, "tasks.json"), encoding="utf-8") as f:
         plan = json.load(f)
     element = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
@@ -5000,18 +5008,58 @@ def cmd_worker(folder: str, console: Console) -> int:
     try:
         with Database.for_run(os.path.join(scratch, "db"), console) as db, \
                 LocalExecutor(db, console, plan["cpus"], plan["output_mode"],
-                              plan["timeout"]) as executor, \
-                open(os.path.join(folder, "inputs.pack"), "rb") as pack:
+                              plan["timeout"]) as executor:
             executor.on_start = tell
-            run_chunk(db.objects, executor, specs, plan, pack, folder)
+            pack_path = os.path.join(folder, "inputs.pack")
+            for more in itertools.count(1):
+                with open(pack_path, "rb") as pack:
+                    if not run_chunk(db.objects, executor, specs, plan, pack, folder):
+                        break  # told to stop
+                plan = dict(plan, **(plan.get("more") and take_more(folder, element, more)
+                                     or {"chunks": None}))
+                if plan["chunks"] is None:
+                    break
+                specs = [spec_from_json(t) for t in plan["chunks"][0]
+                         if f"{t['task_id']}.task" not in done]
+                pack_path = os.path.join(folder, "more", f"{element}-{more}.pack")
     finally:
         started.close()
         shutil.rmtree(scratch, ignore_errors=True)
     return EXIT_OK
 
 
+def take_more(folder: str, element: int, more: int) -> dict | None:
+    """The element's more-th handful of further tasks ({"chunks": [specs], "pack":
+    index}), waiting up to MORE_WAIT_SECONDS for the coordinator to hand it; None
+    once this worker (or the coordinator, the run being over) closed that slot
+    by creating it empty. The slot is a name both create exclusively: the
+    coordinator by link(), this worker by O_EXCL, so only one of them wins."""
+    slot = os.path.join(folder, "more", f"{element}-{more}.json")
+    deadline = time.monotonic() + MORE_WAIT_SECONDS
+    while True:
+        try:
+            with open(slot, "rb") as f:
+                text = f.read()
+            return json.loads(text) if text else None
+        except FileNotFoundError:
+            if not os.path.isdir(os.path.dirname(slot)):
+                return None  # the job folder is gone: the run is over
+        except (OSError, ValueError):
+            return None
+        if time.monotonic() >= deadline:
+            try:
+                os.close(os.open(slot, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+                return None
+            except FileExistsError:
+                continue  # handed over just now
+            except OSError:
+                return None
+        time.sleep(RECORD_INTERVAL / 2)
+
+
 def run_chunk(store: ObjectStore, executor: LocalExecutor, specs: list[TaskSpec], plan: dict,
-              pack: IO[bytes], folder: str) -> None:
+              pack: IO[bytes], folder: str) -> bool:
+    """Run these tasks, recording each; False if the worker was told to stop."""
     # scancel signals the scripts too: one that dies of it once this worker
     # was told to stop is interrupted (it stays pending), not failed.
     stopping = threading.Event()
@@ -5031,6 +5079,7 @@ def run_chunk(store: ObjectStore, executor: LocalExecutor, specs: list[TaskSpec]
                 result = future.result()
                 if result.ok or not stopping.is_set():
                     record_result(store, folder, result, executor.capture.description)
+    return not stopping.is_set()
 
 
 def load_inputs(store: ObjectStore, spec: TaskSpec, plan: dict, pack: IO[bytes]) -> str:
@@ -5087,19 +5136,26 @@ SLURM_ALIVE = {"PENDING", "RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "
 # again in a new job, without counting an attempt, at most LOST_MAX times.
 SLURM_LOST = {"NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "GONE"}
 LOST_MAX = 3
+REQUEUED_GRACE_SECONDS = 1.0
+# What slurmstepd writes last into an element's output, by the state it ended in.
+SLURM_LAST_WORDS = [(r"CANCELLED AT \S+ DUE TO TIME LIMIT", "TIMEOUT"),
+                    (r"CANCELLED AT \S+ DUE TO NODE FAIL", "NODE_FAIL"),
+                    (r"CANCELLED AT \S+ DUE TO PREEMPTION", "PREEMPTED"),
+                    (r"CANCELLED AT \S+ \*\*\*", "CANCELLED"),
+                    (r"oom.kill event", "OUT_OF_MEMORY")]
 # Reasons a job pends that waiting never clears: it is cancelled, its tasks fail.
 SLURM_NEVER_RUNS = {"PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit",
                     "BadConstraints", "InvalidAccount", "InvalidQOS", "QOSMaxCpuPerJobLimit",
                     "QOSMaxMemoryPerJob", "QOSMaxWallDurationPerJobLimit"}
 
 
-def chunk_size(definition: StepDef, tasks: int, parallel: int, mean: float | None) -> int:
-    """Tasks per array element: the step's batch; else spread over -parallel
-    elements, each running about ELEMENT_SECONDS (at least ELEMENT_LEAST_SECONDS)
-    when the step's mean task duration is known."""
+def chunk_size(definition: StepDef, tasks: int, slots: int, mean: float | None) -> int:
+    """Tasks per array element: the step's batch; else spread over `slots`
+    elements (the free ones of -parallel), each running about ELEMENT_SECONDS
+    (at least ELEMENT_LEAST_SECONDS) when the step's mean task duration is known."""
     if definition.batch:
         return definition.batch
-    spread = max(1, -(-tasks // parallel))
+    spread = max(1, -(-tasks // slots))
     if not mean:
         return spread
     longest = max(1, int(ELEMENT_SECONDS / mean))
@@ -5188,6 +5244,9 @@ class _Element:
     read: int = 0  # bytes of its started-K file read (-verbose)
     node: str = ""
     requeued: bool = False  # Slurm queued it again (its node failed): grit cancelled it
+    more: int = 0  # handfuls of further tasks handed to it (more/K-N.json, N <= more)
+    closed: bool = False  # its worker took no more (it closed its next slot)
+    last: float = 0.0  # when its last result came (monotonic)
 
     def __post_init__(self) -> None:
         self.left = len(self.tasks)
@@ -5206,6 +5265,7 @@ class _Job:
     adopted: bool = False  # submitted by an earlier run
     never_runs: str = ""  # a pending reason that never clears
     recorded: set[str] = field(default_factory=set)  # record files ingested
+    options: list[str] | None = None  # its sbatch options if its elements take further tasks
 
 
 def slurm_work_dir(opts: RunOptions, manifest: Manifest) -> str:
@@ -5313,6 +5373,7 @@ class SlurmExecutor(Executor):
         leftover = [j for j in self._jobs.values() if j.slurm_id]  # adopted, never asked for
         if leftover:
             slurm_command(["scancel", *(j.slurm_id for j in leftover)])
+        self._close_idle(run_over=True)
         for job in self._ended + list(self._jobs.values()):
             shutil.rmtree(job.folder, ignore_errors=True)
             self.book.remove(job.name)
@@ -5404,6 +5465,18 @@ class SlurmExecutor(Executor):
             job = _Job(row["name"], row["folder"], row["step"],
                        [_Element([t["task_id"] for t in chunk]) for chunk in chunks],
                        row["slurm_id"] or "", adopted=True)
+            for k, element in enumerate(job.elements):  # and the tasks handed on since
+                for handful in itertools.count(1):
+                    try:
+                        with open(os.path.join(job.folder, "more", f"{k}-{handful}.json"),
+                                  "rb") as f:
+                            text = f.read()
+                    except OSError:
+                        break
+                    if not text:
+                        break
+                    element.tasks += [t["task_id"] for t in json.loads(text)["chunks"][0]]
+                    element.more, element.left = handful, len(element.tasks)
             self._add(job)
         self.adopted = len(self._jobs)
         if self._jobs:
@@ -5432,6 +5505,7 @@ class SlurmExecutor(Executor):
                     break
                 self._raise_throttles()
                 self._submit_waiting()
+                self._close_idle()
                 self._collect()
                 # squeue for the whole run at most every GRIT_SLURM_POLL seconds (Slurm
                 # asks programs not to poll it in loops); records tell that tasks finished.
@@ -5459,12 +5533,104 @@ class SlurmExecutor(Executor):
         for spec in specs:
             by_step.setdefault((spec.step, spec.attempt), []).append(spec)
         for (step, attempt), group in by_step.items():
+            definition = self.steps[step].for_attempt(attempt)
+            group = self._hand_over(definition, group)
+            if not group:
+                continue
             if self._holds(step):
                 with self._lock:
                     self._waiting += group
             else:
                 self._held_since.pop(step, None)
-                self._submit_job(self.steps[step].for_attempt(attempt), group)
+                self._submit_job(definition, group)
+
+    def _hand_over(self, definition: StepDef, specs: list[TaskSpec]) -> list[TaskSpec]:
+        """Tasks for elements that already run, rather than a new job and its
+        start-up (a second or more): elements done with their tasks and still
+        waiting for more, and, while -parallel has no free slot, busy ones (they
+        take them once done with their own), evenly. Only between jobs asking
+        Slurm for the same resources, without a time limit or a step's batch.
+        Returns the tasks no element took."""
+        options = self._takes_more(definition)
+        if not options:
+            return specs
+        now = time.monotonic()
+        idle = [(job, k) for job in self._ended + list(self._jobs.values())
+                if job.options == options for k, e in enumerate(job.elements)
+                if not (e.left or e.closed or e.ended) and now - e.last < MORE_WAIT_SECONDS / 2]
+        busy = [(job, k) for job in self._jobs.values() if job.options == options
+                for k, e in enumerate(job.elements)
+                if e.left and not (e.ended or e.requeued or e.closed)]
+        free = self.parallel - self._in_flight() - len(idle)  # slots a new job would take
+        takers = idle + (busy if free <= 0 else [])
+        total = len(specs) + sum(job.elements[k].left for job, k in takers)
+        for job, k in sorted(takers, key=lambda t: t[0].elements[t[1]].left):
+            share = -(-total // (len(takers) + max(0, free))) - job.elements[k].left
+            if share > 0 and specs and self._give(job, k, specs[:share]):
+                specs = specs[share:]
+        return specs
+
+    def _takes_more(self, definition: StepDef) -> list[str] | None:
+        """The sbatch options that a job's elements must share with a step to take
+        its tasks; None if this step's elements take no further tasks (its batch
+        is the user's word; a time limit is its chunk's)."""
+        options = sbatch_options(definition, self.timeout, 1)
+        if definition.batch or any(o.startswith("--time") for o in options):
+            return None
+        return options
+
+    def _close_idle(self, run_over: bool = False) -> None:
+        """Elements done with their tasks leave at once (their next slot closed)
+        once the run is over, or while other elements of the run wait to start:
+        those want the CPUs."""
+        if not run_over and not any(e.left and not e.started for job in self._jobs.values()
+                                    for e in job.elements):
+            return
+        now = time.monotonic()
+        for job in self._ended + list(self._jobs.values()):
+            for k, element in enumerate(job.elements):
+                if job.options and not (element.left or element.closed) and \
+                        now - element.last < MORE_WAIT_SECONDS:
+                    element.closed = True
+                    with contextlib.suppress(OSError):  # FileExistsError: it closed it
+                        os.close(os.open(os.path.join(job.folder, "more", f"{k}-{element.more + 1}"
+                                                      ".json"), os.O_WRONLY | os.O_CREAT |
+                                         os.O_EXCL, 0o644))
+
+    def _give(self, job: _Job, k: int, specs: list[TaskSpec]) -> bool:
+        """Hand tasks to element k: their inputs' pack, then its next slot
+        (more/K-N.json, linked: if the worker closed that slot, it is not taken)."""
+        element = job.elements[k]
+        base = os.path.join(job.folder, "more", f"{k}-{element.more + 1}")
+        try:
+            index = pack_index(self.store, (d for s in specs for d in task_hashes(s)),
+                               os.path.join(self.work, "objects"))
+            with open(base + ".pack", "wb") as pack:
+                pack_objects(self.store, index, pack)
+            plan = {"chunks": [[asdict(s) for s in specs]], "pack": index}
+            write_atomically(base + ".next", lambda f: f.write(json.dumps(plan).encode()))
+            os.link(base + ".next", base + ".json")
+        except FileExistsError:
+            element.closed = True
+            return False
+        except OSError:
+            return False
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(base + ".next")
+        element.more += 1
+        with self._lock:
+            element.tasks += [s.task_id for s in specs]
+            element.left += len(specs)
+            for s in specs:
+                self._where[s.task_id] = (job, k)
+            if job in self._ended:
+                self._ended.remove(job)
+                self._jobs[job.name] = job
+        self.book.more_tasks(job.name, len(specs))
+        self.console.detail(f"slurm: job {job.slurm_id}_{k} takes {len(specs)} more task(s) "
+                            f"of {specs[0].step}")
+        return True
 
     def _in_flight(self) -> int:
         """Elements that run or may run now: each job's unfinished ones, up to its throttle."""
@@ -5497,7 +5663,7 @@ class SlurmExecutor(Executor):
                 free -= more
 
     def _submit_job(self, definition: StepDef, specs: list[TaskSpec]) -> None:
-        size = chunk_size(definition, len(specs), self.parallel,
+        size = chunk_size(definition, len(specs), max(1, self.parallel - self._in_flight()),
                           self.durations.get(definition.name))
         chunks = [specs[i:i + size] for i in range(0, len(specs), size)]
         name = f"{definition.name}.{os.getpid()}.{time.time_ns() // 1000 % 10**9}." \
@@ -5505,16 +5671,17 @@ class SlurmExecutor(Executor):
         folder = os.path.join(self.work, "jobs", name)
         job = _Job(name, folder, definition.name, [_Element([s.task_id for s in c])
                                                    for c in chunks],
-                   throttle=max(1, self.parallel - self._in_flight()))
+                   throttle=max(1, self.parallel - self._in_flight()),
+                   options=self._takes_more(definition))
         try:
-            for sub in ("records", "objects"):
+            for sub in ("records", "objects", "more"):
                 os.makedirs(os.path.join(folder, sub))
             big_dir = os.path.join(self.work, "objects")  # shared by jobs: big inputs once
             index = pack_index(self.store, (d for s in specs for d in task_hashes(s)), big_dir)
             with open(os.path.join(folder, "inputs.pack"), "wb") as pack:
                 pack_objects(self.store, index, pack)
             plan = {"chunks": [[asdict(s) for s in c] for c in chunks], "pack": index,
-                    "objects": big_dir, "cpus": definition.cpus,
+                    "objects": big_dir, "cpus": definition.cpus, "more": bool(job.options),
                     "output_mode": self.output_mode, "timeout": self.timeout}
             write_atomically(os.path.join(folder, "tasks.json"),
                              lambda f: f.write(json.dumps(plan).encode()))
@@ -5618,9 +5785,11 @@ class SlurmExecutor(Executor):
                 for line in lines:
                     if line.startswith(b"node "):
                         element.node = line[5:].decode(errors="replace")
-                    elif line.isdigit():
-                        self.console.detail(f"start task {int(line)} {job.step} on {element.node}"
-                                            f" (Slurm job {job.slurm_id}_{k})")
+                    elif line.isdigit():  # a task of its own step, or one handed on
+                        spec = self._specs.get(int(line))
+                        self.console.detail(f"start task {int(line)} "
+                                            f"{spec.step if spec else job.step} on "
+                                            f"{element.node} (Slurm job {job.slurm_id}_{k})")
 
     def _ingest(self, job: _Job, name: str) -> TaskResult:
         """A task's result file: its record, its objects into the store."""
@@ -5670,6 +5839,7 @@ class SlurmExecutor(Executor):
             return None
         job.elements[k].left -= 1
         job.elements[k].started = True
+        job.elements[k].last = time.monotonic()
         if not any(e.left for e in job.elements):
             self._jobs.pop(job.name, None)
             self._ended.append(job)
@@ -5718,6 +5888,7 @@ class SlurmExecutor(Executor):
                     # Requeued after a node failure: Slurm holds it back ~2 minutes;
                     # a new job runs its tasks sooner (grit never asks for --begin).
                     element.requeued = True
+                    element.ended = now  # (it ends by grit's hand: no need to see it gone)
                     slurm_command(["scancel", f"{job.slurm_id}_{k}"])
             counts[job.name] = (sum(e.state == "PENDING" for e in job.elements),
                                 sum(e.state == "RUNNING" for e in job.elements))
@@ -5736,8 +5907,10 @@ class SlurmExecutor(Executor):
                                 "for more than the partition's nodes have; cancelled)")
                 continue
             for k, element in enumerate(job.elements):
-                if not element.left or not element.ended or \
-                        now - element.ended < settings().slurm_grace:
+                # An element grit cancelled as requeued wrote its records before its
+                # node failed: they are seen by name already (see _collect).
+                grace = REQUEUED_GRACE_SECONDS if element.requeued else settings().slurm_grace
+                if not element.left or not element.ended or now - element.ended < grace:
                     continue
                 self._collect()
                 lost = [t for t in element.tasks if t in self._where]
@@ -5749,9 +5922,12 @@ class SlurmExecutor(Executor):
         a new job if its node or Slurm is to blame (up to LOST_MAX times), else
         they fail; one line either way."""
         element = job.elements[k]
-        state = "REQUEUED" if element.requeued else element.state
-        what = f"Slurm job {job.slurm_id}_{k} ended {state}"
         tail = _last_line(os.path.join(job.folder, f"element-{k}.out"))
+        state = "REQUEUED" if element.requeued else element.state
+        if state == "GONE":  # purged from squeue before grit looked: its last words say
+            state = next((s for pattern, s in SLURM_LAST_WORDS if re.search(pattern, tail)),
+                         state)
+        what = f"Slurm job {job.slurm_id}_{k} ended {state}"
         again = [t for t in tasks if self._lost[t] < LOST_MAX]
         if state in SLURM_LOST | {"REQUEUED"} and len(again) == len(tasks):
             self.console.warn(f"{what}: its {len(tasks)} task(s) without a result run again "
@@ -5783,7 +5959,7 @@ class SlurmExecutor(Executor):
         meanwhile, wait (bounded) until squeue shows none of them; every other
         task ends interrupted (it stays pending)."""
         ids = [job.slurm_id for job in self._jobs.values() if job.slurm_id]
-        if ids:
+        if ids:  # (elements of ended jobs waiting for more end by themselves)
             slurm_command(["scancel", *ids])
         deadline = time.monotonic() + CANCEL_WAIT_SECONDS
         while ids and time.monotonic() < deadline:
