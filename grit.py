@@ -505,9 +505,8 @@ def _parse_executor_table(table: object, where: str, kind: type, defaults: dict)
             raise GritError(f"{where}: unknown key {quote(key)}"
                             f"{did_you_mean(key, keys + list(SCHEDULING_KEYS))}")
     for key in keys:
-        if not isinstance(table.get(key, ""), str):
-            raise GritError(f"{where}: \"{key}\" must be a string, not "
-                            f"{_toml_type(table[key])}")
+        if key in table:
+            _string(table, key, where)
     defaults.update(_parse_scheduling(table, where, {}))
     return kind(**{key: table[key] for key in keys if key in table})
 
@@ -2304,6 +2303,19 @@ def _last_line(path: str) -> str:
     except OSError:
         return ""
     return lines[-1] if lines else ""
+
+
+def close_slot(path: str) -> bool:
+    """Create `path` empty, unless it exists: False if someone else made it
+    first (exclusive creation, which NFS and sshfs keep across hosts). A
+    filesystem that refuses counts as closed."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    except FileExistsError:
+        return False
+    except OSError:
+        pass
+    return True
 
 
 def write_atomically(path: str, write: Callable[[IO[bytes]], None]) -> None:
@@ -5015,10 +5027,10 @@ def cmd_worker(folder: str, console: Console) -> int:
                 with open(pack_path, "rb") as pack:
                     if not run_chunk(db.objects, executor, specs, plan, pack, folder):
                         break  # told to stop
-                plan = dict(plan, **(plan.get("more") and take_more(folder, element, more)
-                                     or {"chunks": None}))
-                if plan["chunks"] is None:
+                handful = take_more(folder, element, more) if plan.get("more") else None
+                if handful is None:
                     break
+                plan = dict(plan, **handful)
                 specs = [spec_from_json(t) for t in plan["chunks"][0]
                          if f"{t['task_id']}.task" not in done]
                 pack_path = os.path.join(folder, "more", f"{element}-{more}.pack")
@@ -5046,14 +5058,8 @@ def take_more(folder: str, element: int, more: int) -> dict | None:
                 return None  # the job folder is gone: the run is over
         except (OSError, ValueError):
             return None
-        if time.monotonic() >= deadline:
-            try:
-                os.close(os.open(slot, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-                return None
-            except FileExistsError:
-                continue  # handed over just now
-            except OSError:
-                return None
+        if time.monotonic() >= deadline and close_slot(slot):
+            return None
         time.sleep(RECORD_INTERVAL / 2)
 
 
@@ -5591,11 +5597,8 @@ class SlurmExecutor(Executor):
             for k, element in enumerate(job.elements):
                 if job.options and not (element.left or element.closed) and \
                         now - element.last < MORE_WAIT_SECONDS:
-                    element.closed = True
-                    with contextlib.suppress(OSError):  # FileExistsError: it closed it
-                        os.close(os.open(os.path.join(job.folder, "more", f"{k}-{element.more + 1}"
-                                                      ".json"), os.O_WRONLY | os.O_CREAT |
-                                         os.O_EXCL, 0o644))
+                    element.closed = True  # by this, or already by its worker
+                    close_slot(os.path.join(job.folder, "more", f"{k}-{element.more + 1}.json"))
 
     def _give(self, job: _Job, k: int, specs: list[TaskSpec]) -> bool:
         """Hand tasks to element k: their inputs' pack, then its next slot
