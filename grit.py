@@ -11,7 +11,7 @@ Sections, in the order data flows through them:
     → Metadata schema → Live view → Metadata store (SQLite)
     → Files, processes and mounts → Database → Sources → Output capture
     → Output capture: FUSE → Task execution → Node workers → Slurm executor
-    → Scheduler → Running a pipeline → Inspecting a database
+    → Scheduler → Running a pipeline → Inspecting a database → Pictures of a run
     → Managing a database → CLI
 Each section opens with what it owns and uses only itself and the sections
 above it (tests/test_structure.py checks).
@@ -39,6 +39,7 @@ import json
 import os
 import queue
 import re
+import resource
 import select
 import shlex
 import shutil
@@ -380,6 +381,7 @@ class RunOptions:
     executor: str = "local"
     executor_flags: dict[str, str] = field(default_factory=dict)  # its own flags given (-work-dir)
     retries: int = 0  # a step's retries where neither it nor its executor's table sets them
+    command: list[str] = field(default_factory=list)  # grit's arguments (the run table keeps them)
 
 
 # Executors by name (-executor NAME), each registered by its own section. An
@@ -429,6 +431,15 @@ class TaskResult:
     stderr_hash: str | None = None
     started_at: str = ""
     duration: float = 0.0
+    # What the script's process tree used (os.wait4's rusage: CPU summed over
+    # the processes it waited for, peak RSS that of the largest), and where.
+    # Linux counts the spawning process's own peak into its child's at exec,
+    # so a peak up to grit's own is known only as "under rss_under".
+    cpu_user: float | None = None
+    cpu_system: float | None = None
+    peak_rss: int | None = None  # bytes
+    rss_under: int | None = None  # bytes: when peak_rss is None
+    node: str = ""
     interrupted: bool = False  # killed by grit's shutdown: stays pending
     told: bool = False  # its failure was told already, in one line with others'
 
@@ -1216,7 +1227,7 @@ class ObjectStore:
 # The SQLite schema of steps and their versions, tasks and resources, its
 # migrations, and the small rules the queries share. Knows nothing of object bytes.
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 # Every table and index of the current schema, by name: SCHEMA creates them
 # all, and the migration that added one creates it from the same text.
 DDL = {
@@ -1267,6 +1278,12 @@ DDL = {
                                             -- that led here passed through it, this task included}
     input_set   TEXT,                       -- a gather task: SHA-256 of the "name<TAB>hash<LF>"
                                             -- lines of its inputs, sorted (its identity)
+    run_id      INTEGER REFERENCES run(id), -- the -run that ran it last; NULL: before schema 10
+    cpu_user    REAL,                       -- seconds of CPU its script's processes used;
+    cpu_system  REAL,                       -- NULL: not measured (before schema 10)
+    peak_rss    INTEGER,                    -- bytes: the largest resident set among them;
+    rss_under   INTEGER,                    -- NULL: under rss_under bytes (grit's own peak)
+    node        TEXT,                       -- the host (Slurm: node) it ran on
     UNIQUE (step_id, input_resource_id))""",
     # NULLs are distinct in UNIQUE, so seed tasks need their own rule: one per step
     # version and run.
@@ -1278,6 +1295,7 @@ DDL = {
     # Pending and failed tasks of a step, in id order, without reading its done ones.
     "task_status": "CREATE INDEX task_status ON task(step_id, status)",
     "task_input": "CREATE INDEX task_input ON task(input_resource_id)",  # a resource's consumers
+    "task_run": "CREATE INDEX task_run ON task(run_id)",  # -trace and -report of one run
     # Every resource every task emitted (a resource may come from several tasks:
     # dedup and early cutoff); a resource is live while a live task emits it.
     "emission": """CREATE TABLE emission (
@@ -1324,8 +1342,30 @@ DDL = {
     stdout_hash TEXT,
     stderr_hash TEXT,
     started_at  TEXT NOT NULL,
-    duration    REAL NOT NULL)""",
-    "attempt_task": "CREATE INDEX attempt_task ON attempt(task_id)"}
+    duration    REAL NOT NULL,
+    run_id      INTEGER,                    -- as in task
+    cpu_user    REAL,
+    cpu_system  REAL,
+    peak_rss    INTEGER,
+    rss_under   INTEGER,
+    node        TEXT)""",
+    "attempt_task": "CREATE INDEX attempt_task ON attempt(task_id)",
+    # Every -run (not -dry-run): its counts are written as it ends, so a run
+    # killed with -9 keeps finished_at NULL.
+    "run": """CREATE TABLE run (
+    id          INTEGER PRIMARY KEY,        -- N of -runs, -trace -run N, -report -run N
+    started_at  TEXT NOT NULL,
+    finished_at TEXT,
+    command     TEXT NOT NULL,              -- JSON array: grit's arguments
+    executor    TEXT NOT NULL,
+    output_mode TEXT NOT NULL,              -- fuse or dir where known, else as asked
+    started     INTEGER NOT NULL DEFAULT 0, -- tasks handed to the executor
+    done        INTEGER NOT NULL DEFAULT 0,
+    failed      INTEGER NOT NULL DEFAULT 0,
+    known       INTEGER NOT NULL DEFAULT 0, -- outputs already known: early cutoff, no work after
+    resources   INTEGER NOT NULL DEFAULT 0, -- resources created
+    exit_status INTEGER,                    -- NULL while running, or killed
+    interrupted INTEGER NOT NULL DEFAULT 0)"""}
 SCHEMA = "".join(f"{statement};\n" for statement in DDL.values())
 # Statements that bring a database of schema N to N + 1.
 MIGRATIONS = {1: ["ALTER TABLE resource ADD COLUMN deleted_at TEXT"],
@@ -1359,9 +1399,23 @@ MIGRATIONS = {1: ["ALTER TABLE resource ADD COLUMN deleted_at TEXT"],
                   "INSERT INTO slurm_job (name, folder, step, slurm_id, tasks, elements, queued, "
                   "running, submitted_at) SELECT name, folder, step, slurm_id, tasks, elements, "
                   "queued, running, submitted_at FROM slurm_job_8", "DROP TABLE slurm_job_8",
-                  DDL["attempt"], DDL["attempt_task"]]}
+                  # the attempt table of schema 9; schema 10 adds its last five columns
+                  DDL["attempt"].split(",\n    run_id")[0] + ")", DDL["attempt_task"]],
+              9: [f"ALTER TABLE {table} ADD COLUMN {column}" for table in ("task", "attempt")
+                  for column in ("run_id INTEGER", "cpu_user REAL", "cpu_system REAL",
+                                 "peak_rss INTEGER", "rss_under INTEGER", "node TEXT")]
+              + [DDL["run"], DDL["task_run"]]}
 # Schemas before 4 had no live view: it is computed once, after the upgrade.
 LIVE_VIEW_SINCE = 4
+
+# What a task used and where (task and attempt tables), as TaskResult names them.
+USAGE_COLUMNS = ("run_id", "cpu_user", "cpu_system", "peak_rss", "rss_under", "node")
+# A run's counts (run table), as it ends.
+RUN_COUNTS = ("started", "done", "failed", "known", "resources", "exit_status", "interrupted")
+# -trace's columns, in order (Metadata.trace).
+TRACE_COLUMNS = ("task", "step", "version", "input", "status", "attempt", "exit", "error",
+                 "started", "wall", "cpu_user", "cpu_system", "rss", "rss_under", "node", "bytes_in",
+                 "bytes_out")
 
 # A file's stat signature (dev, ino, size, mtime_ns, ctime_ns), packed: 73 bytes
 # a file where a tuple of five ints takes 220 (50,000 source files: 11 MB less).
@@ -1720,6 +1774,7 @@ class Metadata:
             self.db.execute("PRAGMA foreign_keys=ON")
             self._migrate(readonly)
             self.live = LiveView(self.db)
+            self.run_id: int | None = None  # the -run whose tasks record() records
         except sqlite3.DatabaseError as e:
             raise GritError(f"cannot use metadata database {path}: {e}") from None
 
@@ -1909,10 +1964,12 @@ class Metadata:
         all of it commits together."""
         self.db.execute(
             "UPDATE task SET status = ?, exit_code = ?, error = ?, stdout_hash = ?, "
-            "stderr_hash = ?, started_at = ?, finished_at = ?, duration = ? WHERE id = ?",
+            "stderr_hash = ?, started_at = ?, finished_at = ?, duration = ?, run_id = ?, "
+            "cpu_user = ?, cpu_system = ?, peak_rss = ?, rss_under = ?, node = ? WHERE id = ?",
             ("done" if result.ok else "failed", result.exit_code, result.error,
              result.stdout_hash, result.stderr_hash, result.started_at, utc_now(),
-             result.duration, result.task_id))
+             result.duration, self.run_id, result.cpu_user, result.cpu_system,
+             result.peak_rss, result.rss_under, result.node or None, result.task_id))
         if not result.ok:
             return 0
         live, step_id, input_id = self.db.execute(
@@ -1927,15 +1984,16 @@ class Metadata:
 
     def record_attempt(self, result: TaskResult, attempt: int) -> None:
         """A failed try of a task that runs again."""
-        self.db.execute("INSERT INTO attempt VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        self.db.execute("INSERT INTO attempt VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (result.task_id, attempt, result.exit_code, result.error or "",
                          result.stdout_hash, result.stderr_hash, result.started_at,
-                         result.duration))
+                         result.duration, self.run_id, result.cpu_user, result.cpu_system,
+                         result.peak_rss, result.rss_under, result.node or None))
 
     def attempts(self, task_id: int) -> list[dict]:
         """A task's failed tries before its last, oldest first."""
         columns = ("attempt", "exit_code", "error", "stdout_hash", "stderr_hash", "started_at",
-                   "duration")
+                   "duration") + USAGE_COLUMNS
         return [dict(zip(columns, row)) for row in self.db.execute(
             f"SELECT {', '.join(columns)} FROM attempt WHERE task_id = ? ORDER BY rowid",
             (task_id,))]
@@ -2120,13 +2178,13 @@ class Metadata:
         row = self.db.execute(
             "SELECT t.id, s.name, s.version, t.status, t.exit_code, t.error, t.duration, "
             "t.started_at, t.finished_at, t.stdout_hash, t.stderr_hash, t.input_resource_id, "
-            "t.input_set FROM task t JOIN step s ON s.id = t.step_id WHERE t.id = ?",
-            (task_id,)).fetchone()
+            "t.input_set, " + ", ".join(f"t.{c}" for c in USAGE_COLUMNS) + " FROM task t "
+            "JOIN step s ON s.id = t.step_id WHERE t.id = ?", (task_id,)).fetchone()
         if row is None:
             return None
         keys = ("task", "step", "version", "status", "exit_code", "error", "duration",
                 "started_at", "finished_at", "stdout_hash", "stderr_hash")
-        task = dict(zip(keys, row))
+        task = dict(zip(keys, row), **dict(zip(USAGE_COLUMNS, row[13:])))
         task["input"] = self._resources("id = ?", row[11])[0] if row[11] else None
         if row[12] is not None:  # a gather task: its inputs
             task["gathered"] = self._resources("id IN (SELECT resource_id FROM gathered WHERE "
@@ -2134,6 +2192,76 @@ class Metadata:
         task["outputs"] = self._resources("id IN (SELECT resource_id FROM emission "
                                           "WHERE task_id = ?) ORDER BY id", task_id)
         return task
+
+    def start_run(self, command: list[str], executor: str, output_mode: str) -> int:
+        """A -run begins: its row, and the id its tasks are recorded with."""
+        with self.transaction():
+            self.run_id = self.db.execute(
+                "INSERT INTO run (started_at, command, executor, output_mode) VALUES "
+                "(?, ?, ?, ?)", (utc_now(), json.dumps(command), executor, output_mode)).lastrowid
+        return self.run_id
+
+    def end_run(self, counts: dict[str, int], output_mode: str) -> None:
+        """The run's counts (RUN_COUNTS) and exit status as it ends."""
+        with self.transaction():
+            self.db.execute(f"UPDATE run SET finished_at = ?, output_mode = ?, "
+                            f"{', '.join(f'{k} = ?' for k in counts)} WHERE id = ?",
+                            (utc_now(), output_mode, *counts.values(), self.run_id))
+
+    def runs(self, run_id: int | None = None) -> list[dict]:
+        """Every run, newest first (or the one asked for; the last for 0)."""
+        where = "" if run_id is None else " WHERE id = (SELECT max(id) FROM run)" \
+            if run_id == 0 else f" WHERE id = {int(run_id)}"
+        cursor = self.db.execute(f"SELECT * FROM run{where} ORDER BY id DESC")
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row), command=json.loads(row[3]), interrupted=bool(row[-1]))
+                for row in cursor.fetchall()]
+
+    def trace(self, run_id: int) -> list[dict]:
+        """The tasks a run ran (and their failed tries), oldest first, with
+        their bytes in (input or gathered inputs) and out (resources emitted)."""
+        size_in = ("coalesce((SELECT size FROM resource WHERE id = t.input_resource_id), "
+                   "(SELECT sum(r.size) FROM gathered g JOIN resource r ON r.id = g.resource_id "
+                   "WHERE g.task_id = t.id), 0)")
+        size_out = ("(SELECT coalesce(sum(r.size), 0) FROM emission e JOIN resource r "
+                    "ON r.id = e.resource_id WHERE e.task_id = t.id)")
+        usage = ", ".join(f"x.{c}" for c in USAGE_COLUMNS[1:])
+        rows = self.db.execute(
+            f"SELECT t.id, s.name, s.version, coalesce(i.name, ''), x.status, x.attempt, "
+            f"x.exit_code, x.error, x.started_at, x.duration, {usage}, {size_in}, x.bytes_out "
+            f"FROM (SELECT id, status, NULL AS attempt, exit_code, error, started_at, duration, "
+            f"{', '.join(USAGE_COLUMNS[1:])}, {size_out} AS bytes_out FROM task t "
+            f"WHERE run_id = ? AND status != 'pending' UNION ALL SELECT task_id, 'failed', "
+            f"attempt, exit_code, error, started_at, duration, "
+            f"{', '.join(USAGE_COLUMNS[1:])}, 0 FROM attempt WHERE run_id = ?) x "
+            f"JOIN task t ON t.id = x.id JOIN step s ON s.id = t.step_id "
+            f"LEFT JOIN resource i ON i.id = t.input_resource_id ORDER BY x.started_at, t.id",
+            (run_id, run_id))
+        return [dict(zip(TRACE_COLUMNS, row)) for row in rows]
+
+    def step_graph(self) -> tuple[list[dict], list[tuple[str, str, int]]]:
+        """The current steps (name, kind) and who fed whom: (producer step,
+        consumer step, resources the consumer took that the producer made)."""
+        steps = [{"name": name, "kind": "source" if files else "gather" if gather
+                  else "seed" if inputs == "[]" else "step"}
+                 for name, files, gather, inputs in self.db.execute(
+                     "SELECT name, files, gather, inputs FROM step WHERE current = 1 ORDER BY id")]
+        edges = self.db.execute(
+            "SELECT sa.name, sb.name, count(DISTINCT c.resource_id) FROM (SELECT id, "
+            "step_id, input_resource_id AS resource_id FROM task WHERE input_resource_id "
+            "IS NOT NULL UNION ALL SELECT g.task_id, t.step_id, g.resource_id FROM gathered g "
+            "JOIN task t ON t.id = g.task_id) c JOIN step sb ON sb.id = c.step_id "
+            "JOIN emission e ON e.resource_id = c.resource_id JOIN task ta ON ta.id = e.task_id "
+            "JOIN step sa ON sa.id = ta.step_id WHERE sb.current = 1 AND sa.current = 1 "
+            "GROUP BY sa.name, sb.name ORDER BY sa.name, sb.name").fetchall()
+        return steps, edges
+
+    def made_by_run(self, run_id: int) -> dict[str, tuple[int, int]]:
+        """Resources a run created, per step that made them: (live, superseded)."""
+        return {step: (live, total - live) for step, live, total in self.db.execute(
+            "SELECT s.name, sum(r.live), count(*) FROM resource r JOIN task t ON "
+            "t.id = r.task_id JOIN step s ON s.id = t.step_id WHERE t.run_id = ? "
+            "GROUP BY s.name ORDER BY min(s.id)", (run_id,))}
 
     def producer(self, resource: dict) -> int | None:
         """The task a resource comes from: the newest live task that emitted it
@@ -2320,7 +2448,7 @@ def close_slot(path: str) -> bool:
 
 def write_atomically(path: str, write: Callable[[IO[bytes]], None]) -> None:
     """Readers on other nodes see the whole file or none: write, then rename."""
-    tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{os.getpid()}.tmp"
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         write(f)
     os.rename(tmp, path)
@@ -4322,6 +4450,10 @@ TERMINATE_GRACE_SECONDS = 2.0
 # own per-task work overlaps the scripts instead of leaving a slot idle.
 WORKERS_PER_SCRIPT = 2
 
+# Where tasks run: a result's node (on Slurm the node's name, several of which
+# may share one machine).
+NODE = os.environ.get("SLURMD_NODENAME") or os.uname().nodename
+
 
 # Below this much free space a task failure is reported as probably disk-full.
 DISK_FULL_BYTES = 1024 * 1024
@@ -4349,6 +4481,7 @@ class Executor:
     flags: dict[str, tuple[str, str]] = {}  # its -run flags: name -> (metavar, help)
     capacity: int = 1  # most tasks in flight at once
     queues: bool = False  # a task submitted waits in a queue (-verbose: "queued", not "start")
+    output_mode_used: str = ""  # fuse or dir once known (the run table records it)
 
     @classmethod
     def for_run(cls, opts: RunOptions, manifest: Manifest, db: Database,
@@ -4494,6 +4627,7 @@ class LocalExecutor(Executor):
         self.capture = open_capture(self.output_mode, self._server, self._unavailable,
                                     self.console, self.store)
         self.capture.__enter__()
+        self.output_mode_used = self.capture.mode
         self.console.detail(f"output mode: {self.capture.description}")
 
     def cancel(self) -> None:
@@ -4542,7 +4676,7 @@ class LocalExecutor(Executor):
             result.error += note
 
     def _run_in(self, spec: TaskSpec, slot: "_Slot") -> TaskResult:
-        result = TaskResult(spec.task_id, started_at=utc_now())
+        result = TaskResult(spec.task_id, started_at=utc_now(), node=NODE)
         started = time.monotonic()
         input_file = self._write_input(spec, slot) if spec.input_hash else ""
         out = self.capture.prepare(slot.path, spec.task_id)
@@ -4572,7 +4706,7 @@ class LocalExecutor(Executor):
         spawn = self._spawn_streaming if self.console.verbose else self._spawn_and_wait
         timed_out = ""  # a task killed at its timeout keeps its start, duration and logs
         try:
-            status = spawn(spec, env, log_out.fileno(), log_err.fileno())
+            status = spawn(spec, env, log_out.fileno(), log_err.fileno(), result)
         except TaskTimeout as e:
             status, timed_out = -signal.SIGKILL, str(e)
         out_size, err_size = truncate_here(log_out.fileno()), truncate_here(log_err.fileno())
@@ -4679,9 +4813,10 @@ class LocalExecutor(Executor):
             truncate_here(f.fileno())
         return top, listing
 
-    def _spawn_and_wait(self, spec: TaskSpec, env: dict, fd_out: int,
-                        fd_err: int) -> int | None:
-        """Exit status (negative: killed by that signal), or None if grit stopped it."""
+    def _spawn_and_wait(self, spec: TaskSpec, env: dict, fd_out: int, fd_err: int,
+                        result: TaskResult) -> int | None:
+        """Exit status (negative: killed by that signal), or None if grit
+        stopped it; what the script used goes into `result`."""
         files = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                  (os.POSIX_SPAWN_DUP2, fd_out, 1), (os.POSIX_SPAWN_DUP2, fd_err, 2)]
         launch = _Launch(spec, env, files)
@@ -4698,7 +4833,7 @@ class LocalExecutor(Executor):
             return None  # grit is stopping
         if self.on_start:
             self.on_start(spec)
-        return self._wait_for(launch.pid, spec)
+        return self._wait_for(launch.pid, spec, result)
 
     def _slots_for(self, spec: TaskSpec) -> int:
         return min(spec.cpus, self.parallel)  # a task wanting more than -parallel runs alone
@@ -4731,7 +4866,7 @@ class LocalExecutor(Executor):
             self._running[launch.spec.task_id] = (launch.pid, launch.spec.step)
             launch.started.release()
 
-    def _wait_for(self, pid: int, spec: TaskSpec) -> int | None:
+    def _wait_for(self, pid: int, spec: TaskSpec, result: TaskResult) -> int | None:
         timeout = spec.timeout or self.timeout
         fired: list[bool] = []
 
@@ -4752,7 +4887,14 @@ class LocalExecutor(Executor):
             if timer:
                 timer.cancel()
             _kill_group(pid, signal.SIGKILL)
-            status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+            _, status, usage = os.wait4(pid, 0)
+            status = os.waitstatus_to_exitcode(status)
+            result.cpu_user, result.cpu_system = usage.ru_utime, usage.ru_stime
+            own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes, as ru_maxrss
+            if usage.ru_maxrss > own:
+                result.peak_rss = usage.ru_maxrss * 1024
+            else:
+                result.rss_under = own * 1024
         finally:
             with self._lock:
                 self._running.pop(spec.task_id, None)
@@ -4785,7 +4927,8 @@ class LocalExecutor(Executor):
             return self.store.put_file(f"/proc/self/fd/{log.fileno()}")[0]
         return self.store.put(os.pread(log.fileno(), size, 0))[0]
 
-    def _spawn_streaming(self, spec: TaskSpec, env: dict, fd_out: int, fd_err: int) -> int | None:
+    def _spawn_streaming(self, spec: TaskSpec, env: dict, fd_out: int, fd_err: int,
+                         result: TaskResult) -> int | None:
         """_spawn_and_wait for -verbose: the script writes into pipes, and a
         thread per pipe copies what arrives into its log and shows it, line by line."""
         pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(2)]
@@ -4796,7 +4939,7 @@ class LocalExecutor(Executor):
         for tee in tees:
             tee.start()
         try:
-            return self._spawn_and_wait(spec, env, pipes[0][1], pipes[1][1])
+            return self._spawn_and_wait(spec, env, pipes[0][1], pipes[1][1], result)
         finally:
             for _, w in pipes:
                 os.close(w)
@@ -5011,7 +5154,7 @@ def cmd_worker(folder: str, console: Console) -> int:
     # For the coordinator: this element's node, then each task as its script starts.
     started = open(os.path.join(records, f"started-{element}"), "a", buffering=1,
                    encoding="utf-8")
-    started.write(f"node {os.environ.get('SLURMD_NODENAME') or os.uname().nodename}\n")
+    started.write(f"node {NODE}\n")
     lock = threading.Lock()
 
     def tell(spec: TaskSpec) -> None:
@@ -5102,7 +5245,7 @@ def record_result(store: ObjectStore, folder: str, result: TaskResult, mode: str
     """One file per task, written then renamed: its record (a JSON line), then
     the bytes of its small objects; its large objects go first, as files."""
     index = pack_index(store, result_hashes(result), os.path.join(folder, "objects"))
-    line = json.dumps(dict(asdict(result), mode=mode, node=os.uname().nodename,
+    line = json.dumps(dict(asdict(result), mode=mode, node=NODE,
                            pack=index)).encode() + b"\n"
 
     def write(f: IO[bytes]) -> None:
@@ -6052,11 +6195,13 @@ class StepState:
 class RunSummary:
     """What a run did, for its last line and exit status."""
 
-    tasks: int = 0
+    tasks: int = 0  # finished
     failed: int = 0
     resources: int = 0
     interrupted: bool = False
     not_imported: int = 0  # source files that could not be read
+    started: int = 0  # tasks (and further tries) handed to the executor
+    known: int = 0  # outputs already known: early cutoff, nothing downstream to do
 
 
 class Scheduler:
@@ -6272,6 +6417,7 @@ class Scheduler:
                                        f" over {len(spec.gathered)} gathered input(s)"
                                        if spec.gathered is not None else " (seed)"))
             future = self.executor.submit(spec)
+            self.summary.started += 1
         future.add_done_callback(self._done.put)
         return future
 
@@ -6311,6 +6457,7 @@ class Scheduler:
             for (result, state), new in zip(results, created):
                 self.summary.resources += new
                 self.summary.tasks += 1
+                self.summary.known += len(result.outputs) - new if result.ok else 0
                 self._report(result, state, new)
                 if self.start and result.ok:
                     self.produced.setdefault(state.step.name, set()).update(
@@ -6550,11 +6697,27 @@ def cmd_run(opts: RunOptions, console: Console) -> int:
     if opts.json:
         raise GritError("-json goes with -run only together with -dry-run")
     with Database.for_run(opts.db, console) as db:
-        earlier = {} if opts.executor == "slurm" else SlurmExecutor.end_earlier_jobs(
-            opts, manifest, db, console)
-        with EXECUTORS[opts.executor].for_run(opts, manifest, db, console) as executor:
-            summary = run_steps(opts, manifest, selected, db, executor, earlier, console)
-    return report_run(summary, time.monotonic() - started, console)
+        db.meta.start_run(opts.command, opts.executor, opts.output_mode)
+        summary, status, mode = RunSummary(), EXIT_USAGE, opts.output_mode
+        try:
+            earlier = {} if opts.executor == "slurm" else SlurmExecutor.end_earlier_jobs(
+                opts, manifest, db, console)
+            with EXECUTORS[opts.executor].for_run(opts, manifest, db, console) as executor:
+                summary = run_steps(opts, manifest, selected, db, executor, earlier, console)
+                mode = executor.output_mode_used or mode
+            status = report_run(summary, time.monotonic() - started, console)
+        except GritError as e:
+            status = e.exit_code
+            raise
+        except KeyboardInterrupt:
+            status, summary.interrupted = EXIT_INTERRUPTED, True
+            raise
+        finally:
+            db.meta.end_run(dict(started=summary.started, done=summary.tasks - summary.failed,
+                                 failed=summary.failed, known=summary.known,
+                                 resources=summary.resources, exit_status=status,
+                                 interrupted=int(summary.interrupted)), mode)
+    return status
 
 
 def run_steps(opts: RunOptions, manifest: Manifest, selected: list[str], db: Database,
@@ -6828,6 +6991,7 @@ def print_task(task: dict, store: "ObjectStore") -> None:
         print(f"task {task['task']}: {task['step']} v{task['version']}, attempt "
               f"{tried['attempt']} failed{how_it_ended(tried)}")
         print(f"error:  {tried['error']}")
+        print(f"used:   {describe_usage(tried)}")
         print_logs(tried, store)
     attempt = f", attempt {len(task['attempts']) + 1}" if task["attempts"] else ""
     print(f"task {task['task']}: {task['step']} v{task['version']}{attempt}, {task['status']}"
@@ -6841,7 +7005,21 @@ def print_task(task: dict, store: "ObjectStore") -> None:
         print(f"output: {describe_resource(out)}")
     if task["error"]:
         print(f"error:  {task['error']}")
+    if task["status"] != "pending":
+        print(f"used:   {describe_usage(task)}")
     print_logs(task, store)
+
+
+def describe_usage(task: dict) -> str:
+    """What a task's script used, as -log says it: CPU, peak RSS, where, which run."""
+    if task["cpu_user"] is None:
+        return "not measured (its script did not run or left no result, or an older " \
+            "grit ran it)"
+    rss = human_bytes(task["peak_rss"]) if task["peak_rss"] is not None else \
+        f"under {human_bytes(task['rss_under'])} (grit's own; Linux cannot tell less)"
+    return (f"CPU {task['cpu_user']:.2f} s user + {task['cpu_system']:.2f} s system, peak RSS "
+            f"{rss}, on {task['node'] or 'an unknown host'}"
+            + (f" (run {task['run_id']})" if task["run_id"] else ""))
 
 
 def how_it_ended(task: dict) -> str:
@@ -7057,6 +7235,423 @@ def write_tar(store: "ObjectStore", chosen: list[tuple[dict, str]], out: IO[byte
 
 
 # =============================================================================
+# Pictures of a run
+# =============================================================================
+# What runs did, for people: -runs (the history), -trace (a TSV row per task),
+# -graph (the steps and what fed what, as DOT or Mermaid) and -report (one
+# self-contained HTML file: no script, no request, inline CSS and SVG). Reads
+# the metadata only.
+
+REPORT_WIDTH = 960  # px of the timeline and the graph's viewBox
+REPORT_LANE = 14  # px per timeline row
+REPORT_LANES_MAX = 64  # more concurrent tasks than this share rows (the busiest shown)
+REPORT_SLOWEST = 10
+REPORT_FAILURES = 50
+REPORT_BINS = 16  # bars of a step's duration histogram
+GRAPH_NODE = (150, 44)  # px: a step's box in the report's graph
+GRAPH_GAP = (70, 26)  # px between boxes: across, down
+
+
+def chosen_run(meta: Metadata, number: int | None) -> dict:
+    """The run -run N names (default: the last), or one clear error."""
+    found = meta.runs(number or 0)
+    if not found:
+        raise NotFoundError("no run recorded yet: -runs lists runs (grit records them "
+                            "from schema 10 on)" if not number else
+                            f"no run {number}: -runs lists them")
+    return found[0]
+
+
+def run_outcome(run: dict, in_progress: bool) -> str:
+    if run["exit_status"] is None:
+        return "running" if in_progress else "killed (no end recorded)"
+    if run["interrupted"]:
+        return "interrupted"
+    return "ok" if run["exit_status"] == 0 else f"failed (exit {run['exit_status']})"
+
+
+def seconds_text(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s" if seconds < 60 \
+        else format_duration(seconds)
+
+
+def run_seconds(run: dict) -> float | None:
+    if not run["finished_at"]:
+        return None
+    return parse_utc(run["finished_at"]) - parse_utc(run["started_at"])
+
+
+def parse_utc(text: str) -> float:
+    """Seconds since the epoch of a utc_now() text."""
+    import calendar
+    return calendar.timegm(time.strptime(text[:19], "%Y-%m-%dT%H:%M:%S")) + float(text[19:-1] or 0)
+
+
+def cmd_runs(db_path: str, as_json: bool) -> int:
+    db = Database.for_reading(db_path)
+    runs, pid = db.meta.runs(), db.run_in_progress()
+    db.close()
+    for run in runs:
+        run["outcome"] = run_outcome(run, bool(pid) and run is runs[0])
+        run["seconds"] = run_seconds(run)
+    if as_json:
+        emit_json(runs)
+        return EXIT_OK
+    print(f"{'run':>4}  {'started':<24}  {'took':>8}  {'outcome':<16} {'executor':<8} "
+          f"{'started':>7} {'done':>7} {'failed':>7} {'known':>7} {'new res':>7}  command")
+    for run in runs:
+        took = seconds_text(run["seconds"])
+        print(f"{run['id']:>4}  {run['started_at']:<24}  {took:>8}  {run['outcome']:<16} "
+              f"{run['executor']:<8} {run['started']:>7} {run['done']:>7} {run['failed']:>7} "
+              f"{run['known']:>7} {run['resources']:>7}  grit {shlex.join(run['command'])}")
+    return EXIT_OK
+
+
+def cmd_trace(db_path: str, number: int | None) -> int:
+    db = Database.for_reading(db_path)
+    rows = db.meta.trace(chosen_run(db.meta, number)["id"])
+    db.close()
+    print("\t".join(TRACE_COLUMNS))
+    for row in rows:
+        print("\t".join("-" if v is None else f"{v:.3f}" if isinstance(v, float) else
+                        re.sub(r"\s", " ", str(v)) for v in row.values()))
+    return EXIT_OK
+
+
+def cmd_graph(db_path: str, form: str) -> int:
+    if form not in ("dot", "mermaid"):
+        raise GritError(f"-graph takes dot or mermaid, not {quote(form)}")
+    db = Database.for_reading(db_path)
+    steps, edges = db.meta.step_graph()
+    db.close()
+    print("\n".join(graph_dot(steps, edges) if form == "dot" else graph_mermaid(steps, edges)))
+    return EXIT_OK
+
+
+def graph_dot(steps: list[dict], edges: list[tuple[str, str, int]]) -> list[str]:
+    def q(text: str, more: str = "") -> str:  # a DOT string; `more` goes on a line of its own
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + \
+            (f"\\n{more}" if more else "") + '"'
+    shapes = {"seed": "invhouse", "source": "folder", "gather": "trapezium", "step": "box"}
+    return (["digraph grit {", "  rankdir=LR;"]
+            + [f"  {q(s['name'])} [shape={shapes[s['kind']]}, label={q(s['name'], s['kind'])}];"
+               for s in steps]
+            + [f"  {q(a)} -> {q(b)} [label={q(str(n))}];" for a, b, n in edges] + ["}"])
+
+
+def graph_mermaid(steps: list[dict], edges: list[tuple[str, str, int]]) -> list[str]:
+    ids = {s["name"]: f"s{i}" for i, s in enumerate(steps)}
+    for a, b, _ in edges:  # a step no longer current (ids only for current ones)
+        ids.setdefault(a, f"s{len(ids)}")
+        ids.setdefault(b, f"s{len(ids)}")
+    kinds = {s["name"]: s["kind"] for s in steps}
+    return (["flowchart LR"]
+            + [f"  {i}[\"{n.replace(chr(34), '#quot;')} ({kinds.get(n, 'step')})\"]"
+               for n, i in ids.items()]
+            + [f"  {ids[a]} -->|{n}| {ids[b]}" for a, b, n in edges])
+
+
+def cmd_report(db_path: str, target: str, number: int | None, console: Console) -> int:
+    started = time.monotonic()
+    db = Database.for_reading(db_path)
+    try:
+        run = chosen_run(db.meta, number)
+        run["outcome"] = run_outcome(run, bool(db.run_in_progress()) and
+                                     run["id"] == db.meta.runs(0)[0]["id"])
+        tasks = db.meta.trace(run["id"])
+        steps, edges = db.meta.step_graph()
+        live = db.meta.made_by_run(run["id"])
+    finally:
+        db.close()
+    page = report_html(run, tasks, steps, edges, live)
+    write_atomically(target, lambda f: f.write(page.encode()))
+    console.info(f"report of run {run['id']} ({len(tasks)} task(s)) written to {target}: "
+                 f"{human_bytes(len(page))} in {time.monotonic() - started:.2f}s")
+    return EXIT_OK
+
+
+def esc(value: object) -> str:
+    import html
+    return html.escape(str(value), quote=True)
+
+
+def step_colours(names: Iterable[str]) -> dict[str, str]:
+    """A hue per step, spread round the wheel (readable on both themes)."""
+    names = list(dict.fromkeys(names))
+    return {n: f"hsl({round(i * 360 / max(len(names), 1) + 210) % 360} 65% 50%)"
+            for i, n in enumerate(names)}
+
+
+def report_html(run: dict, tasks: list[dict], steps: list[dict],
+                edges: list[tuple[str, str, int]], live: dict) -> str:
+    colours = step_colours([s["name"] for s in steps] + [t["step"] for t in tasks])
+    seconds = run_seconds(run)
+    facts = [("started", run["started_at"]), ("took", seconds_text(seconds)),
+             ("outcome", run["outcome"]), ("executor", run["executor"]),
+             ("output mode", run["output_mode"]), ("tasks started", run["started"]),
+             ("done", run["done"]), ("failed", run["failed"]),
+             ("outputs already known (early cutoff)", run["known"]),
+             ("resources created", run["resources"])]
+    parts = [f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
+             f"<meta name=viewport content='width=device-width'>"
+             f"<title>grit run {run['id']}</title><style>{REPORT_CSS}</style></head><body>",
+             f"<h1>grit run {run['id']}</h1><p class=command><code>grit "
+             f"{esc(shlex.join(run['command']))}</code></p><dl id=facts>"
+             + "".join(f"<div><dt>{esc(k)}</dt><dd>{esc(v)}</dd></div>" for k, v in facts)
+             + "</dl>",
+             "<h2>Steps and what fed what</h2>", report_graph(steps, edges, tasks, colours),
+             "<h2>Timeline</h2>", report_timeline(tasks, colours),
+             "<h2>Per step</h2>", report_steps(tasks, colours),
+             "<h2>Failures</h2>", report_failures(tasks),
+             "<h2>Slowest tasks</h2>", report_slowest(tasks),
+             "<h2>Live at the end</h2>", report_live(live),
+             "</body></html>"]
+    return "\n".join(parts)
+
+
+REPORT_CSS = """
+:root{color-scheme:light dark;--bg:#fff;--fg:#1b1f24;--muted:#59636e;--line:#d0d7de;--fail:#cf222e}
+@media (prefers-color-scheme:dark){:root{--bg:#0d1117;--fg:#e6edf3;--muted:#9198a1;
+--line:#3d444d;--fail:#ff7b72}}
+body{background:var(--bg);color:var(--fg);font:14px/1.45 system-ui,sans-serif;margin:2em auto;
+max-width:1000px;padding:0 1em}
+h1{margin-bottom:.2em}h2{border-bottom:1px solid var(--line);padding-bottom:.2em;margin-top:1.6em}
+code{font-family:ui-monospace,monospace}.command{color:var(--muted)}
+dl#facts{display:flex;flex-wrap:wrap;gap:.4em 1.6em}dl#facts div{min-width:7em}
+dt{color:var(--muted);font-size:12px}dd{margin:0;font-weight:600}
+table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:.25em .5em;
+border-bottom:1px solid var(--line);vertical-align:top}td:first-child{white-space:nowrap}td.n,th.n{text-align:right;
+font-variant-numeric:tabular-nums}
+svg text{fill:var(--fg);font:12px system-ui,sans-serif}svg .muted{fill:var(--muted)}
+svg .edge{stroke:var(--muted);fill:none}svg .node rect{fill:var(--bg);stroke-width:2}
+svg .axis{stroke:var(--line)}.fail{color:var(--fail)}.swatch{display:inline-block;
+width:.8em;height:.8em;border-radius:2px;margin-right:.3em}
+@media print{body{max-width:none;margin:0}h2{break-after:avoid}svg,table{break-inside:avoid}}
+"""
+
+
+def stats(values: list[float]) -> tuple[float | None, float | None]:
+    """Median and maximum (None for no values)."""
+    if not values:
+        return None, None
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2], ordered[-1]
+
+
+def graph_columns(names: list[str], edges: list[tuple[str, str, int]]) -> dict[str, int]:
+    """Each step's column: its longest path from a root, found in at most
+    len(names) rounds (a cycle stops growing there)."""
+    column = {n: 0 for n in names}
+    for _ in names:
+        changed = False
+        for a, b, _ in edges:
+            if a != b and column[b] < column[a] + 1 <= len(names):
+                column[b], changed = column[a] + 1, True
+        if not changed:
+            break
+    return column
+
+
+def report_graph(steps: list[dict], edges: list[tuple[str, str, int]], tasks: list[dict],
+                 colours: dict[str, str]) -> str:
+    """Steps in columns by their longest path from a root (edges back to an
+    earlier column close a cycle and are drawn dashed)."""
+    kinds = {s["name"]: s["kind"] for s in steps}
+    for n in (n for a, b, _ in edges for n in (a, b)):  # a step not current any more
+        kinds.setdefault(n, "step")
+    column = graph_columns(list(kinds), edges)
+    rows: collections.Counter = collections.Counter()
+    x, y = {}, {}
+    for n in kinds:
+        x[n] = 10 + column[n] * (GRAPH_NODE[0] + GRAPH_GAP[0])
+        y[n] = 40 + rows[column[n]] * (GRAPH_NODE[1] + GRAPH_GAP[1])  # room for a loop above
+        rows[column[n]] += 1
+    counts = collections.Counter(t["step"] for t in tasks if t["attempt"] is None)
+    width, height = GRAPH_NODE
+    total_w = 20 + (max(column.values(), default=0) + 1) * (width + GRAPH_GAP[0])
+    total_h = 60 + max(rows.values(), default=1) * (height + GRAPH_GAP[1])
+    svg = [f"<svg id=graph viewBox='0 0 {total_w} {total_h}' width='{min(total_w, REPORT_WIDTH)}' "
+           f"role=img aria-label='step graph'><defs><marker id=arrow viewBox='0 0 10 10' refX=10 "
+           "refY=5 markerWidth=7 markerHeight=7 orient=auto-start-reverse><path d='M0,0L10,5L0,10z' "
+           "class=muted /></marker></defs>"]
+    for a, b, n in edges:
+        back = column[b] <= column[a]
+        path, (lx, ly) = edge_path((x[a], y[a]), (x[b], y[b]), a == b, back)
+        svg.append(f"<g class=edge-group data-from='{esc(a)}' data-to='{esc(b)}' data-count={n}>"
+                   f"<path class=edge d='{path}' marker-end='url(#arrow)'"
+                   + (" stroke-dasharray='5 4'" if back else "") + "/>"
+                   f"<text x={lx:.0f} y={ly:.0f} text-anchor=middle class=muted>{n}</text></g>")
+    for n, kind in kinds.items():
+        svg.append(f"<g class=node data-step='{esc(n)}' data-kind={kind}>"
+                   f"<title>{esc(n)}: {kind}, {counts[n]} task(s) this run</title>"
+                   f"<rect x={x[n]} y={y[n]} width={width} height={height} rx=8 "
+                   f"stroke='{colours.get(n, 'gray')}'"
+                   + (" stroke-dasharray='4 3'" if kind != "step" else "") + "/>"
+                   f"<text x={x[n] + 10} y={y[n] + 18}>{esc(n[:22])}</text>"
+                   f"<text x={x[n] + 10} y={y[n] + 35} class=muted>{kind} · "
+                   f"{counts[n]} task(s)</text></g>")
+    return "".join(svg) + "</svg>"
+
+
+def edge_path(a: tuple[float, float], b: tuple[float, float], loop: bool,
+              back: bool) -> tuple[str, tuple[float, float]]:
+    """An edge's SVG path between two nodes' corners, and where its label goes:
+    a loop above a node, a curve below for an edge back, else left to right."""
+    (ax, ay), (bx, by), (width, height) = a, b, GRAPH_NODE
+    if loop:
+        return (f"M{ax + width * .65},{ay} C{ax + width * .65},{ay - 30} "
+                f"{ax + width * .35},{ay - 30} {ax + width * .35},{ay}"), (ax + width / 2, ay - 24)
+    if back:
+        return (f"M{ax + width / 2},{ay + height} C{ax + width / 2},{ay + height + 40} "
+                f"{bx + width / 2},{by + height + 40} {bx + width / 2},{by + height}"), \
+            ((ax + bx + width) / 2, max(ay, by) + height + 30)
+    x1, y1, x2, y2 = ax + width, ay + height / 2, bx, by + height / 2
+    half = GRAPH_GAP[0] / 2
+    return f"M{x1},{y1} C{x1 + half},{y1} {x2 - half},{y2} {x2},{y2}", \
+        ((x1 + x2) / 2, (y1 + y2) / 2 - 4)
+
+
+def report_timeline(tasks: list[dict], colours: dict[str, str]) -> str:
+    """One row per slot in use (a task takes the first row free at its start);
+    marks closer than a pixel in a row merge into one that counts its tasks."""
+    timed = sorted((parse_utc(t["started"]), t["wall"] or 0.0, t) for t in tasks
+                   if t["started"])
+    if not timed:
+        return "<p>No task ran.</p>"
+    begin = timed[0][0]
+    end = max(s + w for s, w, _ in timed)
+    scale = (REPORT_WIDTH - 60) / max(end - begin, 1e-3)
+    lanes: list[float] = []  # when each row is free again
+    marks: list[list] = []  # per row: [x0, x1, step, tasks, failed]
+    rows: list[list[list]] = []
+    for start, wall, task in timed:
+        lane = next((i for i, free in enumerate(lanes) if free <= start), None)
+        if lane is None:
+            lane = len(lanes) if len(lanes) < REPORT_LANES_MAX else \
+                min(range(len(lanes)), key=lanes.__getitem__)
+            if lane == len(lanes):
+                lanes.append(0.0)
+                rows.append([])
+        lanes[lane] = start + wall
+        x0, x1 = (start - begin) * scale, (start + wall - begin) * scale
+        failed = task["status"] == "failed"
+        row = rows[lane]
+        if row and row[-1][2] == task["step"] and x0 - row[-1][1] < 1 and x1 - row[-1][0] < 2 \
+                and row[-1][4] == failed:
+            row[-1][1] = max(row[-1][1], x1)
+            row[-1][3] += 1
+        else:
+            row.append([x0, x1, task["step"], 1, failed])
+    height = len(rows) * REPORT_LANE + 24
+    svg = [f"<svg id=timeline viewBox='0 0 {REPORT_WIDTH} {height}' width='{REPORT_WIDTH}' "
+           f"role=img aria-label='timeline of {len(tasks)} task(s)'>"]
+    for i, row in enumerate(rows):
+        for x0, x1, step, count, failed in row:
+            what = f"{count} task(s)" if count > 1 else "1 task"
+            svg.append(f"<rect class=mark data-step='{esc(step)}' data-tasks={count} "
+                       f"x={50 + x0:.1f} y={i * REPORT_LANE + 2} width={max(x1 - x0, 1):.1f} "
+                       f"height={REPORT_LANE - 3} fill='{colours[step]}'"
+                       + (" stroke='red' stroke-width=1.5" if failed else "")
+                       + f"><title>{esc(step)}: {what}" + (" failed" if failed else "")
+                       + "</title></rect>")
+    axis_y = len(rows) * REPORT_LANE + 4
+    svg.append(f"<line class=axis x1=50 x2={REPORT_WIDTH - 10} y1={axis_y} y2={axis_y} />")
+    for k in range(5):
+        at = (end - begin) * k / 4
+        svg.append(f"<text x={50 + at * scale:.0f} y={axis_y + 16} "
+                   f"text-anchor={'end' if k == 4 else 'middle'} "
+                   f"class=muted>{seconds_text(at) if end - begin < 60 else format_duration(at)}"
+                   "</text>")
+    svg.append(f"<text x=0 y=12 class=muted>{len(rows)} row(s)</text></svg>")
+    legend = "".join(f"<span><i class=swatch style='background:{colours[s]}'></i>{esc(s)} </span>"
+                     for s in dict.fromkeys(t["step"] for _, _, t in timed))
+    return "".join(svg) + f"<p>{legend}</p>"
+
+
+def histogram(values: list[float]) -> str:
+    """A small inline bar chart of a step's task durations."""
+    if len(values) < 2:
+        return ""
+    low, high = min(values), max(values)
+    span = (high - low) or 1.0
+    bins = [0] * REPORT_BINS
+    for v in values:
+        bins[min(int((v - low) / span * REPORT_BINS), REPORT_BINS - 1)] += 1
+    top = max(bins)
+    bars = "".join(f"<rect x={i * 6} y={20 - 20 * n / top:.1f} width=5 height={20 * n / top:.1f} "
+                   "class=muted />" for i, n in enumerate(bins) if n)
+    return (f"<svg class=histogram width={REPORT_BINS * 6} height=20 role=img aria-label="
+            f"'durations {format_duration(low)} to {format_duration(high)}'>{bars}</svg>")
+
+
+def report_steps(tasks: list[dict], colours: dict[str, str]) -> str:
+    def show(value: float | None, unit: str) -> str:
+        if value is None:
+            return "-"
+        return human_bytes(value) if unit == "B" else seconds_text(value)
+    by_step: dict[str, list[dict]] = {}
+    for t in tasks:
+        by_step.setdefault(t["step"], []).append(t)
+    head = ("step", "tasks", "failed", "wall median", "wall max", "CPU median", "CPU max",
+            "RSS median", "RSS max", "bytes in", "bytes out", "durations")
+    rows = []
+    for step, group in by_step.items():
+        walls = [t["wall"] for t in group if t["wall"] is not None]
+        cpus = [t["cpu_user"] + t["cpu_system"] for t in group if t["cpu_user"] is not None]
+        rss = [t["rss"] for t in group if t["rss"] is not None]
+        cells = [len(group), sum(t["status"] == "failed" for t in group),
+                 *(show(v, "s") for v in stats(walls)), *(show(v, "s") for v in stats(cpus)),
+                 *(show(v, "B") for v in stats(rss)),
+                 human_bytes(sum(t["bytes_in"] or 0 for t in group)),
+                 human_bytes(sum(t["bytes_out"] or 0 for t in group))]
+        rows.append(f"<tr data-step='{esc(step)}'><td><i class=swatch style='background:"
+                    f"{colours[step]}'></i>{esc(step)}</td>"
+                    + "".join(f"<td class=n>{esc(c)}</td>" for c in cells)
+                    + f"<td>{histogram(walls)}</td></tr>")
+    unmeasured = sum(t["rss"] is None for t in tasks)
+    note = (f"<p class=command>RSS: {unmeasured} task(s) stayed under grit's own peak "
+            "(Linux counts a spawning process's peak into its child's) or were not measured; "
+            "they are left out.</p>") if unmeasured else ""
+    return ("<table id=steps><tr>" + "".join(f"<th{' class=n' if 0 < i < 11 else ''}>{h}</th>"
+                                            for i, h in enumerate(head))
+            + "</tr>" + "".join(rows) + "</table>" + note)
+
+
+def report_failures(tasks: list[dict]) -> str:
+    failed = [t for t in tasks if t["status"] == "failed"]
+    if not failed:
+        return "<p id=failures>None.</p>"
+    rows = "".join(f"<tr class=failure data-task={t['task']}><td class=n>{t['task']}</td>"
+                   f"<td>{esc(t['step'])}" + (f" (attempt {t['attempt']})" if t["attempt"] else "")
+                   + f"</td><td class=fail>{esc(t['error'] or '')}</td></tr>"
+                   for t in failed[:REPORT_FAILURES])
+    more = f"<p>… and {len(failed) - REPORT_FAILURES} more (-trace lists all)</p>" \
+        if len(failed) > REPORT_FAILURES else ""
+    return (f"<table id=failures><tr><th class=n>task</th><th>step</th><th>error</th></tr>{rows}"
+            f"</table>{more}")
+
+
+def report_slowest(tasks: list[dict]) -> str:
+    slow = sorted((t for t in tasks if t["wall"] is not None), key=lambda t: -t["wall"])
+    rows = "".join(f"<tr><td class=n>{t['task']}</td><td>{esc(t['step'])}</td>"
+                   f"<td>{esc(t['input'])}</td><td class=n>{seconds_text(t['wall'])}</td>"
+                   f"<td>{esc(t['node'] or '')}</td></tr>" for t in slow[:REPORT_SLOWEST])
+    return (f"<table id=slowest><tr><th class=n>task</th><th>step</th><th>input</th>"
+            f"<th class=n>wall</th><th>node</th></tr>{rows}</table>")
+
+
+def report_live(live: dict) -> str:
+    rows = "".join(f"<tr><td>{esc(step)}</td><td class=n>{n_live}</td><td class=n>{n_old}</td>"
+                   "</tr>" for step, (n_live, n_old) in live.items())
+    return ("<p>Resources this run created, by the step that made them: live (what a clean run "
+            "would make now) or superseded since.</p><table id=live><tr><th>step</th>"
+            f"<th class=n>live</th><th class=n>superseded</th></tr>{rows}</table>")
+
+
+
+# =============================================================================
 # Managing a database
 # =============================================================================
 # -delete, -prune, -gc, -verify: what changes or checks a database's content
@@ -7240,7 +7835,7 @@ def run_options(args: argparse.Namespace) -> RunOptions:
                 flags[flag.replace("-", "_")] = value
     return RunOptions(args.manifest, args.db, args.parallel or 0, args.start, args.step,
                       args.output_mode, args.timeout, args.dry_run, args.json, args.executor,
-                      flags, args.retries)
+                      flags, args.retries, args.command_line)
 
 
 @dataclass(frozen=True)
@@ -7257,7 +7852,8 @@ class Command:
 
 
 COMMANDS = (
-    Command("run", "", "execute the pipeline", lambda a, c: cmd_run(run_options(a), c),
+    Command("run", "[N]", "execute the pipeline (-run N, with -trace or -report: which "
+            "run, as -runs numbers them)", lambda a, c: cmd_run(run_options(a), c),
             ("dry-run", "json")),
     Command("export", "NAME", "list hash, name and created_at of each resource NAME",
             lambda a, c: cmd_export(a.db, a.export, a.live), ("live",)),
@@ -7282,6 +7878,15 @@ COMMANDS = (
             lambda a, c: cmd_prune(a.db, a.prune, a.keep, a.dry_run, c), ("keep", "dry-run")),
     Command("gc", "", "remove objects that nothing refers to, then compact the object store",
             lambda a, c: cmd_gc(a.db, a.retired, c), ("retired",)),
+    Command("runs", "", "every -run recorded, newest first: when, how long, outcome, counts",
+            lambda a, c: cmd_runs(a.db, a.json), ("json",)),
+    Command("trace", "", "a TSV row per task of a run (default: the last): status, wall, "
+            "CPU, peak RSS, bytes in and out, node", lambda a, c: cmd_trace(a.db, a.run_number)),
+    Command("report", "FILE.html", "write one self-contained HTML page about a run (default: "
+            "the last): step graph, timeline, per-step figures, failures",
+            lambda a, c: cmd_report(a.db, a.report, a.run_number, c)),
+    Command("graph", "[dot|mermaid]", "print the step graph (what fed what, with counts) as "
+            "Graphviz DOT (default) or Mermaid", lambda a, c: cmd_graph(a.db, a.graph)),
     Command("verify", "", "check the database: metadata integrity, every object present and "
             "matching its hash", lambda a, c: cmd_verify(a.db, c)),
     Command("worker", "FOLDER", argparse.SUPPRESS,  # an array element, on a node
@@ -7336,6 +7941,8 @@ def build_parser() -> argparse.ArgumentParser:
         values = tuple(c.value.split())
         kind = SWITCH if not values else dict(metavar=values[0]) if len(values) == 1 else \
             dict(metavar=values, nargs=len(values))
+        if c.value.startswith("["):  # an optional value: the command alone gives its default
+            kind = dict(metavar=c.value[1:-1], nargs="?", const=True)
         group.add_argument(f"-{c.flag}", f"--{c.flag}", help=c.help, **kind)
     group = p.add_argument_group("options")
     group.add_argument("-h", "-help", "--help", action="help", help="show this help and exit")
@@ -7353,6 +7960,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def chosen_command(args: argparse.Namespace) -> Command:
     """The one command given, its options checked."""
+    args.run_number = None  # -run N with -trace or -report: which run
+    if isinstance(args.run, str):
+        if not (args.trace or args.report):
+            raise GritError(f"-run takes a run number only with -trace or -report, not "
+                            f"{quote(args.run)}")
+        if not args.run.isdigit() or int(args.run) < 1:
+            raise GritError(f"-run N: N is a run number (see -runs), not {quote(args.run)}")
+        args.run_number, args.run = int(args.run), None
+    args.graph = "dot" if args.graph is True else args.graph
     given = [c for c in COMMANDS if getattr(args, c.flag.replace("-", "_")) not in (None, False)]
     if len(given) != 1:
         raise GritError("give exactly one of " + ", ".join(f"-{c.flag} {c.value}".strip()
@@ -7369,6 +7985,7 @@ def chosen_command(args: argparse.Namespace) -> Command:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.command_line = list(sys.argv[1:] if argv is None else argv)
     console = Console(0 if args.quiet else 2 if args.verbose else 1)
     # still_written's lease probe: a writer opening the file in its instant
     # would send grit SIGIO, whose default is to terminate.

@@ -6,8 +6,9 @@
 #     the emission tests also run on), Nix (nix-bin, for the offline flake
 #     check), Slurm (slurmctld, slurmd, slurm-client, munge: the two-node
 #     cluster of tests/slurm-cluster.sh), openssh-server and sshfs (a work dir
-#     shared as over a network: tests/sshfs-share.sh) and xfsprogs (a
-#     loop-mounted XFS image with reflinks) when root on Debian/Ubuntu and missing.
+#     shared as over a network: tests/sshfs-share.sh), xfsprogs (a
+#     loop-mounted XFS image with reflinks), chromium (the report's browser
+#     test) and graphviz (-graph's DOT) when root on Debian/Ubuntu and missing.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${GRIT_VENV:-$root/.venv}
@@ -32,6 +33,9 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     # a work dir shared as a network filesystem shares it (tests/sshfs-share.sh)
     [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
     command -v sshfs >/dev/null || missing+=(sshfs)
+    # the HTML report opened in a real browser, and -graph's DOT read by Graphviz
+    command -v chromium >/dev/null || missing+=(chromium)
+    command -v dot >/dev/null || missing+=(graphviz)
     if [ ${#missing[@]} -gt 0 ]; then
         echo "bootstrap: installing ${missing[*]}" >&2
         export DEBIAN_FRONTEND=noninteractive

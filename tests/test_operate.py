@@ -154,7 +154,8 @@ def test_log_by_task_id_and_by_resource_hash(grit, tmp_path):
     assert failed["step"] == "upper" and failed["version"] == 1
     assert set(failed) == {"task", "step", "version", "status", "exit_code", "error", "duration",
                            "started_at", "finished_at", "input", "outputs", "stdout", "stderr",
-                           "attempts"}
+                           "attempts", "run_id", "cpu_user", "cpu_system", "peak_rss",
+                           "rss_under", "node"}
     digest = grit.export("rev")[0][0]
     by_hash = as_json(grit, "-log", digest[:10])
     assert by_hash["step"] == "rev" and [o["hash"] for o in by_hash["outputs"]] == [digest]
@@ -317,6 +318,9 @@ def test_options_that_need_another_command_say_so(grit, tmp_path):
 # What each schema version added, newest first: undone, they turn today's
 # database into an older grit's.
 UNDO_SCHEMA = {  # newest first
+    10: ["DROP INDEX task_run", "DROP TABLE run"]
+    + [f"ALTER TABLE {table} DROP COLUMN {column}" for table in ("task", "attempt")
+       for column in ("run_id", "cpu_user", "cpu_system", "peak_rss", "rss_under", "node")],
     9: ["DROP INDEX attempt_task", "DROP TABLE attempt",
         "ALTER TABLE slurm_job DROP COLUMN looked_at"],
     8: [],  # large objects as files: nothing in SQLite
@@ -338,7 +342,7 @@ UNDO_SCHEMA = {  # newest first
 }
 
 
-@pytest.mark.parametrize("old", [1, 2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("old", [1, 2, 3, 4, 5, 6, 7, 8, 9])
 def test_an_old_database_is_upgraded_in_place(grit, tmp_path, old):
     pipeline(grit, tmp_path, succeed=True)
     import sqlite3
@@ -352,11 +356,16 @@ def test_an_old_database_is_upgraded_in_place(grit, tmp_path, old):
     db.close()
     resources = as_json(grit, "-status")["resources"]   # a read-only command upgrades it
     assert resources["count"] == 9 and resources["live"] == 9  # the live view, computed
-    assert grit.sql("PRAGMA user_version") == [(9,)]
+    assert grit.sql("PRAGMA user_version") == [(10,)]
     assert as_json(grit, "-status")["slurm_jobs"] == []  # schema 6's table is there
     assert as_json(grit, "-log", "1")["attempts"] == []  # schema 9's table is there
+    # what a task used was not measured before schema 10: unknown, not zero
+    assert as_json(grit, "-log", "1")["cpu_user"] is None
+    assert "used:   not measured" in cmd(grit, "-log", "1").stdout
+    assert as_json(grit, "-runs") == []
     cmd(grit, "-delete", "rev")
     assert "0 task(s) run" in grit.run().stderr
+    assert [r["id"] for r in as_json(grit, "-runs")] == [1]
     # tasks made before the upgrade have no passes: their descendants count from there
     grit.write(PIPELINE.format(ok=tmp_path / "ok").replace("tr a-z A-Z", "tr a-z A-Z | rev"))
     assert "6 task(s) run, 0 failed" in grit.run().stderr

@@ -121,6 +121,12 @@ def test_same_results_as_the_local_executor(grit, cluster, tmp_path, example):
     assert live(grit) == local_twin(tmp_path, manifest)
     if example == "fan-out":  # rewriting one name in a loop: 8 resources, as locally
         assert grit.count("item") == 8
+    # what each task used, measured on its node (-trace's TSV)
+    header, *rows = [line.split("\t") for line in grit(
+        "-db", str(grit.db), "-trace", check=0).stdout.splitlines()]
+    rows = [dict(zip(header, row)) for row in rows]
+    assert rows and {r["node"] for r in rows} <= {"grit-node1", "grit-node2"}
+    assert all(r["cpu_user"] != "-" and r["status"] == "done" for r in rows)
     if example == "large":  # big and double, as read-only files; nothing damaged
         assert len(os.listdir(grit.db / "files")) == 2
         assert "0 problem(s)" in grit("-db", str(grit.db), "-verify").stderr
