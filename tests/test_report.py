@@ -235,3 +235,36 @@ def test_report_and_trace_name_bad_requests(grit, tmp_path):
         "-db", str(grit.db), "-run", "1", check=2).stderr
     assert "-run N: N is a run number" in grit("-db", str(grit.db), "-trace", "-run", "x",
                                                check=2).stderr
+
+
+def test_an_interrupted_run_and_a_killed_one_say_so_in_runs(grit, tmp_path):
+    import contextlib
+    import signal
+    from conftest import mounts_under, wait_for
+    grit.write(f'''
+[[step]]
+name = "seed"
+script = "echo 1 > $OUTPUT_DIR/a; echo 2 > $OUTPUT_DIR/b"
+[[step]]
+name = "slow"
+inputs = ["a", "b"]
+script = "touch {tmp_path}/started-$GRIT_TASK_ID-$$; sleep 60"
+''')
+    for stop in (signal.SIGINT, signal.SIGKILL):
+        proc = grit.popen()
+        assert wait_for(lambda: len(list(tmp_path.glob("started-*"))) == 2, 60)
+        proc.send_signal(stop)
+        proc.communicate(timeout=60)
+        for marker in tmp_path.glob("started-*"):
+            with contextlib.suppress(ProcessLookupError):  # after kill -9: its sleep
+                os.killpg(int(marker.name.rsplit("-", 1)[1]), signal.SIGKILL)
+            marker.unlink()
+    wait_for(lambda: not mounts_under(grit.db), timeout=10)
+    killed, interrupted = as_json(grit, "-runs")
+    assert (interrupted["outcome"], interrupted["exit_status"]) == ("interrupted", 130)
+    assert interrupted["interrupted"] and interrupted["finished_at"]
+    assert (interrupted["started"], interrupted["done"]) == (3, 1)
+    assert killed["outcome"] == "killed (no end recorded)" and killed["finished_at"] is None
+    assert killed["seconds"] is None
+    text = grit("-db", str(grit.db), "-runs", check=0).stdout.splitlines()
+    assert "killed (no end" in text[1] and "interrupted" in text[2]
