@@ -11,8 +11,8 @@ Sections, in the order data flows through them:
     → Metadata schema → Live view → Metadata store (SQLite)
     → Files, processes and mounts → Database → Sources → Output capture
     → Output capture: FUSE → Task execution → Node workers → Slurm executor
-    → Scheduler → Running a pipeline → Inspecting a database → Pictures of a run
-    → Managing a database → CLI
+    → Scheduler → Running a pipeline → Watching files → Inspecting a database
+    → Pictures of a run → Managing a database → CLI
 Each section opens with what it owns and uses only itself and the sections
 above it (tests/test_structure.py checks).
 """
@@ -39,7 +39,6 @@ import json
 import os
 import queue
 import re
-import resource
 import select
 import shlex
 import shutil
@@ -382,6 +381,7 @@ class RunOptions:
     executor_flags: dict[str, str] = field(default_factory=dict)  # its own flags given (-work-dir)
     retries: int = 0  # a step's retries where neither it nor its executor's table sets them
     command: list[str] = field(default_factory=list)  # grit's arguments (the run table keeps them)
+    watch: bool = False  # -watch: run again whenever the files or the manifest change
 
 
 # Executors by name (-executor NAME), each registered by its own section. An
@@ -4218,6 +4218,9 @@ class FuseServer:
 
         self.mount = os.path.join(run_dir, "mnt")
         self.spool_dir = os.path.join(run_dir, "spool")
+        for folder in (self.mount, self.spool_dir):  # left by the server of an earlier
+            if os.path.isdir(folder) and not os.path.ismount(folder):  # -watch round
+                shutil.rmtree(folder)
         os.mkdir(self.mount, 0o700)
         os.mkdir(self.spool_dir, 0o700)
         pairs = [socket.socketpair() for _ in range(workers + 1)]
@@ -4450,6 +4453,18 @@ TERMINATE_GRACE_SECONDS = 2.0
 # own per-task work overlaps the scripts instead of leaving a slot idle.
 WORKERS_PER_SCRIPT = 2
 
+def own_peak_rss() -> int:
+    """This process's peak resident set, bytes: what Linux counts into a
+    script's at its exec. /proc's VmHWM, not getrusage's, which also holds
+    what the process that started grit had before grit's exec (pytest's, a
+    shell's)."""
+    with open("/proc/self/status", "rb") as f:
+        for line in f:
+            if line.startswith(b"VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 # Where tasks run: a result's node (on Slurm the node's name, several of which
 # may share one machine).
 NODE = os.environ.get("SLURMD_NODENAME") or os.uname().nodename
@@ -4650,6 +4665,7 @@ class LocalExecutor(Executor):
             with self._lock:
                 self._slots += 1
                 path = os.path.join(self.workroot, f"worker-{self._slots}")
+            shutil.rmtree(path, ignore_errors=True)  # an earlier -watch round's executor's
             os.mkdir(path, 0o700)
             # The logs stay open from task to task: scripts see them only as
             # their stdout and stderr, never by path.
@@ -4890,11 +4906,11 @@ class LocalExecutor(Executor):
             _, status, usage = os.wait4(pid, 0)
             status = os.waitstatus_to_exitcode(status)
             result.cpu_user, result.cpu_system = usage.ru_utime, usage.ru_stime
-            own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes, as ru_maxrss
-            if usage.ru_maxrss > own:
+            own = own_peak_rss()
+            if usage.ru_maxrss * 1024 > own:  # Linux counts kilobytes
                 result.peak_rss = usage.ru_maxrss * 1024
             else:
-                result.rss_under = own * 1024
+                result.rss_under = own
         finally:
             with self._lock:
                 self._running.pop(spec.task_id, None)
@@ -6216,8 +6232,10 @@ class Scheduler:
 
     def __init__(self, db: Database, executor: Executor, steps: list[StepVersion],
                  console: Console, start: str | None = None,
-                 earlier: dict[int, TaskResult] | None = None, retries: int = 0) -> None:
+                 earlier: dict[int, TaskResult] | None = None, retries: int = 0,
+                 retry_failed: bool = True) -> None:
         self.db = db
+        self.retry_failed = retry_failed  # failed tasks of earlier runs run again
         self.retries = retries  # -retries: for steps that do not set theirs
         self.earlier = earlier or {}  # results of tasks another executor ran (settled Slurm jobs)
         # record() syncs the objects before the rows that name them, and a task
@@ -6252,7 +6270,7 @@ class Scheduler:
     def _activate(self, step: StepVersion) -> None:
         if step.id in self.states:
             return
-        retried = self.db.meta.retry_failed(step.id)
+        retried = self.db.meta.retry_failed(step.id) if self.retry_failed else 0
         if retried:
             self.console.detail(f"{step.name}: retrying {retried} failed task(s)")
         self.states[step.id] = StepState(step, pending=self.db.meta.count_tasks(step.id, "pending"))
@@ -6688,41 +6706,37 @@ def print_plan(plan: list[dict]) -> None:
     print(f"{total} task(s) would start; their outputs may make more work downstream")
 
 
-def cmd_run(opts: RunOptions, console: Console) -> int:
+def run_once(opts: RunOptions, manifest: Manifest, selected: list[str], db: Database,
+             executor: Executor, earlier: dict[int, TaskResult], console: Console,
+             again: bool = False) -> int:
+    """One run, recorded in the run table; its exit status. `again`: a round of
+    -watch after the first, which leaves failed tasks be (their input or step
+    changing makes new ones)."""
     started = time.monotonic()
-    manifest = load_manifest(opts.manifest)
-    selected = selected_steps(manifest, opts)
-    if opts.dry_run:
-        return cmd_dry_run(opts, manifest, selected)
-    if opts.json:
-        raise GritError("-json goes with -run only together with -dry-run")
-    with Database.for_run(opts.db, console) as db:
-        db.meta.start_run(opts.command, opts.executor, opts.output_mode)
-        summary, status, mode = RunSummary(), EXIT_USAGE, opts.output_mode
-        try:
-            earlier = {} if opts.executor == "slurm" else SlurmExecutor.end_earlier_jobs(
-                opts, manifest, db, console)
-            with EXECUTORS[opts.executor].for_run(opts, manifest, db, console) as executor:
-                summary = run_steps(opts, manifest, selected, db, executor, earlier, console)
-                mode = executor.output_mode_used or mode
-            status = report_run(summary, time.monotonic() - started, console)
-        except GritError as e:
-            status = e.exit_code
-            raise
-        except KeyboardInterrupt:
-            status, summary.interrupted = EXIT_INTERRUPTED, True
-            raise
-        finally:
-            db.meta.end_run(dict(started=summary.started, done=summary.tasks - summary.failed,
-                                 failed=summary.failed, known=summary.known,
-                                 resources=summary.resources, exit_status=status,
-                                 interrupted=int(summary.interrupted)), mode)
+    db.meta.start_run(opts.command, opts.executor, opts.output_mode)
+    summary, status, mode = RunSummary(), EXIT_USAGE, opts.output_mode
+    try:
+        summary = run_steps(opts, manifest, selected, db, executor, earlier, console,
+                            retry_failed=not again)
+        mode = executor.output_mode_used or mode
+        status = report_run(summary, time.monotonic() - started, console)
+    except GritError as e:
+        status = e.exit_code
+        raise
+    except KeyboardInterrupt:
+        status, summary.interrupted = EXIT_INTERRUPTED, True
+        raise
+    finally:
+        db.meta.end_run(dict(started=summary.started, done=summary.tasks - summary.failed,
+                             failed=summary.failed, known=summary.known,
+                             resources=summary.resources, exit_status=status,
+                             interrupted=int(summary.interrupted)), mode)
     return status
 
 
 def run_steps(opts: RunOptions, manifest: Manifest, selected: list[str], db: Database,
-              executor: Executor, earlier: dict[int, TaskResult],
-              console: Console) -> RunSummary:
+              executor: Executor, earlier: dict[int, TaskResult], console: Console,
+              retry_failed: bool = True) -> RunSummary:
     """Register the steps, import the roots, run the scheduler until done."""
     versions = register_steps(db.meta, manifest, console)
     active = [v for v in versions if v.name in selected]
@@ -6732,7 +6746,7 @@ def run_steps(opts: RunOptions, manifest: Manifest, selected: list[str], db: Dat
                      "leaves them out, so changes to their files are not seen")
     not_imported = start_roots(db, active, manifest, console)
     scheduler = Scheduler(db, executor, versions, console, start=opts.start, earlier=earlier,
-                          retries=opts.retries)
+                          retries=opts.retries, retry_failed=retry_failed)
     with stop_on_signals(scheduler.request_stop):
         summary = scheduler.run(active)
     summary.not_imported = not_imported
@@ -6823,6 +6837,277 @@ def report_run(summary: RunSummary, elapsed: float, console: Console) -> int:
         return EXIT_TASK_FAILED
     console.info(console.paint(line, "green") if summary.tasks else line)
     return EXIT_OK
+
+
+# =============================================================================
+# Watching files
+# =============================================================================
+# -run -watch: a run, then a wait for the source steps' files or the manifest
+# to change, then another run, until Ctrl-C. What changed is not trusted from
+# the events: each round's own source scan decides, so a missed or spurious
+# event costs at most a no-op round. Uses the run of the section above; ends
+# with -run's command, which runs once or watches.
+
+SETTLE_SECONDS = 0.1  # a round starts after this long without a new change...
+SETTLE_MOST_SECONDS = 2.0  # ...or this long after the first one (a long burst)
+POLL_SECONDS = 2.0  # between looks where inotify cannot watch
+# inotify(7): what a watched folder reports that could change what matches
+IN_MODIFY, IN_ATTRIB, IN_CLOSE_WRITE = 0x2, 0x4, 0x8
+IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x40, 0x80, 0x100, 0x200
+IN_DELETE_SELF, IN_MOVE_SELF, IN_Q_OVERFLOW, IN_ISDIR = 0x400, 0x800, 0x4000, 0x40000000
+IN_NONBLOCK, IN_CLOEXEC = os.O_NONBLOCK, os.O_CLOEXEC
+WATCH_MASK = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE
+              | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF)
+INOTIFY_EVENT = struct.Struct("iIII")  # wd, mask, cookie, length of the name that follows
+
+
+class WatchStopped(Exception):
+    """Ctrl-C or SIGTERM while -run -watch waits."""
+
+
+@dataclass
+class WatchedFolder:
+    path: str
+    recursive: bool  # a pattern may match below it (a '/' or '**' after its fixed part)
+
+
+def watched_folders(manifest: Manifest, db_path: str) -> list[WatchedFolder]:
+    """The folders whose changes could change a run: each source pattern's fixed
+    part (or its nearest existing parent, to see it made) and the manifest's."""
+    base = os.path.dirname(os.path.abspath(manifest.path))
+    found = {base: WatchedFolder(base, False)}
+    for step in manifest.steps:
+        for pattern in step.files:
+            full = os.path.normpath(os.path.join(base, pattern))
+            folder = fixed_prefix(full)
+            deeper = "/" in full[len(folder):].strip("/") or "**" in full
+            while not os.path.isdir(folder) and folder != "/":
+                folder, deeper = os.path.dirname(folder), True
+            known = found.get(folder)
+            found[folder] = WatchedFolder(folder, deeper or bool(known and known.recursive))
+    db = os.path.abspath(db_path)
+    return [f for f in found.values() if not (f.path + "/").startswith(db + "/")]
+
+
+class Inotify:
+    """Linux's inotify through ctypes: a watch per folder (recursive ones:
+    every folder below, folders made later included). Raises OSError where
+    inotify is missing or a watch limit is hit; the caller polls instead."""
+
+    def __init__(self, folders: list[WatchedFolder], manifest: Manifest, db_path: str) -> None:
+        self.fd = _libc().inotify_init1(IN_NONBLOCK | IN_CLOEXEC)  # type: ignore[attr-defined]
+        if self.fd < 0:
+            raise OSError(ctypes_errno(), "inotify_init1")
+        self.db = os.path.abspath(db_path) + "/"
+        base = os.path.dirname(os.path.abspath(manifest.path))
+        self.paths = {os.path.abspath(manifest.path)}
+        # as fnmatch patterns, where '*' crosses '/' too: "a/**/b" must match a/b
+        self.patterns = [os.path.normpath(os.path.join(base, p)).replace("/**/", "/*")
+                         for s in manifest.steps for p in s.files]
+        self.folders: dict[int, tuple[str, bool]] = {}  # wd -> (path, recursive)
+        try:
+            for folder in folders:
+                self.add(folder.path, folder.recursive)
+        except OSError:
+            os.close(self.fd)
+            raise
+
+    def add(self, path: str, recursive: bool) -> None:
+        paths = [path] + ([os.path.join(top, d) for top, dirs, _ in os.walk(path) for d in dirs]
+                          if recursive else [])
+        for folder in paths:
+            if (folder + "/").startswith(self.db):
+                continue  # grit's own writes are not changes
+            wd = _libc().inotify_add_watch(self.fd, os.fsencode(folder),  # type: ignore[attr-defined]
+                                           WATCH_MASK)
+            if wd < 0:
+                code = ctypes_errno()
+                if code in (errno.ENOENT, errno.ENOTDIR):
+                    continue  # gone meanwhile
+                raise OSError(code, f"inotify_add_watch {folder}: {os.strerror(code)}")
+            self.folders[wd] = (folder, recursive)
+
+    def wait(self, timeout: float | None) -> int:
+        """Changes seen within `timeout` seconds (None: until one comes)."""
+        return self.changes() if select.select([self.fd], [], [], timeout)[0] else 0
+
+    def changes(self) -> int:
+        """The events waiting that could change what the patterns match (folders
+        made below recursive ones get their watches too)."""
+        count = 0
+        while True:
+            try:
+                data = os.read(self.fd, 65536)
+            except BlockingIOError:
+                return count
+            offset = 0
+            while offset < len(data):
+                wd, mask, _, length = INOTIFY_EVENT.unpack_from(data, offset)
+                name = data[offset + INOTIFY_EVENT.size:offset + INOTIFY_EVENT.size + length]
+                offset += INOTIFY_EVENT.size + length
+                folder, recursive = self.folders.get(wd, ("", False))
+                path = os.path.join(folder, os.fsdecode(name.rstrip(b"\0")))
+                if mask & IN_ISDIR and mask & (IN_CREATE | IN_MOVED_TO) and recursive:
+                    self.add(path, True)
+                # fnmatch's '*' also matches '/' and dot files: it errs towards a round
+                count += bool(mask & (IN_ISDIR | IN_Q_OVERFLOW | IN_DELETE_SELF | IN_MOVE_SELF)
+                              or path in self.paths
+                              or any(fnmatch.fnmatchcase(path, p) for p in self.patterns))
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def ctypes_errno() -> int:
+    import ctypes
+    return ctypes.get_errno()
+
+
+class Poller:
+    """Where inotify cannot watch: the stat signatures of every file the
+    patterns match, and the manifest's, compared every POLL_SECONDS."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        self.manifest = manifest
+        self.seen = self.look()
+
+    def look(self) -> dict:
+        base = os.path.dirname(os.path.abspath(self.manifest.path))
+        found: dict = {}
+        for step in self.manifest.steps:
+            with contextlib.suppress(GritError):  # two files, one name: the run says so
+                found.update({(step.name, name): sig for name, (_, sig) in
+                              match_files(step, base).items()})
+        with contextlib.suppress(OSError):
+            found["manifest"] = stat_signature(os.stat(self.manifest.path))
+        return found
+
+    def wait(self, timeout: float | None) -> int:
+        time.sleep(POLL_SECONDS if timeout is None else min(timeout, POLL_SECONDS))
+        now = self.look()
+        changed, self.seen = now != self.seen, now
+        return int(changed)
+
+    def close(self) -> None:
+        pass
+
+
+class Watch:
+    """What -run -watch waits on: inotify over the watched folders, or a
+    Poller (said once, with why)."""
+
+    def __init__(self, manifest: Manifest, db_path: str, console: Console) -> None:
+        self.console = console
+        self.db_path = db_path
+        self.polling_said = False
+        self.folders: list[WatchedFolder] = []
+        self.source: Inotify | Poller | None = None
+        self.watch(manifest)
+
+    def watch(self, manifest: Manifest) -> None:
+        """(Re)start watching what this manifest's run depends on."""
+        self.close()
+        self.folders = watched_folders(manifest, self.db_path)
+        try:
+            self.source = Inotify(self.folders, manifest, self.db_path)
+        except (OSError, AttributeError) as e:  # AttributeError: a libc without inotify
+            if not self.polling_said:
+                self.console.warn(f"-watch: inotify cannot watch here ({e}); looking for "
+                                  f"changes every {POLL_SECONDS:g} s instead")
+                self.polling_said = True
+            self.source = Poller(manifest)
+
+    def what(self, manifest: Manifest) -> str:
+        base = os.path.dirname(os.path.abspath(manifest.path))
+        files = sum(len(match_files(s, base)) for s in manifest.steps if s.files)
+        return f"watching {files} file(s) in {len(self.folders)} folder(s)"
+
+    def next_change(self) -> None:
+        """Wait for a change (those made during the last round are waiting
+        already), then for the burst it starts to settle."""
+        assert self.source is not None
+        while not self.source.wait(None):
+            pass
+        first = last = time.monotonic()
+        while True:
+            now = time.monotonic()
+            left = min(SETTLE_SECONDS - (now - last), SETTLE_MOST_SECONDS - (now - first))
+            if left <= 0:
+                return
+            if self.source.wait(left):
+                last = time.monotonic()
+
+    def close(self) -> None:
+        if self.source is not None:
+            self.source.close()
+
+
+def watch_and_run(opts: RunOptions, manifest: Manifest, db: Database,
+                  earlier: dict[int, TaskResult], console: Console) -> int:
+    """Rounds of run_once until Ctrl-C or SIGTERM (exit 130), each after the
+    files or the manifest changed; an executor serves the rounds of one
+    manifest. A failed task does not stop the watch: it runs again when its
+    input or its step changes."""
+    def stop() -> None:
+        raise WatchStopped
+
+    watch, status = Watch(manifest, opts.db, console), None
+    try:
+        with stop_on_signals(stop):
+            while status != EXIT_INTERRUPTED:
+                with EXECUTORS[opts.executor].for_run(opts, manifest, db, console) as executor:
+                    current = manifest
+                    while status != EXIT_INTERRUPTED and manifest is current:
+                        status = run_once(opts, manifest, selected_steps(manifest, opts), db,
+                                          executor, {} if status is not None else earlier,
+                                          console, again=status is not None)
+                        if status != EXIT_INTERRUPTED:
+                            manifest = next_round(opts, manifest, watch, status, console)
+    except WatchStopped:
+        console.end_progress()
+        console.error("interrupted: the watch stopped between runs")
+        return EXIT_INTERRUPTED
+    finally:
+        watch.close()
+    return status
+
+
+def next_round(opts: RunOptions, manifest: Manifest, watch: Watch, status: int,
+               console: Console) -> Manifest:
+    """Say what is watched, wait for a change, and return the manifest as it
+    is then: the same object if unchanged, or broken (said in one line)."""
+    line = (f"{watch.what(manifest)}; last run {time.strftime('%H:%M:%S')}: "
+            + ("ok" if status == EXIT_OK else f"exit status {status}"))
+    console.progress(line) if console.tty else console.info(line)
+    watch.next_change()
+    try:
+        new = load_manifest(opts.manifest)
+        selected_steps(new, opts)  # -step and -start name steps it still has
+    except GritError as e:
+        console.error(f"{e} (the watch keeps the manifest it last read)")
+        return manifest
+    if new == manifest:
+        return manifest
+    watch.watch(new)
+    return new
+
+
+def cmd_run(opts: RunOptions, console: Console) -> int:
+    manifest = load_manifest(opts.manifest)
+    selected = selected_steps(manifest, opts)
+    if opts.dry_run:
+        if opts.watch:
+            raise GritError("-watch goes with -run, not with -dry-run")
+        return cmd_dry_run(opts, manifest, selected)
+    if opts.json:
+        raise GritError("-json goes with -run only together with -dry-run")
+    with Database.for_run(opts.db, console) as db:
+        earlier = {} if opts.executor == "slurm" else SlurmExecutor.end_earlier_jobs(
+            opts, manifest, db, console)
+        if opts.watch:
+            return watch_and_run(opts, manifest, db, earlier, console)
+        with EXECUTORS[opts.executor].for_run(opts, manifest, db, console) as executor:
+            return run_once(opts, manifest, selected, db, executor, earlier, console)
 
 
 # =============================================================================
@@ -7835,7 +8120,7 @@ def run_options(args: argparse.Namespace) -> RunOptions:
                 flags[flag.replace("-", "_")] = value
     return RunOptions(args.manifest, args.db, args.parallel or 0, args.start, args.step,
                       args.output_mode, args.timeout, args.dry_run, args.json, args.executor,
-                      flags, args.retries, args.command_line)
+                      flags, args.retries, args.command_line, args.watch)
 
 
 @dataclass(frozen=True)
@@ -7854,7 +8139,7 @@ class Command:
 COMMANDS = (
     Command("run", "[N]", "execute the pipeline (-run N, with -trace or -report: which "
             "run, as -runs numbers them)", lambda a, c: cmd_run(run_options(a), c),
-            ("dry-run", "json")),
+            ("dry-run", "json", "watch")),
     Command("export", "NAME", "list hash, name and created_at of each resource NAME",
             lambda a, c: cmd_export(a.db, a.export, a.live), ("live",)),
     Command("export-hash", "HASH", "write the object's bytes to stdout (unique prefix of 8+ "
@@ -7905,6 +8190,8 @@ OPTIONS: dict[str, dict] = {
     "step": dict(metavar="STEP", action="append", default=[],
                  help="run only this step (repeatable)"),
     "dry-run": dict(SWITCH, help="what would be run or deleted, and why"),
+    "watch": dict(SWITCH, help="after the run, run again whenever a source step's files or "
+                  "the manifest change, until Ctrl-C"),
     "json": dict(SWITCH, help="JSON output (-run: with -dry-run)"),
     "descendants": dict(SWITCH, help="also what was made from it"),
     "keep": dict(metavar="N", type=int, help="how many of the newest to keep"),

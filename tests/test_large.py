@@ -320,7 +320,10 @@ def test_an_older_databases_large_objects_stay_readable(grit, tmp_path):
     (grit.db / "files" / DIGEST).unlink()
     (grit.db / "files").rmdir()
     db = sqlite3.connect(grit.db / "metadata.sqlite")
-    for undo in ("DROP INDEX attempt_task", "DROP TABLE attempt",  # schema 9's SQL
+    undo_10 = ["DROP INDEX task_run", "DROP TABLE run"] + [  # schema 10's SQL
+        f"ALTER TABLE task DROP COLUMN {column}" for column in
+        ("run_id", "cpu_user", "cpu_system", "peak_rss", "rss_under", "node")]
+    for undo in (*undo_10, "DROP INDEX attempt_task", "DROP TABLE attempt",  # schema 9's
                  "ALTER TABLE slurm_job DROP COLUMN looked_at"):
         db.execute(undo)
     db.execute("PRAGMA user_version = 7")
@@ -346,4 +349,4 @@ script = "cat $INPUT_DIR/big | sha256sum | cut -c1-64 > $OUTPUT_DIR/again-sum"
     grit("-db", str(grit.db), "-export-tar", "big", str(tmp_path / "big.tar"), "-newest", check=0)
     with tarfile.open(tmp_path / "big.tar") as tar:
         assert tar.extractfile(tar.getmembers()[0]).read() == CONTENT
-    assert grit.sql("PRAGMA user_version") == [(9,)]
+    assert grit.sql("PRAGMA user_version") == [(10,)]

@@ -528,3 +528,31 @@ def test_tasks_go_to_elements_that_already_run_rather_than_a_new_job(grit, clust
     assert sum(int(n) for n, step in handed if step == "reverse") > 0, proc.stderr
     assert grit.tasks("reverse") == {"pending": 0, "done": 40, "failed": 0}
     assert live(grit) == local_twin(tmp_path, manifest)
+
+
+def test_watch_runs_each_round_on_slurm(grit, cluster):
+    import hashlib
+    data = grit.path / "data"
+    data.mkdir()
+    (data / "a.txt").write_text("alpha\n")
+    grit.write('[[step]]\nname = "src"\nfiles = ["data/*.txt"]\n'
+               '[[step]]\nname = "up"\ninputs = ["*.txt"]\n'
+               'script = \'tr a-z A-Z < "$INPUT_FILE" > "$OUTPUT_DIR/up"\'\n')
+    proc = popen_on_slurm(grit, cluster, "-watch")
+    try:
+        def up_is(text: str) -> bool:
+            digest = hashlib.sha256(text.encode()).hexdigest()
+            return (digest, "up") in {tuple(line.split("\t")[:2]) for line in grit(
+                "-db", str(grit.db), "-export", "up", "-live", check=None).stdout.splitlines()}
+        assert wait_for(lambda: up_is("ALPHA\n"), 120)
+        (data / "a.txt").write_text("beta\n")
+        assert wait_for(lambda: up_is("BETA\n"), 120)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    runs = json.loads(grit("-db", str(grit.db), "-runs", "-json", check=0).stdout)
+    assert len(runs) >= 2 and {r["executor"] for r in runs} == {"slurm"}
+    header, *rows = [line.split("\t") for line in grit(  # the first round ran on the nodes
+        "-db", str(grit.db), "-trace", "-run", str(runs[-1]["id"]), check=0).stdout.splitlines()]
+    assert {dict(zip(header, row))["node"] for row in rows} <= {"grit-node1", "grit-node2"}
