@@ -111,6 +111,7 @@ class Settings:
     fuse_writeback: str = "1"  # "0": no kernel writeback cache on libfuse3
     slurm_poll: float = 30.0  # seconds between squeue calls of a Slurm run
     slurm_grace: float = 30.0  # seconds an ended element's records get to appear
+    watch_poll: float = 0.0  # -run -watch: look every this many seconds, not through inotify
 
 
 @functools.lru_cache(maxsize=None)
@@ -6967,8 +6968,9 @@ class Poller:
     """Where inotify cannot watch: the stat signatures of every file the
     patterns match, and the manifest's, compared every POLL_SECONDS."""
 
-    def __init__(self, manifest: Manifest) -> None:
+    def __init__(self, manifest: Manifest, interval: float) -> None:
         self.manifest = manifest
+        self.interval = interval
         self.seen = self.look()
 
     def look(self) -> dict:
@@ -6983,7 +6985,7 @@ class Poller:
         return found
 
     def wait(self, timeout: float | None) -> int:
-        time.sleep(POLL_SECONDS if timeout is None else min(timeout, POLL_SECONDS))
+        time.sleep(self.interval if timeout is None else min(timeout, self.interval))
         now = self.look()
         changed, self.seen = now != self.seen, now
         return int(changed)
@@ -7008,14 +7010,24 @@ class Watch:
         """(Re)start watching what this manifest's run depends on."""
         self.close()
         self.folders = watched_folders(manifest, self.db_path)
-        try:
-            self.source = Inotify(self.folders, manifest, self.db_path)
-        except (OSError, AttributeError) as e:  # AttributeError: a libc without inotify
-            if not self.polling_said:
-                self.console.warn(f"-watch: inotify cannot watch here ({e}); looking for "
-                                  f"changes every {POLL_SECONDS:g} s instead")
-                self.polling_said = True
-            self.source = Poller(manifest)
+        interval = settings().watch_poll
+        table = mounts()
+        remote = [f.path for f in self.folders
+                  if filesystem_type(f.path, table) in NETWORK_FILESYSTEMS]
+        why = f"GRIT_WATCH_POLL is {interval:g}" if interval else \
+            f"{remote[0]} is on a network filesystem, where inotify sees only this " \
+            "machine's changes" if remote else ""
+        if not why:
+            try:
+                self.source = Inotify(self.folders, manifest, self.db_path)
+                return
+            except (OSError, AttributeError) as e:  # AttributeError: a libc without inotify
+                why = f"inotify cannot watch here ({e})"
+        if not self.polling_said:
+            self.console.info(f"-watch: {why}; looking for changes every "
+                              f"{interval or POLL_SECONDS:g} s instead")
+            self.polling_said = True
+        self.source = Poller(manifest, interval or POLL_SECONDS)
 
     def what(self, manifest: Manifest) -> str:
         base = os.path.dirname(os.path.abspath(manifest.path))

@@ -175,3 +175,21 @@ def test_ctrl_c_during_a_round_exits_130_and_loses_nothing(grit, data, tmp_path)
     assert grit.sql("SELECT count(*) FROM task WHERE status = 'done'")[0][0] >= finished
     assert "-watch goes with -run, not with -dry-run" in grit.run("-watch", "-dry-run",
                                                                  check=2).stderr
+
+
+def test_polling_where_inotify_is_not_used_says_so_once_and_still_sees_changes(grit, data,
+                                                                               tmp_path):
+    os.environ["GRIT_WATCH_POLL"] = "0.2"  # as on a network filesystem
+    try:
+        proc = watching(grit)
+    finally:
+        del os.environ["GRIT_WATCH_POLL"]
+    try:
+        (data / "a.txt").write_text("alpha polled\n")
+        assert settled(grit, clean_run(grit, tmp_path))
+        (data / "sub" / "c.txt").unlink()
+        assert settled(grit, clean_run(grit, tmp_path))
+    finally:
+        err = stop(proc)
+    assert err.count("-watch: GRIT_WATCH_POLL is 0.2; looking for changes every 0.2 s "
+                     "instead") == 1, err
