@@ -7032,7 +7032,9 @@ class Watch:
     def what(self, manifest: Manifest) -> str:
         base = os.path.dirname(os.path.abspath(manifest.path))
         files = sum(len(match_files(s, base)) for s in manifest.steps if s.files)
-        return f"watching {files} file(s) in {len(self.folders)} folder(s)"
+        folders = len(self.source.folders) if isinstance(self.source, Inotify) else \
+            len(self.folders)  # polled: the tops of the trees
+        return f"watching {files} file(s) in {folders} folder(s)"
 
     def next_change(self) -> None:
         """Wait for a change (those made during the last round are waiting

@@ -33,27 +33,27 @@ script = 'tr a-z A-Z < "$INPUT_FILE" > "$OUTPUT_DIR/up-$GRIT_INPUT_NAME"'
 '''
 
 
-def live(db: str, name: str, digest: str) -> bool:
+def found(db: str, query: str, *params) -> bool:
+    """Whether the query's first row holds a true value (false while the
+    database is not there yet)."""
     try:
         con = sqlite3.connect(f"file:{db}/metadata.sqlite?mode=ro", uri=True)
         try:
-            return bool(con.execute("SELECT 1 FROM resource WHERE name = ? AND hash = ? AND "
-                                    "live = 1", (name, digest)).fetchone())
+            row = con.execute(query, params).fetchone()
+            return bool(row and row[0])
         finally:
             con.close()
     except sqlite3.Error:
         return False
 
 
+def live(db: str, name: str, digest: str) -> bool:
+    return found(db, "SELECT 1 FROM resource WHERE name = ? AND hash = ? AND live = 1",
+                 name, digest)
+
+
 def first_round_done(db: str) -> bool:
-    try:
-        con = sqlite3.connect(f"file:{db}/metadata.sqlite?mode=ro", uri=True)
-        try:
-            return bool(con.execute("SELECT finished_at FROM run WHERE id = 1").fetchone()[0])
-        finally:
-            con.close()
-    except (sqlite3.Error, TypeError):
-        return False
+    return found(db, "SELECT finished_at FROM run WHERE id = 1")
 
 
 def main() -> None:

@@ -22,7 +22,8 @@ files = ["data/**/*.txt"]
 [[step]]
 name = "up"
 inputs = ["*.txt", "*/*.txt"]
-script = 'tr a-z A-Z < "$INPUT_FILE" > "$OUTPUT_DIR/up-$(basename "$GRIT_INPUT_NAME" .txt)"'
+script = """! grep -q fail "$INPUT_FILE" || exit 3
+tr a-z A-Z < "$INPUT_FILE" > "$OUTPUT_DIR/up-$(basename "$GRIT_INPUT_NAME" .txt)""""
 [[step]]
 name = "count"
 inputs = ["up-*"]
@@ -93,6 +94,7 @@ def test_every_kind_of_change_makes_the_live_results_a_clean_runs(grit, data, tm
             ("delete", lambda: (data / "b.txt").unlink()),
             ("rename", lambda: (data / "d.txt").rename(data / "sub" / "d2.txt")),
             ("revert", lambda: (data / "a.txt").write_text("alpha\n")),
+            ("a task that fails", lambda: (data / "f.txt").write_text("fail\n")),
             ("edit the manifest", lambda: grit.write(MANIFEST.replace("wc -l", "wc -c"))),
         ]
         for what, change in steps:
@@ -100,9 +102,16 @@ def test_every_kind_of_change_makes_the_live_results_a_clean_runs(grit, data, tm
             expected = clean_run(grit, tmp_path)
             assert settled(grit, expected), f"after {what}: not a clean run's results"
         before = len(runs(grit))
-        os.utime(data / "a.txt")  # touched, not changed: a round that runs no task
-        assert wait_for(lambda: len(runs(grit)) > before and runs(grit)[-1]["finished_at"], 30)
+        os.utime(data / "a.txt")  # touched, not changed: a round that runs no task (nor
+        assert wait_for(lambda: len(runs(grit)) > before  # the failed one again)
+                        and runs(grit)[-1]["finished_at"], 30)
         assert runs(grit)[-1]["started"] == 0
+        # the read-only commands work beside the watch, which holds the run lock
+        for command in (["-status"], ["-log", "1"], ["-runs"], ["-export-tar", "*", "-"],
+                        ["-report", str(tmp_path / "now.html")]):
+            grit("-db", str(grit.db), *command, check=0)
+        assert "is in use by another grit run" in grit("-db", str(grit.db), "-gc",
+                                                       check=2).stderr
         before = len(runs(grit))
         grit.write("this is [[ not TOML")  # one line, and a round on the last good one
         assert wait_for(lambda: len(runs(grit)) > before and runs(grit)[-1]["finished_at"], 30)
@@ -113,6 +122,8 @@ def test_every_kind_of_change_makes_the_live_results_a_clean_runs(grit, data, tm
         err = stop(proc)
     assert err.count("the watch keeps the manifest it last read") == 1, err
     assert "interrupted: the watch stopped between runs" in err
+    assert "watching 5 file(s) in 4 folder(s); last run " in err  # data, sub, new, the manifest's
+    assert "task " in err and "(up) failed: exit status 3" in err
 
 
 def test_a_burst_of_writes_makes_at_most_two_runs(grit, data, tmp_path):
