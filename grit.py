@@ -7665,7 +7665,10 @@ def cmd_report(db_path: str, target: str, number: int | None, console: Console) 
     finally:
         db.close()
     page = report_html(run, tasks, steps, edges, live)
-    write_atomically(target, lambda f: f.write(page.encode()))
+    try:
+        write_atomically(target, lambda f: f.write(page.encode()))
+    except OSError as e:
+        raise GritError(f"cannot write {target}: {e.strerror or e}") from None
     console.info(f"report of run {run['id']} ({len(tasks)} task(s)) written to {target}: "
                  f"{human_bytes(len(page))} in {time.monotonic() - started:.2f}s")
     return EXIT_OK

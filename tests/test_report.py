@@ -238,6 +238,8 @@ def test_report_and_trace_name_bad_requests(grit, tmp_path):
                                                 str(tmp_path / "r.html"), "-run", "2",
                                                 check=1).stderr
     assert not (tmp_path / "r.html").exists()
+    assert "cannot write /nonexistent/r.html: No such file or directory" in grit(
+        "-db", str(grit.db), "-report", "/nonexistent/r.html", check=2).stderr
     assert "-run takes a run number only with -trace or -report" in grit(
         "-db", str(grit.db), "-run", "1", check=2).stderr
     assert "-run N: N is a run number" in grit("-db", str(grit.db), "-trace", "-run", "x",
