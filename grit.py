@@ -1448,6 +1448,12 @@ def utc_now() -> str:
     return f"{text}.{int(t % 1 * 1000):03d}Z"
 
 
+def parse_utc(text: str) -> float:
+    """Seconds since the epoch of a utc_now() text."""
+    import calendar
+    return calendar.timegm(time.strptime(text[:19], "%Y-%m-%dT%H:%M:%S")) + float(text[19:-1] or 0)
+
+
 @functools.lru_cache(maxsize=1024)
 def passes_through(passes: str | None, step_name: str) -> int:
     """The how-manieth time a task's chain reaches its step (1: the first)."""
@@ -7518,15 +7524,13 @@ def cmd_export_tar(db_path: str, pattern: str, target: str, newest: bool, histor
 
 
 def write_tar(store: "ObjectStore", chosen: list[tuple[dict, str]], out: IO[bytes]) -> None:
-    import calendar
     import tarfile
 
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         for resource, member in chosen:
             info = tarfile.TarInfo(member)
             info.size, info.mode = resource["size"], 0o644
-            info.mtime = calendar.timegm(time.strptime(resource["created_at"][:19],
-                                                       "%Y-%m-%dT%H:%M:%S"))
+            info.mtime = int(parse_utc(resource["created_at"]))
             reader = _ObjectReader(store, resource["hash"])
             tar.addfile(info, io.BufferedReader(reader, CHUNK_SIZE))
             if reader.hasher.hexdigest() != resource["hash"]:
@@ -7580,12 +7584,6 @@ def run_seconds(run: dict) -> float | None:
     if not run["finished_at"]:
         return None
     return parse_utc(run["finished_at"]) - parse_utc(run["started_at"])
-
-
-def parse_utc(text: str) -> float:
-    """Seconds since the epoch of a utc_now() text."""
-    import calendar
-    return calendar.timegm(time.strptime(text[:19], "%Y-%m-%dT%H:%M:%S")) + float(text[19:-1] or 0)
 
 
 def cmd_runs(db_path: str, as_json: bool) -> int:
