@@ -4581,6 +4581,7 @@ class LocalExecutor(Executor):
         self._running: dict[int, tuple[int, str]] = {}  # task id -> (process group, step)
         self._lock = threading.Lock()
         self._stopping = False
+        self._own_peak = 0  # grit's peak RSS as last read (_note_peak)
         self._local = threading.local()
         self._slots = 0
         self.parallel = parallel
@@ -4913,11 +4914,7 @@ class LocalExecutor(Executor):
             _, status, usage = os.wait4(pid, 0)
             status = os.waitstatus_to_exitcode(status)
             result.cpu_user, result.cpu_system = usage.ru_utime, usage.ru_stime
-            own = own_peak_rss()
-            if usage.ru_maxrss * 1024 > own:  # Linux counts kilobytes
-                result.peak_rss = usage.ru_maxrss * 1024
-            else:
-                result.rss_under = own
+            self._note_peak(result, usage.ru_maxrss * 1024)  # Linux counts kilobytes
         finally:
             with self._lock:
                 self._running.pop(spec.task_id, None)
@@ -4926,6 +4923,17 @@ class LocalExecutor(Executor):
         if fired and status != 0:
             raise TaskTimeout(f"timed out after {timeout:g} s (its process group was killed)")
         return status
+
+    def _note_peak(self, result: TaskResult, peak: int) -> None:
+        """The script's peak RSS if above grit's own, else that it was under
+        grit's. Grit's only grows, so a value read earlier bounds it from
+        below: /proc is read again (11 us) only when a peak exceeds that."""
+        if peak > self._own_peak:
+            self._own_peak = own_peak_rss()
+        if peak > self._own_peak:
+            result.peak_rss = peak
+        else:
+            result.rss_under = self._own_peak
 
     def _terminate_all(self, sig: int) -> None:
         """Stop starting scripts and signal the process groups of those running."""
