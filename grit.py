@@ -1280,6 +1280,8 @@ DDL = {
     input_set   TEXT,                       -- a gather task: SHA-256 of the "name<TAB>hash<LF>"
                                             -- lines of its inputs, sorted (its identity)
     run_id      INTEGER REFERENCES run(id), -- the -run that ran it last; NULL: before schema 10
+                                            -- (no index: one per task costs more than
+                                            -- -trace's scan of the table)
     cpu_user    REAL,                       -- seconds of CPU its script's processes used;
     cpu_system  REAL,                       -- NULL: not measured (before schema 10)
     peak_rss    INTEGER,                    -- bytes: the largest resident set among them;
@@ -1296,7 +1298,6 @@ DDL = {
     # Pending and failed tasks of a step, in id order, without reading its done ones.
     "task_status": "CREATE INDEX task_status ON task(step_id, status)",
     "task_input": "CREATE INDEX task_input ON task(input_resource_id)",  # a resource's consumers
-    "task_run": "CREATE INDEX task_run ON task(run_id)",  # -trace and -report of one run
     # Every resource every task emitted (a resource may come from several tasks:
     # dedup and early cutoff); a resource is live while a live task emits it.
     "emission": """CREATE TABLE emission (
@@ -1405,7 +1406,7 @@ MIGRATIONS = {1: ["ALTER TABLE resource ADD COLUMN deleted_at TEXT"],
               9: [f"ALTER TABLE {table} ADD COLUMN {column}" for table in ("task", "attempt")
                   for column in ("run_id INTEGER", "cpu_user REAL", "cpu_system REAL",
                                  "peak_rss INTEGER", "rss_under INTEGER", "node TEXT")]
-              + [DDL["run"], DDL["task_run"]]}
+              + [DDL["run"]]}
 # Schemas before 4 had no live view: it is computed once, after the upgrade.
 LIVE_VIEW_SINCE = 4
 

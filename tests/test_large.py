@@ -320,7 +320,7 @@ def test_an_older_databases_large_objects_stay_readable(grit, tmp_path):
     (grit.db / "files" / DIGEST).unlink()
     (grit.db / "files").rmdir()
     db = sqlite3.connect(grit.db / "metadata.sqlite")
-    undo_10 = ["DROP INDEX task_run", "DROP TABLE run"] + [  # schema 10's SQL
+    undo_10 = ["DROP TABLE run"] + [  # schema 10's SQL
         f"ALTER TABLE task DROP COLUMN {column}" for column in
         ("run_id", "cpu_user", "cpu_system", "peak_rss", "rss_under", "node")]
     for undo in (*undo_10, "DROP INDEX attempt_task", "DROP TABLE attempt",  # schema 9's
