@@ -6916,7 +6916,7 @@ class Inotify:
             raise OSError(ctypes_errno(), "inotify_init1")
         self.db = os.path.abspath(db_path) + "/"
         base = os.path.dirname(os.path.abspath(manifest.path))
-        self.paths = {os.path.abspath(manifest.path)}
+        self.manifest_path = os.path.abspath(manifest.path)
         # as fnmatch patterns, where '*' crosses '/' too: "a/**/b" must match a/b
         self.patterns = [os.path.normpath(os.path.join(base, p)).replace("/**/", "/*")
                          for s in manifest.steps for p in s.files]
@@ -6967,7 +6967,7 @@ class Inotify:
                     self.add(path, True)
                 # fnmatch's '*' also matches '/' and dot files: it errs towards a round
                 count += bool(mask & (IN_ISDIR | IN_Q_OVERFLOW | IN_DELETE_SELF | IN_MOVE_SELF)
-                              or path in self.paths
+                              or path == self.manifest_path
                               or any(fnmatch.fnmatchcase(path, p) for p in self.patterns))
 
     def close(self) -> None:
