@@ -3,18 +3,20 @@
 (-report, opened in a real Chromium through Playwright)."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import GRIT
+from conftest import GRIT, mounts_under, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1024 * 1024
@@ -247,9 +249,6 @@ def test_report_and_trace_name_bad_requests(grit, tmp_path):
 
 
 def test_an_interrupted_run_and_a_killed_one_say_so_in_runs(grit, tmp_path):
-    import contextlib
-    import signal
-    from conftest import mounts_under, wait_for
     grit.write(f'''
 [[step]]
 name = "seed"

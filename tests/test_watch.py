@@ -3,7 +3,6 @@ live results become a clean run's, without a rerun by hand; bursts make one
 run; an idle watch costs nothing; Ctrl-C exits 130 with nothing lost."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
