@@ -2058,6 +2058,12 @@ class Metadata:
                                "FROM source_file WHERE step = ?", (step_name,))
         return {path: (rid, SIGNATURE.pack(*sig)) for path, rid, *sig in rows}
 
+    def count_source_files(self, step_names: list[str]) -> int:
+        """Files these source steps imported, as their last scan left them."""
+        marks = ", ".join("?" * len(step_names))
+        return self.db.execute(f"SELECT count(*) FROM source_file WHERE step IN ({marks})",
+                               step_names).fetchone()[0]
+
     def resource_id(self, name: str, digest: str) -> int | None:
         row = self.db.execute("SELECT id FROM resource WHERE name = ? AND hash = ?",
                               (name, digest)).fetchone()
@@ -7044,9 +7050,7 @@ class Watch:
             self.polling_said = True
         self.source = Poller(manifest, interval or POLL_SECONDS)
 
-    def what(self, manifest: Manifest) -> str:
-        base = os.path.dirname(os.path.abspath(manifest.path))
-        files = sum(len(match_files(s, base)) for s in manifest.steps if s.files)
+    def what(self, files: int) -> str:
         folders = len(self.source.folders) if isinstance(self.source, Inotify) else \
             len(self.folders)  # polled: the tops of the trees
         return f"watching {files} file(s) in {folders} folder(s)"
@@ -7091,7 +7095,9 @@ def watch_and_run(opts: RunOptions, manifest: Manifest, db: Database,
                                           executor, {} if status is not None else earlier,
                                           console, again=status is not None)
                         if status != EXIT_INTERRUPTED:
-                            manifest = next_round(opts, manifest, watch, status, console)
+                            files = db.meta.count_source_files(
+                                [s.name for s in manifest.steps if s.files])
+                            manifest = next_round(opts, manifest, watch, status, files, console)
     except WatchStopped:
         console.end_progress()
         console.error("interrupted: the watch stopped between runs")
@@ -7101,11 +7107,11 @@ def watch_and_run(opts: RunOptions, manifest: Manifest, db: Database,
     return status
 
 
-def next_round(opts: RunOptions, manifest: Manifest, watch: Watch, status: int,
+def next_round(opts: RunOptions, manifest: Manifest, watch: Watch, status: int, files: int,
                console: Console) -> Manifest:
     """Say what is watched, wait for a change, and return the manifest as it
     is then: the same object if unchanged, or broken (said in one line)."""
-    line = (f"{watch.what(manifest)}; last run {time.strftime('%H:%M:%S')}: "
+    line = (f"{watch.what(files)}; last run {time.strftime('%H:%M:%S')}: "
             + ("ok" if status == EXIT_OK else f"exit status {status}"))
     console.progress(line) if console.tty else console.info(line)
     watch.next_change()
@@ -7574,9 +7580,21 @@ def chosen_run(meta: Metadata, number: int | None) -> dict:
     return found[0]
 
 
-def run_outcome(run: dict, in_progress: bool) -> str:
+def described(db: Database, runs: list[dict]) -> list[dict]:
+    """Runs with their "outcome" and "seconds" (None: no end recorded). Only
+    the newest run can be running: while a grit holds the run lock."""
+    newest = db.meta.runs(0)
+    running = bool(newest and db.run_in_progress()) and newest[0]["id"]
+    for run in runs:
+        run["seconds"] = None if not run["finished_at"] else \
+            parse_utc(run["finished_at"]) - parse_utc(run["started_at"])
+        run["outcome"] = run_outcome(run, run["id"] == running)
+    return runs
+
+
+def run_outcome(run: dict, running: bool) -> str:
     if run["exit_status"] is None:
-        return "running" if in_progress else "killed (no end recorded)"
+        return "running" if running else "killed (no end recorded)"
     if run["interrupted"]:
         return "interrupted"
     return "ok" if run["exit_status"] == 0 else f"failed (exit {run['exit_status']})"
@@ -7589,19 +7607,10 @@ def seconds_text(seconds: float | None) -> str:
         else format_duration(seconds)
 
 
-def run_seconds(run: dict) -> float | None:
-    if not run["finished_at"]:
-        return None
-    return parse_utc(run["finished_at"]) - parse_utc(run["started_at"])
-
-
 def cmd_runs(db_path: str, as_json: bool) -> int:
     db = Database.for_reading(db_path)
-    runs, pid = db.meta.runs(), db.run_in_progress()
+    runs = described(db, db.meta.runs())
     db.close()
-    for run in runs:
-        run["outcome"] = run_outcome(run, bool(pid) and run is runs[0])
-        run["seconds"] = run_seconds(run)
     if as_json:
         emit_json(runs)
         return EXIT_OK
@@ -7636,26 +7645,18 @@ def cmd_graph(db_path: str, form: str) -> int:
     return EXIT_OK
 
 
+# Step names are letters, digits, '_', '.' and '-': quoted, they need no escapes.
 def graph_dot(steps: list[dict], edges: list[tuple[str, str, int]]) -> list[str]:
-    def q(text: str, more: str = "") -> str:  # a DOT string; `more` goes on a line of its own
-        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + \
-            (f"\\n{more}" if more else "") + '"'
     shapes = {"seed": "invhouse", "source": "folder", "gather": "trapezium", "step": "box"}
     return (["digraph grit {", "  rankdir=LR;"]
-            + [f"  {q(s['name'])} [shape={shapes[s['kind']]}, label={q(s['name'], s['kind'])}];"
+            + [f'  "{s["name"]}" [shape={shapes[s["kind"]]}, label="{s["name"]}\\n{s["kind"]}"];'
                for s in steps]
-            + [f"  {q(a)} -> {q(b)} [label={q(str(n))}];" for a, b, n in edges] + ["}"])
+            + [f'  "{a}" -> "{b}" [label="{n}"];' for a, b, n in edges] + ["}"])
 
 
 def graph_mermaid(steps: list[dict], edges: list[tuple[str, str, int]]) -> list[str]:
     ids = {s["name"]: f"s{i}" for i, s in enumerate(steps)}
-    for a, b, _ in edges:  # a step no longer current (ids only for current ones)
-        ids.setdefault(a, f"s{len(ids)}")
-        ids.setdefault(b, f"s{len(ids)}")
-    kinds = {s["name"]: s["kind"] for s in steps}
-    return (["flowchart LR"]
-            + [f"  {i}[\"{n.replace(chr(34), '#quot;')} ({kinds.get(n, 'step')})\"]"
-               for n, i in ids.items()]
+    return (["flowchart LR"] + [f'  {ids[s["name"]]}["{s["name"]} ({s["kind"]})"]' for s in steps]
             + [f"  {ids[a]} -->|{n}| {ids[b]}" for a, b, n in edges])
 
 
@@ -7663,9 +7664,7 @@ def cmd_report(db_path: str, target: str, number: int | None, console: Console) 
     started = time.monotonic()
     db = Database.for_reading(db_path)
     try:
-        run = chosen_run(db.meta, number)
-        run["outcome"] = run_outcome(run, bool(db.run_in_progress()) and
-                                     run["id"] == db.meta.runs(0)[0]["id"])
+        run = described(db, [chosen_run(db.meta, number)])[0]
         tasks = db.meta.trace(run["id"])
         steps, edges = db.meta.step_graph()
         live = db.meta.made_by_run(run["id"])
@@ -7696,8 +7695,7 @@ def step_colours(names: Iterable[str]) -> dict[str, str]:
 def report_html(run: dict, tasks: list[dict], steps: list[dict],
                 edges: list[tuple[str, str, int]], live: dict) -> str:
     colours = step_colours([s["name"] for s in steps] + [t["step"] for t in tasks])
-    seconds = run_seconds(run)
-    facts = [("started", run["started_at"]), ("took", seconds_text(seconds)),
+    facts = [("started", run["started_at"]), ("took", seconds_text(run["seconds"])),
              ("outcome", run["outcome"]), ("executor", run["executor"]),
              ("output mode", run["output_mode"]), ("tasks started", run["started"]),
              ("done", run["done"]), ("failed", run["failed"]),
@@ -7767,9 +7765,7 @@ def report_graph(steps: list[dict], edges: list[tuple[str, str, int]], tasks: li
                  colours: dict[str, str]) -> str:
     """Steps in columns by their longest path from a root (edges back to an
     earlier column close a cycle and are drawn dashed)."""
-    kinds = {s["name"]: s["kind"] for s in steps}
-    for n in (n for a, b, _ in edges for n in (a, b)):  # a step not current any more
-        kinds.setdefault(n, "step")
+    kinds = {s["name"]: s["kind"] for s in steps}  # edges join current steps only
     column = graph_columns(list(kinds), edges)
     rows: collections.Counter = collections.Counter()
     x, y = {}, {}
