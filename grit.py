@@ -1279,9 +1279,9 @@ DDL = {
                                             -- that led here passed through it, this task included}
     input_set   TEXT,                       -- a gather task: SHA-256 of the "name<TAB>hash<LF>"
                                             -- lines of its inputs, sorted (its identity)
-    run_id      INTEGER REFERENCES run(id), -- the -run that ran it last; NULL: before schema 10
-                                            -- (no index: one per task costs more than
-                                            -- -trace's scan of the table)
+    run_id      INTEGER,                    -- the run (run.id) that ran it last; NULL: before
+                                            -- schema 10 (no index: one per task costs more
+                                            -- than -trace's scan of the table)
     cpu_user    REAL,                       -- seconds of CPU its script's processes used;
     cpu_system  REAL,                       -- NULL: not measured (before schema 10)
     peak_rss    INTEGER,                    -- bytes: the largest resident set among them;
@@ -1401,7 +1401,7 @@ MIGRATIONS = {1: ["ALTER TABLE resource ADD COLUMN deleted_at TEXT"],
                   "INSERT INTO slurm_job (name, folder, step, slurm_id, tasks, elements, queued, "
                   "running, submitted_at) SELECT name, folder, step, slurm_id, tasks, elements, "
                   "queued, running, submitted_at FROM slurm_job_8", "DROP TABLE slurm_job_8",
-                  # the attempt table of schema 9; schema 10 adds its last five columns
+                  # the attempt table of schema 9; schema 10 adds its last six columns
                   DDL["attempt"].split(",\n    run_id")[0] + ")", DDL["attempt_task"]],
               9: [f"ALTER TABLE {table} ADD COLUMN {column}" for table in ("task", "attempt")
                   for column in ("run_id INTEGER", "cpu_user REAL", "cpu_system REAL",
@@ -1412,12 +1412,10 @@ LIVE_VIEW_SINCE = 4
 
 # What a task used and where (task and attempt tables), as TaskResult names them.
 USAGE_COLUMNS = ("run_id", "cpu_user", "cpu_system", "peak_rss", "rss_under", "node")
-# A run's counts (run table), as it ends.
-RUN_COUNTS = ("started", "done", "failed", "known", "resources", "exit_status", "interrupted")
 # -trace's columns, in order (Metadata.trace).
 TRACE_COLUMNS = ("task", "step", "version", "input", "status", "attempt", "exit", "error",
-                 "started", "wall", "cpu_user", "cpu_system", "rss", "rss_under", "node", "bytes_in",
-                 "bytes_out")
+                 "started", "wall", "cpu_user", "cpu_system", "rss", "rss_under", "node",
+                 "bytes_in", "bytes_out")
 
 # A file's stat signature (dev, ino, size, mtime_ns, ctime_ns), packed: 73 bytes
 # a file where a tuple of five ints takes 220 (50,000 source files: 11 MB less).
@@ -2216,7 +2214,7 @@ class Metadata:
         return self.run_id
 
     def end_run(self, counts: dict[str, int], output_mode: str) -> None:
-        """The run's counts (RUN_COUNTS) and exit status as it ends."""
+        """The run's counts (columns of the run table) and exit status as it ends."""
         with self.transaction():
             self.db.execute(f"UPDATE run SET finished_at = ?, output_mode = ?, "
                             f"{', '.join(f'{k} = ?' for k in counts)} WHERE id = ?",
@@ -6940,8 +6938,8 @@ class Inotify:
         for folder in paths:
             if (folder + "/").startswith(self.db):
                 continue  # grit's own writes are not changes
-            wd = _libc().inotify_add_watch(self.fd, os.fsencode(folder),  # type: ignore[attr-defined]
-                                           WATCH_MASK)
+            add_watch = _libc().inotify_add_watch  # type: ignore[attr-defined]
+            wd = add_watch(self.fd, os.fsencode(folder), WATCH_MASK)
             if wd < 0:
                 code = ctypes_errno()
                 if code in (errno.ENOENT, errno.ENOTDIR):
@@ -7729,7 +7727,8 @@ code{font-family:ui-monospace,monospace}.command{color:var(--muted)}
 dl#facts{display:flex;flex-wrap:wrap;gap:.4em 1.6em}dl#facts div{min-width:7em}
 dt{color:var(--muted);font-size:12px}dd{margin:0;font-weight:600}
 table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:.25em .5em;
-border-bottom:1px solid var(--line);vertical-align:top}td:first-child{white-space:nowrap}td.n,th.n{text-align:right;
+border-bottom:1px solid var(--line);vertical-align:top}td:first-child{white-space:nowrap}
+td.n,th.n{text-align:right;
 font-variant-numeric:tabular-nums}
 svg text{fill:var(--fg);font:12px system-ui,sans-serif}svg .muted{fill:var(--muted)}
 svg .edge{stroke:var(--muted);fill:none}svg .node rect{fill:var(--bg);stroke-width:2}
@@ -7779,8 +7778,8 @@ def report_graph(steps: list[dict], edges: list[tuple[str, str, int]], tasks: li
     total_h = 60 + max(rows.values(), default=1) * (height + GRAPH_GAP[1])
     svg = [f"<svg id=graph viewBox='0 0 {total_w} {total_h}' width='{min(total_w, REPORT_WIDTH)}' "
            f"role=img aria-label='step graph'><defs><marker id=arrow viewBox='0 0 10 10' refX=10 "
-           "refY=5 markerWidth=7 markerHeight=7 orient=auto-start-reverse><path d='M0,0L10,5L0,10z' "
-           "class=muted /></marker></defs>"]
+           "refY=5 markerWidth=7 markerHeight=7 orient=auto-start-reverse>"
+           "<path d='M0,0L10,5L0,10z' class=muted /></marker></defs>"]
     for a, b, n in edges:
         back = column[b] <= column[a]
         path, (lx, ly) = edge_path((x[a], y[a]), (x[b], y[b]), a == b, back)
