@@ -5242,6 +5242,10 @@ def take_more(folder: str, element: int, more: int) -> dict | None:
         time.sleep(RECORD_INTERVAL / 2)
 
 
+# How long a worker whose script died of SIGTERM waits for its own (scancel's).
+STOP_GRACE_SECONDS = 1.0
+
+
 def run_chunk(store: ObjectStore, executor: LocalExecutor, specs: list[TaskSpec], plan: dict,
               pack: IO[bytes], folder: str) -> bool:
     """Run these tasks, recording each; False if the worker was told to stop."""
@@ -5262,6 +5266,10 @@ def run_chunk(store: ObjectStore, executor: LocalExecutor, specs: list[TaskSpec]
                 running, timeout=RECORD_INTERVAL, return_when=concurrent.futures.FIRST_COMPLETED)
             for future in done:
                 result = future.result()
+                if result.exit_code == -signal.SIGTERM and not stopping.is_set():
+                    # scancel signals every process of the job: the script's TERM
+                    # may come before this worker's own, which makes it interrupted
+                    stopping.wait(STOP_GRACE_SECONDS)
                 if result.ok or not stopping.is_set():
                     record_result(store, folder, result, executor.capture.description)
     return not stopping.is_set()
