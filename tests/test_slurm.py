@@ -397,8 +397,7 @@ def test_a_local_run_after_a_killed_slurm_run_cancels_its_jobs_and_takes_their_r
                                                  f'flock -n 9 || echo "twice at once" >> {ran}; '
                                                  "sleep 2"))
     proc = popen_on_slurm(grit, cluster)
-    assert wait_for(lambda: grit.path.joinpath("grit-work").exists() and len(list(
-        grit.path.joinpath("grit-work").glob("*/jobs/work.*/records/*.task"))) >= 2, 60)
+    assert wait_for(lambda: results_written(grit, "work") >= 2, 60)
     proc.kill()  # kill -9: the elements go on without it
     proc.wait(timeout=10)
     committed = grit.tasks("work")["done"]  # by the killed run
@@ -446,8 +445,7 @@ def test_an_element_slurm_starts_again_runs_only_its_tasks_without_a_result(
     proc = popen_on_slurm(grit, cluster)
     assert wait_for(lambda: ran.exists() and len(ran.read_text().splitlines()) == 8, 60)
     [job] = [j for j in grit.status()["slurm_jobs"] if j["step"] == "work"]
-    records = os.path.join(job["folder"], "records")
-    assert wait_for(lambda: sum(n.endswith(".task") for n in os.listdir(records)) == 4, 30)
+    assert wait_for(lambda: results_written(grit, "work") == 4, 30)
     proc.kill()  # kill -9: nothing of grit's steps in while Slurm starts the element again
     proc.wait(timeout=10)
     element = f"{job['slurm_id']}_0"
@@ -463,6 +461,14 @@ def test_an_element_slurm_starts_again_runs_only_its_tasks_without_a_result(
     assert sorted(runs.values()) == [1] * 7 + [2], runs  # only the one without a result again
     assert grit.tasks("work") == {"pending": 0, "done": 8, "failed": 0}
     assert live(grit) == local_twin(tmp_path, ON_TWO_NODES.format(ran=os.devnull, wait=""))
+
+
+def results_written(grit, step: str) -> int:
+    """The results the step's Slurm jobs wrote into the work dir, as -status says
+    (0 while the run has not made its database yet)."""
+    status = grit("-db", str(grit.db), "-status", "-json", check=None)
+    return 0 if status.returncode else sum(job.get("results", 0) for job in json.loads(
+        status.stdout)["slurm_jobs"] if job["step"] == step)
 
 
 SHARE_SCRIPT = str(Path(SLURM_SCRIPT).with_name("sshfs-share.sh"))
