@@ -5101,14 +5101,24 @@ MORE_WAIT_SECONDS = 2.0  # an element done with its tasks waits this long for mo
 INLINE_BYTES = 1024 * 1024
 
 
+def json_form(task: TaskSpec | TaskResult) -> dict:
+    """A TaskSpec's or TaskResult's fields as JSON values: asdict() without its
+    deep copy of every value (20 Python calls a task)."""
+    data = {name: getattr(task, name) for name in task.__dataclass_fields__}
+    for key in ("gathered", "outputs"):
+        if data.get(key) is not None:
+            data[key] = [{"name": o.name, "hash": o.hash, "size": o.size} for o in data[key]]
+    return data
+
+
 def spec_from_json(data: dict) -> TaskSpec:
-    """A TaskSpec from its asdict() form."""
+    """A TaskSpec from its json_form()."""
     gathered = data.pop("gathered")
     return TaskSpec(**data, gathered=None if gathered is None else [Output(**o) for o in gathered])
 
 
 def result_from_json(data: dict) -> TaskResult:
-    """A TaskResult from its asdict() form (and whatever the record adds)."""
+    """A TaskResult from its json_form() (and whatever the record adds)."""
     fields = {k: data[k] for k in TaskResult.__dataclass_fields__}
     return TaskResult(**dict(fields, outputs=[Output(**o) for o in data["outputs"]]))
 
@@ -5198,6 +5208,7 @@ def cmd_worker(folder: str, console: Console) -> int:
                 LocalExecutor(db, console, plan["cpus"], plan["output_mode"],
                               plan["timeout"]) as executor:
             executor.on_start = tell
+            db.objects.hold = True  # a scratch store: its small objects need not reach disk
             batches = ResultBatches(db.objects, records, element)  # a requeued element's
             specs = [spec_from_json(t) for t in plan["chunks"][element]]  # skip what it did
             pack_path = os.path.join(folder, "inputs.pack")
@@ -5259,6 +5270,8 @@ def run_chunk(store: ObjectStore, executor: LocalExecutor, specs: list[TaskSpec]
             if problem:
                 batches.add(TaskResult(spec.task_id, error=problem, started_at=utc_now()), "")
             else:
+                if spec.gathered is not None:
+                    store.sync()  # the FUSE server reads a gather task's inputs from the store
                 executor.submit(spec).add_done_callback(finished.put)
                 running += 1
         while running:
@@ -5342,7 +5355,7 @@ class ResultBatches:
         index = pack_index(self.store, result_hashes(result),
                            os.path.join(os.path.dirname(self.records), "objects"))
         record = io.BytesIO()
-        record.write(json.dumps(dict(asdict(result), mode=mode, node=NODE,
+        record.write(json.dumps(dict(json_form(result), mode=mode, node=NODE,
                                      pack=index)).encode() + b"\n")
         pack_objects(self.store, index, record)
         if not self.pending:
@@ -5884,7 +5897,7 @@ class SlurmExecutor(Executor):
                                os.path.join(self.work, "objects"))
             with open(base + ".pack", "wb") as pack:
                 pack_objects(self.store, index, pack)
-            plan = {"chunks": [[asdict(s) for s in specs]], "pack": index}
+            plan = {"chunks": [[json_form(s) for s in specs]], "pack": index}
             write_atomically(base + ".next", lambda f: f.write(json.dumps(plan).encode()))
             os.link(base + ".next", base + ".json")
         except FileExistsError:
@@ -5957,7 +5970,7 @@ class SlurmExecutor(Executor):
             index = pack_index(self.store, (d for s in specs for d in task_hashes(s)), big_dir)
             with open(os.path.join(folder, "inputs.pack"), "wb") as pack:
                 pack_objects(self.store, index, pack)
-            plan = {"chunks": [[asdict(s) for s in c] for c in chunks], "pack": index,
+            plan = {"chunks": [[json_form(s) for s in c] for c in chunks], "pack": index,
                     "objects": big_dir, "cpus": definition.cpus, "more": bool(job.options),
                     "output_mode": self.output_mode, "timeout": self.timeout}
             write_atomically(os.path.join(folder, "tasks.json"),
