@@ -24,6 +24,7 @@ same run. Prints a Markdown table (bench/RESULTS.md keeps a copy). Needs root
 (the nodes run in a mount namespace of their own).
 
     bench/slurm.py [--n 1000] [--per-task-n 100] [--fan-out-n 500] [--repeat 2] [--grit PATH]
+                   [--w1-only]
 """
 from __future__ import annotations
 
@@ -144,6 +145,7 @@ def main() -> None:
     ap.add_argument("--fan-out-n", type=int, default=500)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--grit", default=os.path.join(ROOT, "grit.py"))
+    ap.add_argument("--w1-only", action="store_true", help="only W1 cold, local and slurm")
     args = ap.parse_args()
     tests = os.path.join(ROOT, "tests")
     cluster, share = tempfile.mkdtemp(prefix="grit-bench-slurm-"), tempfile.mkdtemp(
@@ -158,14 +160,15 @@ def main() -> None:
             env=dict(env, GRIT_SLURMD_NAMESPACE=namespace)).stdout.strip()
         local, slurm = abba(lambda: grit_run(args.grit, args.n, "local", env),
                             lambda: grit_run(args.grit, args.n, "slurm", env), args.repeat)
-        down = grit_run(args.grit, args.n, "slurm", env, node_down=True)
-        per_task, slurm_small = abba(lambda: per_task_run(args.per_task_n, env),
-                                     lambda: grit_run(args.grit, args.per_task_n, "slurm", env),
-                                     args.repeat)
-        disk, shared = abba(
-            lambda: fan_out_run(args.grit, args.fan_out_n, os.path.join(cluster, "work"), env),
-            lambda: fan_out_run(args.grit, args.fan_out_n, os.path.join(share, "work"), env),
-            args.repeat)
+        if not args.w1_only:
+            down = grit_run(args.grit, args.n, "slurm", env, node_down=True)
+            per_task, slurm_small = abba(
+                lambda: per_task_run(args.per_task_n, env),
+                lambda: grit_run(args.grit, args.per_task_n, "slurm", env), args.repeat)
+            disk, shared = abba(
+                lambda: fan_out_run(args.grit, args.fan_out_n, os.path.join(cluster, "work"), env),
+                lambda: fan_out_run(args.grit, args.fan_out_n, os.path.join(share, "work"), env),
+                args.repeat)
     finally:
         subprocess.run([os.path.join(tests, "slurm-cluster.sh"), "stop", cluster])
         subprocess.run([os.path.join(tests, "sshfs-share.sh"), "stop", share])
@@ -173,6 +176,8 @@ def main() -> None:
     print("| --- | ---: | --- | ---: | --- | ---: | ---: |")
     print(f"| W1 cold | {args.n} | grit local | {local:.2f} | grit slurm | {slurm:.2f} | "
           f"{slurm / local:.2f}x local |")
+    if args.w1_only:
+        return
     print(f"| W1 cold, grit-node2 down at 2.5 s | {args.n} | grit local | {local:.2f} | grit slurm "
           f"| {down:.2f} | {down / local:.2f}x local |")
     print(f"| W1 cold | {args.per_task_n} | one job per task | {per_task:.2f} | grit slurm | "
