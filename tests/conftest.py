@@ -11,6 +11,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -59,6 +60,7 @@ class Grit:
         self.path = path
         self.manifest = path / "workflow.toml"
         self.db = path / "db"
+        self.started: list[subprocess.Popen] = []  # by popen(): stopped when the test ends
 
     def write(self, toml: str) -> Path:
         self.manifest.write_text(textwrap.dedent(toml))
@@ -78,9 +80,23 @@ class Grit:
                     check=check, **kw)
 
     def popen(self, *extra: str, **kw) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, GRIT, "-manifest", str(self.manifest),
+        proc = subprocess.Popen([sys.executable, GRIT, "-manifest", str(self.manifest),
                                  "-db", str(self.db), "-run", *extra], cwd=self.path,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+        self.started.append(proc)
+        return proc
+
+    def stop_started(self) -> None:
+        """Runs a test started and left running (it failed before it stopped them):
+        Ctrl-C, so they unmount and cancel their jobs; killed if that takes a minute."""
+        for proc in self.started:
+            if proc.poll() is None:
+                proc.send_signal(2)
+                try:
+                    proc.communicate(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.communicate()
 
     def export(self, name: str) -> list[tuple[str, str, str]]:
         proc = self("-db", str(self.db), "-export", name, check=0)
@@ -140,8 +156,10 @@ class Grit:
 
 
 @pytest.fixture
-def grit(tmp_path: Path) -> Grit:
-    return Grit(tmp_path)
+def grit(tmp_path: Path) -> Iterator[Grit]:
+    g = Grit(tmp_path)
+    yield g
+    g.stop_started()
 
 
 _fuse_problem: list = []
