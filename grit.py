@@ -5185,124 +5185,6 @@ def unpack_object(store: ObjectStore, digest: str, pack: IO[bytes], base: int,
         f"object {digest[:12]} arrived as {stored[:12]} (damaged on the way)"
 
 
-def cmd_worker(folder: str, console: Console) -> int:
-    """-worker FOLDER: this array element's chunk of tasks (SLURM_ARRAY_TASK_ID),
-    then the further tasks handed to it, run by a LocalExecutor here over a
-    scratch database; their results go into FOLDER/records a batch at a time."""
-    with open(os.path.join(folder, "tasks.json"), encoding="utf-8") as f:
-        plan = json.load(f)
-    element = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
-    records = os.path.join(folder, "records")
-    scratch = tempfile.mkdtemp(prefix="grit-worker-")
-    # For the coordinator: this element's node, then each task as its script starts.
-    started = open(os.path.join(records, f"started-{element}"), "a", buffering=1,
-                   encoding="utf-8")
-    started.write(f"node {NODE}\n")
-    lock = threading.Lock()
-
-    def tell(spec: TaskSpec) -> None:
-        with lock:
-            started.write(f"{spec.task_id}\n")
-    try:
-        with Database.for_run(os.path.join(scratch, "db"), console) as db, \
-                LocalExecutor(db, console, plan["cpus"], plan["output_mode"],
-                              plan["timeout"]) as executor:
-            executor.on_start = tell
-            db.objects.hold = True  # a scratch store: its small objects need not reach disk
-            batches = ResultBatches(db.objects, records, element)  # a requeued element's
-            specs = [spec_from_json(t) for t in plan["chunks"][element]]  # skip what it did
-            pack_path = os.path.join(folder, "inputs.pack")
-            for more in itertools.count(1):
-                specs = [s for s in specs if s.task_id not in batches.done]
-                with open(pack_path, "rb") as pack:
-                    if not run_chunk(db.objects, executor, specs, plan, pack, batches):
-                        break  # told to stop
-                handful = take_more(folder, element, more) if plan.get("more") else None
-                if handful is None:
-                    break
-                plan = dict(plan, **handful)
-                specs = [spec_from_json(t) for t in plan["chunks"][0]]
-                pack_path = os.path.join(folder, "more", f"{element}-{more}.pack")
-    finally:
-        started.close()
-        shutil.rmtree(scratch, ignore_errors=True)
-    return EXIT_OK
-
-
-def take_more(folder: str, element: int, more: int) -> dict | None:
-    """The element's more-th handful of further tasks ({"chunks": [specs], "pack":
-    index}), waiting up to MORE_WAIT_SECONDS for the coordinator to hand it; None
-    once this worker (or the coordinator, the run being over) closed that slot
-    by creating it empty. The slot is a name both create exclusively: the
-    coordinator by link(), this worker by O_EXCL, so only one of them wins."""
-    slot = os.path.join(folder, "more", f"{element}-{more}.json")
-    deadline = time.monotonic() + MORE_WAIT_SECONDS
-    while True:
-        try:
-            with open(slot, "rb") as f:
-                text = f.read()
-            return json.loads(text) if text else None
-        except FileNotFoundError:
-            if not os.path.isdir(os.path.dirname(slot)):
-                return None  # the job folder is gone: the run is over
-        except (OSError, ValueError):
-            return None
-        if time.monotonic() >= deadline and close_slot(slot):
-            return None
-        time.sleep(RECORD_INTERVAL / 2)
-
-
-# How long a worker whose script died of SIGTERM waits for its own (scancel's).
-STOP_GRACE_SECONDS = 1.0
-
-
-def run_chunk(store: ObjectStore, executor: LocalExecutor, specs: list[TaskSpec], plan: dict,
-              pack: IO[bytes], batches: "ResultBatches") -> bool:
-    """Run these tasks, recording each; False if the worker was told to stop."""
-    # scancel signals the scripts too: one that dies of it once this worker
-    # was told to stop is interrupted (it stays pending), not failed.
-    stopping = threading.Event()
-    finished: queue.SimpleQueue = queue.SimpleQueue()  # futures, as their tasks end
-    with stop_on_signals(lambda: (stopping.set(), executor.cancel())):
-        running = 0
-        for spec in specs:
-            problem = load_inputs(store, spec, plan, pack)
-            if problem:
-                batches.add(TaskResult(spec.task_id, error=problem, started_at=utc_now()), "")
-            else:
-                if spec.gathered is not None:
-                    store.sync()  # the FUSE server reads a gather task's inputs from the store
-                executor.submit(spec).add_done_callback(finished.put)
-                running += 1
-        while running:
-            try:
-                result = finished.get(timeout=batches.due()).result()
-            except queue.Empty:
-                batches.write()
-                continue
-            running -= 1
-            if result.exit_code == -signal.SIGTERM and not stopping.is_set():
-                # scancel signals every process of the job: the script's TERM
-                # may come before this worker's own, which makes it interrupted
-                stopping.wait(STOP_GRACE_SECONDS)
-            if result.ok or not stopping.is_set():
-                batches.add(result, executor.capture.description)
-            if stopping.is_set():
-                batches.write()  # before Slurm's KILL
-        batches.write()
-    return not stopping.is_set()
-
-
-def load_inputs(store: ObjectStore, spec: TaskSpec, plan: dict, pack: IO[bytes]) -> str:
-    """A task's inputs from the job's pack (or the work dir) into the scratch
-    store, each hash checked: "", or what went wrong."""
-    for digest in task_hashes(spec):
-        problem = unpack_object(store, digest, pack, 0, plan["pack"], plan["objects"])
-        if problem:
-            return f"input {problem}"
-    return ""
-
-
 # An element writes the results of the tasks that ended at most this often,
 # all in one file: creating a file cost 0.2-0.9 ms here (on NFS a round trip).
 BATCH_SECONDS = RECORD_INTERVAL / 2
@@ -5388,6 +5270,125 @@ class ResultBatches:
             os.unlink(tmp)
             break
         self.pending = []
+
+
+def cmd_worker(folder: str, console: Console) -> int:
+    """-worker FOLDER: this array element's chunk of tasks (SLURM_ARRAY_TASK_ID),
+    then the further tasks handed to it, run by a LocalExecutor here over a
+    scratch database; their results go into FOLDER/records a batch at a time."""
+    with open(os.path.join(folder, "tasks.json"), encoding="utf-8") as f:
+        plan = json.load(f)
+    element = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
+    records = os.path.join(folder, "records")
+    scratch = tempfile.mkdtemp(prefix="grit-worker-")
+    # For the coordinator: this element's node, then each task as its script starts.
+    started = open(os.path.join(records, f"started-{element}"), "a", buffering=1,
+                   encoding="utf-8")
+    started.write(f"node {NODE}\n")
+    lock = threading.Lock()
+
+    def tell(spec: TaskSpec) -> None:
+        with lock:
+            started.write(f"{spec.task_id}\n")
+    try:
+        with Database.for_run(os.path.join(scratch, "db"), console) as db, \
+                LocalExecutor(db, console, plan["cpus"], plan["output_mode"],
+                              plan["timeout"]) as executor:
+            executor.on_start = tell
+            db.objects.hold = True  # a scratch store: its small objects need not reach disk
+            # An element Slurm started again skips the tasks its batches hold.
+            batches = ResultBatches(db.objects, records, element)
+            specs = [spec_from_json(t) for t in plan["chunks"][element]]
+            pack_path = os.path.join(folder, "inputs.pack")
+            for more in itertools.count(1):
+                specs = [s for s in specs if s.task_id not in batches.done]
+                with open(pack_path, "rb") as pack:
+                    if not run_chunk(db.objects, executor, specs, plan, pack, batches):
+                        break  # told to stop
+                handful = take_more(folder, element, more) if plan.get("more") else None
+                if handful is None:
+                    break
+                plan = dict(plan, **handful)
+                specs = [spec_from_json(t) for t in plan["chunks"][0]]
+                pack_path = os.path.join(folder, "more", f"{element}-{more}.pack")
+    finally:
+        started.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+    return EXIT_OK
+
+
+def take_more(folder: str, element: int, more: int) -> dict | None:
+    """The element's more-th handful of further tasks ({"chunks": [specs], "pack":
+    index}), waiting up to MORE_WAIT_SECONDS for the coordinator to hand it; None
+    once this worker (or the coordinator, the run being over) closed that slot
+    by creating it empty. The slot is a name both create exclusively: the
+    coordinator by link(), this worker by O_EXCL, so only one of them wins."""
+    slot = os.path.join(folder, "more", f"{element}-{more}.json")
+    deadline = time.monotonic() + MORE_WAIT_SECONDS
+    while True:
+        try:
+            with open(slot, "rb") as f:
+                text = f.read()
+            return json.loads(text) if text else None
+        except FileNotFoundError:
+            if not os.path.isdir(os.path.dirname(slot)):
+                return None  # the job folder is gone: the run is over
+        except (OSError, ValueError):
+            return None
+        if time.monotonic() >= deadline and close_slot(slot):
+            return None
+        time.sleep(RECORD_INTERVAL / 2)
+
+
+# How long a worker whose script died of SIGTERM waits for its own (scancel's).
+STOP_GRACE_SECONDS = 1.0
+
+
+def run_chunk(store: ObjectStore, executor: LocalExecutor, specs: list[TaskSpec], plan: dict,
+              pack: IO[bytes], batches: ResultBatches) -> bool:
+    """Run these tasks, recording each; False if the worker was told to stop."""
+    # scancel signals the scripts too: one that dies of it once this worker
+    # was told to stop is interrupted (it stays pending), not failed.
+    stopping = threading.Event()
+    finished: queue.SimpleQueue = queue.SimpleQueue()  # futures, as their tasks end
+    with stop_on_signals(lambda: (stopping.set(), executor.cancel())):
+        running = 0
+        for spec in specs:
+            problem = load_inputs(store, spec, plan, pack)
+            if problem:
+                batches.add(TaskResult(spec.task_id, error=problem, started_at=utc_now()), "")
+            else:
+                if spec.gathered is not None:
+                    store.sync()  # the FUSE server reads a gather task's inputs from the store
+                executor.submit(spec).add_done_callback(finished.put)
+                running += 1
+        while running:
+            try:
+                result = finished.get(timeout=batches.due()).result()
+            except queue.Empty:
+                batches.write()
+                continue
+            running -= 1
+            if result.exit_code == -signal.SIGTERM and not stopping.is_set():
+                # scancel signals every process of the job: the script's TERM
+                # may come before this worker's own, which makes it interrupted
+                stopping.wait(STOP_GRACE_SECONDS)
+            if result.ok or not stopping.is_set():
+                batches.add(result, executor.capture.description)
+            if stopping.is_set():
+                batches.write()  # before Slurm's KILL
+        batches.write()
+    return not stopping.is_set()
+
+
+def load_inputs(store: ObjectStore, spec: TaskSpec, plan: dict, pack: IO[bytes]) -> str:
+    """A task's inputs from the job's pack (or the work dir) into the scratch
+    store, each hash checked: "", or what went wrong."""
+    for digest in task_hashes(spec):
+        problem = unpack_object(store, digest, pack, 0, plan["pack"], plan["objects"])
+        if problem:
+            return f"input {problem}"
+    return ""
 
 
 # =============================================================================
