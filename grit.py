@@ -5084,19 +5084,19 @@ def error_line(error: str) -> str:
 # How a task runs on another machine: the coordinator writes a job folder
 # (tasks.json: the tasks as specs in chunks; inputs.pack: their small input
 # objects; large ones as files named by hash), and `grit -worker FOLDER` runs
-# one chunk there with a LocalExecutor over a scratch database, leaving one
-# result record per task in FOLDER/records (its TaskResult as a JSON line,
-# then its small objects) for the coordinator to ingest. Done with its chunk,
-# an element takes further tasks the coordinator hands it (FOLDER/more/K-N.json
-# and .pack, N = 1, 2, ...), waiting MORE_WAIT_SECONDS for each: one start-up
-# serves several rounds and steps. A remote executor only moves folders and
-# starts workers.
+# one chunk there with a LocalExecutor over a scratch database, leaving a
+# result record per task (its TaskResult as a JSON line, then its small
+# objects) in batch files in FOLDER/records for the coordinator to ingest.
+# Done with its chunk, an element takes further tasks the coordinator hands it
+# (FOLDER/more/K-N.json and .pack, N = 1, 2, ...), waiting MORE_WAIT_SECONDS
+# for each: one start-up serves several rounds and steps. A remote executor
+# only moves folders and starts workers.
 
 RECORD_INTERVAL = 0.2  # seconds between looks for new result records (a listing per job)
 MORE_WAIT_SECONDS = 2.0  # an element done with its tasks waits this long for more
 
-# Objects smaller than this travel inside one file: a job's input pack, a task's
-# result file. Creating a file cost 0.5-0.9 ms here (on NFS a round trip to the
+# Objects smaller than this travel inside one file: a job's input pack, a batch
+# of results. Creating a file cost 0.2-0.9 ms here (on NFS a round trip to the
 # server), so not one per object; larger ones go as files named by hash.
 INLINE_BYTES = 1024 * 1024
 
