@@ -5211,6 +5211,18 @@ def read_records(f: IO[bytes]) -> Iterator[tuple[dict, int]]:
         f.seek(base + sum(size for _, size in data["pack"].values()))
 
 
+def recorded_tasks(records: str, element: int = -1) -> list[int]:
+    """The tasks whose results a job's records/ holds (one element's, or all)."""
+    tasks: list[int] = []
+    for name in os.listdir(records):
+        k, _ = batch_number(name)
+        if k >= 0 and element in (-1, k):
+            with contextlib.suppress(OSError, ValueError), \
+                    open(os.path.join(records, name), "rb") as f:
+                tasks += [data["task_id"] for data, _ in read_records(f)]
+    return tasks
+
+
 class ResultBatches:
     """An element's result records, written a batch at a time as
     records/K-S.batch (K the element, S = 1, 2, ...): per task its TaskResult
@@ -5223,15 +5235,10 @@ class ResultBatches:
         self.store, self.records, self.element = store, records, element
         self.pending: list[bytes] = []
         self.since = 0.0  # when the oldest pending record was added (monotonic)
-        self.done: set[int] = set()  # tasks with a record: what a requeued element skips
-        self.number = 0  # of the last batch written
-        for name in os.listdir(records):
-            k, number = batch_number(name)
-            if k == element:
-                self.number = max(self.number, number)
-                with contextlib.suppress(OSError, ValueError), \
-                        open(os.path.join(records, name), "rb") as f:
-                    self.done.update(data["task_id"] for data, _ in read_records(f))
+        # tasks with a record: what an element Slurm started again skips
+        self.done = set(recorded_tasks(records, element))
+        self.number = max((n for k, n in map(batch_number, os.listdir(records)) if k == element),
+                          default=0)  # of the last batch written
 
     def add(self, result: TaskResult, mode: str) -> None:
         index = pack_index(self.store, result_hashes(result),
@@ -5262,12 +5269,11 @@ class ResultBatches:
             path = os.path.join(self.records, f"{self.element}-{self.number}.batch")
             try:
                 os.link(tmp, path)
+                os.unlink(tmp)
             except FileExistsError:
                 continue  # a listing that lagged hid it from us
             except OSError:  # no hard links here
                 os.rename(tmp, path)
-                break
-            os.unlink(tmp)
             break
         self.pending = []
 
@@ -5531,7 +5537,7 @@ class _Element:
     requeued: bool = False  # Slurm queued it again (its node failed): grit cancelled it
     more: int = 0  # handfuls of further tasks handed to it (more/K-N.json, N <= more)
     closed: bool = False  # its worker took no more (it closed its next slot)
-    batches: int = 0  # its records/K-S.batch ingested, S = 1 .. batches (and maybe more)
+    batches: int = 0  # its records/K-S.batch ingested for S = 1 .. batches (later ones too, maybe)
     last: float = 0.0  # when its last result came (monotonic)
 
     def __post_init__(self) -> None:
@@ -6031,9 +6037,6 @@ class SlurmExecutor(Executor):
                 job.recorded.add(name)
                 k, number = batch_number(name)
                 if 0 <= k < len(job.elements):
-                    element = job.elements[k]
-                    while f"{k}-{element.batches + 1}.batch" in job.recorded:
-                        element.batches += 1
                     for result in self._ingest(job, name):
                         self._finish(result)
                 elif name.startswith("started-") and name[8:].isdigit():  # first sign of life
@@ -6053,13 +6056,12 @@ class SlurmExecutor(Executor):
                 if may_start >= 0 and os.path.exists(os.path.join(records, f"started-{k}")):
                     found.append(f"started-{k}")
                 continue
-            for number in itertools.count(element.batches + 1):
-                name = f"{k}-{number}.batch"
-                if name in job.recorded:
-                    continue
-                if not os.path.exists(os.path.join(records, name)):
-                    break
-                found.append(name)
+            while f"{k}-{element.batches + 1}.batch" in job.recorded:
+                element.batches += 1
+            number = element.batches + 1
+            while os.path.exists(os.path.join(records, f"{k}-{number}.batch")):
+                found.append(f"{k}-{number}.batch")  # _collect skips one it took already
+                number += 1
         return found
 
     def _tell_starts(self, job: _Job) -> None:
@@ -6276,24 +6278,13 @@ class SlurmExecutor(Executor):
 EXECUTORS["slurm"] = SlurmExecutor
 
 
-def results_written(records: str) -> int:
-    """How many task results a job's records/ holds."""
-    count = 0
-    for name in os.listdir(records):
-        if batch_number(name)[0] >= 0:
-            with contextlib.suppress(OSError, ValueError), \
-                    open(os.path.join(records, name), "rb") as f:
-                count += sum(1 for _ in read_records(f))
-    return count
-
-
 def slurm_present(jobs: list[dict]) -> str:
     """-status: each job's elements queued and running now (one squeue), and its
     results written ("results") and whether all are ("finished"); or, where
     squeue does not answer, why ("" when it did)."""
     for job in jobs:
         with contextlib.suppress(OSError):
-            job["results"] = results_written(os.path.join(job["folder"], "records"))
+            job["results"] = len(recorded_tasks(os.path.join(job["folder"], "records")))
         job["finished"] = job.get("results", 0) >= job["tasks"]
     ids = [job["slurm_id"] for job in jobs if job["slurm_id"]]
     if not ids:
@@ -7013,20 +7004,24 @@ class WatchedFolder:
     recursive: bool  # a pattern may match below it (a '/' or '**' after its fixed part)
 
 
+def source_patterns(manifest: Manifest) -> list[str]:
+    """The source steps' file patterns, as absolute paths."""
+    base = os.path.dirname(os.path.abspath(manifest.path))
+    return [os.path.normpath(os.path.join(base, p)) for s in manifest.steps for p in s.files]
+
+
 def watched_folders(manifest: Manifest, db_path: str) -> list[WatchedFolder]:
     """The folders whose changes could change a run: each source pattern's fixed
     part (or its nearest existing parent, to see it made) and the manifest's."""
     base = os.path.dirname(os.path.abspath(manifest.path))
     found = {base: WatchedFolder(base, False)}
-    for step in manifest.steps:
-        for pattern in step.files:
-            full = os.path.normpath(os.path.join(base, pattern))
-            folder = fixed_prefix(full)
-            deeper = "/" in full[len(folder):].strip("/") or "**" in full
-            while not os.path.isdir(folder) and folder != "/":
-                folder, deeper = os.path.dirname(folder), True
-            known = found.get(folder)
-            found[folder] = WatchedFolder(folder, deeper or bool(known and known.recursive))
+    for full in source_patterns(manifest):
+        folder = fixed_prefix(full)
+        deeper = "/" in full[len(folder):].strip("/") or "**" in full
+        while not os.path.isdir(folder) and folder != "/":
+            folder, deeper = os.path.dirname(folder), True
+        known = found.get(folder)
+        found[folder] = WatchedFolder(folder, deeper or bool(known and known.recursive))
     db = os.path.abspath(db_path)
     return [f for f in found.values() if not (f.path + "/").startswith(db + "/")]
 
@@ -7041,11 +7036,9 @@ class Inotify:
         if self.fd < 0:
             raise OSError(ctypes_errno(), "inotify_init1")
         self.db = os.path.abspath(db_path) + "/"
-        base = os.path.dirname(os.path.abspath(manifest.path))
         self.manifest_path = os.path.abspath(manifest.path)
         # as fnmatch patterns, where '*' crosses '/' too: "a/**/b" must match a/b
-        self.patterns = [os.path.normpath(os.path.join(base, p)).replace("/**/", "/*")
-                         for s in manifest.steps for p in s.files]
+        self.patterns = [p.replace("/**/", "/*") for p in source_patterns(manifest)]
         self.folders: dict[int, tuple[str, bool]] = {}  # wd -> (path, recursive)
         try:
             for folder in folders:
