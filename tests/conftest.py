@@ -1,6 +1,7 @@
 """Helpers shared by the tests: run grit as a user would, in a temp directory."""
 from __future__ import annotations
 
+import fcntl
 import fnmatch
 import json
 import os
@@ -20,6 +21,40 @@ GRIT = str(ROOT / "grit.py")
 EXAMPLES = ROOT / "examples"
 SLURM_SCRIPT = str(ROOT / "tests" / "slurm-cluster.sh")
 sys.path.insert(0, str(ROOT))
+
+
+# tests/run runs the suite in two pytest-xdist workers (`--dist loadgroup`).
+# Tests that share something outside their tmp_path run in one worker, one
+# after another: the Slurm cluster (a session fixture: one per worker) and
+# the ordinary user that tests create with useradd, with its venv in /tmp.
+SHARED = {"cluster": "slurm", "other_user": "other-user", "other_python": "other-user"}
+
+
+@pytest.fixture(autouse=True)
+def alone_or_together(request, tmp_path_factory):
+    """Under two workers, a test marked `alone` (it measures something the
+    whole machine shares: the page cache) runs while no other test does. A
+    gate lock ahead of the turn lock keeps new tests from starving it."""
+    if not hasattr(request.config, "workerinput"):
+        yield
+        return
+    folder = tmp_path_factory.getbasetemp().parent  # the workers' common folder
+    alone = request.node.get_closest_marker("alone") is not None
+    with open(folder / "gate.lock", "a") as gate, open(folder / "turn.lock", "a") as turn:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        fcntl.flock(turn, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        if not alone:
+            fcntl.flock(gate, fcntl.LOCK_UN)
+        yield
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        groups = {SHARED[f] for f in getattr(item, "fixturenames", ()) if f in SHARED}
+        if item.module.__name__ == "test_slurm_cluster":
+            groups.add("slurm")  # starts clusters of its own beside the session's
+        if groups:
+            item.add_marker(pytest.mark.xdist_group(sorted(groups)[0]))
 
 
 def wait_for(predicate, timeout: float = 20.0) -> bool:

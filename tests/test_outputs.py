@@ -305,6 +305,7 @@ def test_dir_mode_stores_a_large_file_as_it_is_at_the_end(grit, case):
     assert "removed 0 unreferenced object(s)" in grit("-db", str(grit.db), "-gc").stderr
 
 
+@pytest.mark.alone  # reads the system's page cache, which other tests fill
 def test_a_large_output_fills_the_page_cache_once(grit, output_mode):
     """Writing 512 MiB leaves one copy in the page cache: the file the next
     task reads (the spool in FUSE mode, the file itself in dir mode). LMDB's
