@@ -262,3 +262,37 @@ def test_gc_retired_reclaims_what_is_not_live(grit):
     write(grit, "a.txt", "first\n")        # back: the deleted result is made again
     proc = grit.run()
     assert tasks_run(proc) == 1 and live(grit, "upper") == [b"FIRST\n"]
+
+
+def test_thousands_of_edited_files_give_a_clean_runs_resources(grit):
+    """A source read in path order beside what it imported before, 1,000 rows
+    at a time: deletions, changes, touches and new files spread over 2,500
+    files (across those chunks) leave the live resources of a clean run. Two
+    overlapping patterns match most files twice: each is one resource."""
+    grit.write('''
+        [[step]]
+        name = "docs"
+        files = ["data/**/*.txt", "data/f-1*.txt"]
+    ''')
+    for i in range(2500):
+        write(grit, f"f-{i:04d}.txt", f"{i}\n")
+    first = grit.run()
+    assert "docs: 2500 new, 0 changed, 0 gone" in first.stderr
+    gone = {i for i in range(2500) if i % 7 == 0}
+    changed = {i for i in range(2500) if i % 11 == 0} - gone
+    for i in gone:
+        (grit.path / "data" / f"f-{i:04d}.txt").unlink()
+    for i in changed:
+        write(grit, f"f-{i:04d}.txt", f"{i} changed\n")
+    for i in range(0, 2500, 13):
+        if i not in gone:
+            os.utime(grit.path / "data" / f"f-{i:04d}.txt", (1, 1))
+    for i in range(0, 2500, 50):
+        write(grit, f"f-{i:04d}b.txt", f"{i} new\n")  # sorts right after f-{i}
+    again = grit.run()
+    assert f"docs: 50 new, {len(changed)} changed, {len(gone)} gone" in again.stderr
+    clean = Grit(grit.path)
+    clean.db = grit.path / "clean-db"
+    clean.run()
+    assert live_set(grit) == live_set(clean)
+    assert len(live_set(grit)) == 2500 - len(gone) + 50
