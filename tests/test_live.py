@@ -296,3 +296,21 @@ def test_thousands_of_edited_files_give_a_clean_runs_resources(grit):
     clean.run()
     assert live_set(grit) == live_set(clean)
     assert len(live_set(grit)) == 2500 - len(gone) + 50
+
+
+def test_an_undecodable_file_name_beside_accented_ones_changes_nothing_on_rerun(grit):
+    """A name that is not UTF-8 is not imported (a line says so) and sorts as
+    text, as the imported paths do: the files beside it stay unchanged."""
+    write(grit, "aé.txt", "accent\n")
+    (grit.path / "data").joinpath(os.fsdecode(b"a\x80.txt")).write_text("bytes\n")
+    grit.write('''
+        [[step]]
+        name = "docs"
+        files = ["data/*.txt"]
+    ''')
+    first = grit.run(check=None)
+    assert "is not valid UTF-8" in first.stderr
+    assert "docs: 1 new, 0 changed, 0 gone" in first.stderr
+    again = grit.run("-verbose", check=None)
+    assert "docs: 0 new, 0 changed, 0 gone" in again.stderr
+    assert live(grit, "aé.txt") == [b"accent\n"]
