@@ -4570,9 +4570,11 @@ NODE = os.environ.get("SLURMD_NODENAME") or os.uname().nodename
 DISK_FULL_BYTES = 1024 * 1024
 
 
-def disk_is_full(path: str) -> bool:
+def disk_is_full(path: str, writing: int = 0) -> bool:
+    """Whether the disk holding path has too little room left (for `writing`
+    more bytes: a failed write of many may leave some room)."""
     try:
-        return shutil.disk_usage(path).free < DISK_FULL_BYTES
+        return shutil.disk_usage(path).free < DISK_FULL_BYTES + writing
     except OSError:
         return False
 
@@ -6566,7 +6568,9 @@ class Scheduler:
         try:
             self._commit(finished)
         except (sqlite3.Error, OSError) as e:
-            full = f" [the disk holding {self.db.path} is full]" if disk_is_full(self.db.path) else ""
+            writing = sum(o.size for r, _ in finished for o in r.outputs)
+            full = f" [the disk holding {self.db.path} is full]" \
+                if disk_is_full(self.db.path, writing) else ""
             self.fatal = f"cannot record finished tasks ({e}){full}; stopped the run, the " \
                          "unrecorded tasks run again next time"
             self.request_stop()
