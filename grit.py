@@ -4364,7 +4364,10 @@ class FuseServer:
             os.dup2(log, 1)
             os.dup2(log, 2)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not grit's stop handler
+            # Nor SIGTERM (scancel's, to every process of a job): the mount
+            # goes when grit says so or dies, never under a running script.
+            # Ignored, it is also not one libfuse's handler takes over.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             _fuse_server(os.path.join(run_dir, "mnt"), os.path.join(run_dir, "spool"),
                          pairs[0][1], [p[1] for p in pairs[1:]], objects_path)
             return 0
@@ -5789,7 +5792,7 @@ class SlurmExecutor(Executor):
     def end_earlier_jobs(cls, opts: RunOptions, manifest: Manifest, db: Database,
                          console: Console) -> dict[int, TaskResult]:
         """Before a run on another executor: the jobs an earlier -executor slurm
-        run left (killed) are cancelled and the results their elements wrote
+        run left (killed) are cancelled and the outputs their elements wrote
         taken in (returned by task), so no task runs in two places at once."""
         jobs = db.meta.slurm_jobs()
         if not jobs:
@@ -5805,7 +5808,9 @@ class SlurmExecutor(Executor):
                      for e in job.elements for t in e.tasks]
             slurm.cancel()
             slurm._thread.join()
-        results = {t: slurm._early[t] for t in db.meta.pending_among(slurm._early)}
+        # A failure may be the cancel's doing (the element's folder went first): it runs here
+        ok = [t for t, result in slurm._early.items() if result.ok]
+        results = {t: slurm._early[t] for t in db.meta.pending_among(ok)}
         console.info(f"slurm: {slurm.adopted} job(s) of an earlier -executor slurm run: took in "
                      f"{len(results)} finished task(s), cancelled the rest; "
                      f"{len(db.meta.pending_among(tasks)) - len(results)} of their task(s) "

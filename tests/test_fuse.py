@@ -354,6 +354,28 @@ script = 'while :; do echo data; done > $OUTPUT_DIR/stream'
     assert grit.count("stream") == 0
 
 
+def test_a_stray_sigterm_to_the_fuse_server_does_not_fail_a_running_task(grit, tmp_path):
+    """Slurm's scancel signals every process of a job, the FUSE server among
+    them: it stays mounted until grit tells it to go, so a script writing
+    then does not fail with "Directory nonexistent" (a task failure that
+    looked real to the next run)."""
+    started, go = tmp_path / "started", tmp_path / "go"
+    grit.write(f"""[[step]]\nname = "s"\nscript = '''touch {started}
+while [ ! -e {go} ]; do sleep 0.05; done; echo done > $OUTPUT_DIR/x'''\n""")
+    proc = grit.popen("-output-mode", "fuse")
+    assert wait_for(started.exists, timeout=60)
+    cmdline = open(f"/proc/{proc.pid}/cmdline", "rb").read()
+    [server] = [pid for pid in processes_using(tmp_path)  # forked from grit, not exec'd
+                if pid != proc.pid and open(f"/proc/{pid}/cmdline", "rb").read() == cmdline]
+    os.kill(server, signal.SIGTERM)
+    assert not wait_for(lambda: not mounts_under(grit.db), timeout=1)  # still mounted
+    go.touch()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert grit.contents("x") == [b"done\n"]
+    assert mounts_under(grit.db) == [] and processes_using(tmp_path) == []
+
+
 def test_kill_9_then_next_run_cleans_up_and_resumes(grit):
     grit.write('''
 [[step]]
