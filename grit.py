@@ -2923,7 +2923,7 @@ class OutputCapture(Protocol):
 # Dir mode hashes a file of at least FILE_MIN_BYTES while the script writes it,
 # looking every FOLLOW_SECONDS (and starts its bytes on their way to disk), as
 # FUSE mode does: collecting it then costs one more hashing pass, beside the
-# hashing of what the follower had not reached (PROOF_PIECES), and a rename.
+# hashing of what the follower had not reached (proof_pieces), and a rename.
 # SHA-256 (1.1 GB/s here) is slower than `head -c` writes (1.7 GB/s), so the
 # sooner following starts the less is left at the end: 0.05 s follows ~480 MiB
 # of a 1 GiB `head -c` by its exit, 0.2 s ~300 MiB; a look at a small task's
@@ -2933,14 +2933,20 @@ FOLLOW_SECONDS = 0.05
 # or more than are worth following); files followed already still are.
 FOLLOW_MAX_ENTRIES = 1000
 FOLLOW_MAX_FILES = 8
-# Proving a followed file hashes its bytes anew, in up to PROOF_PIECES pieces
-# at once, while one more core hashes what following had not reached (1 GiB
-# here: 0.7 s in one piece, 0.4 s in two when nothing is left to reach; with
-# 700 MiB left on 2 cores, one piece took 0.69-0.88 s, two 0.88-0.99 s). Each
+# Proving a followed file hashes its bytes anew, in pieces at once (up to
+# PROOF_CORES), while one thread hashes what following had not reached. Each
 # piece starts from the hash state the following had at its first byte,
 # copied every CHECKPOINT_BYTES: following pays no second hashing pass for the split.
 CHECKPOINT_BYTES = 64 * 1024 * 1024
-PROOF_PIECES = max(1, min(4, (os.cpu_count() or 1) - 1))
+PROOF_CORES = max(1, min(4, os.cpu_count() or 1))
+
+
+def proof_pieces(followed: int, left: int) -> int:
+    """Pieces for proving `followed` bytes while `left` more are taken in: one
+    per core when taking them in is no longer than a piece, else one core is
+    left to it (1 GiB here: 0.7 s in one piece, 0.4 s in two with nothing
+    left; with 700 MiB left on 2 cores, one piece 0.69-0.88 s, two 0.88-0.99 s)."""
+    return PROOF_CORES if left * (PROOF_CORES - 1) <= followed else max(1, PROOF_CORES - 1)
 F_SETLEASE = 1024  # fcntl: a read lease is refused while anyone has the file open for writing
 
 
@@ -3004,7 +3010,7 @@ class _Followed:
         rewritten a part already taken in); None otherwise. The pieces hash on
         other cores while the bytes written since the last look, final now
         that the script has exited, are taken in."""
-        pieces = self._pieces()
+        pieces = self._pieces(proof_pieces(self.size, os.fstat(self.fd).st_size - self.size))
         with concurrent.futures.ThreadPoolExecutor(len(pieces)) as helpers:
             hashed = [helpers.submit(self._hash_piece, piece) for piece in pieces]
             caught_up = self.read_new()
@@ -3012,11 +3018,13 @@ class _Followed:
         if not caught_up or found != [(p.end_state.hexdigest(), p.end) for p in pieces]:
             return None
         return self.hash.hexdigest(), self.size
-    def _pieces(self) -> list[_Piece]:
-        """The bytes followed so far in pieces of about equal size, split at checkpoints."""
-        ends, share = [], self.size / PROOF_PIECES
+
+    def _pieces(self, count: int) -> list[_Piece]:
+        """The bytes followed so far in up to `count` pieces of about equal size,
+        split at checkpoints."""
+        ends, share = [], self.size / count
         for size, state in self.checkpoints:
-            if size >= share * (len(ends) + 1) and size < self.size and len(ends) < PROOF_PIECES - 1:
+            if size >= share * (len(ends) + 1) and size < self.size and len(ends) < count - 1:
                 ends.append((size, state))
         ends.append((self.size, self.hash.copy()))
         starts = [(0, hashlib.sha256())] + ends[:-1]
