@@ -93,8 +93,13 @@ def test_quickstart_cold_and_warm_cache(pyz, tmp_path, version):
         digest = listing.stdout.split("\t")[0]
         content = run_pyz(python, pyz, tmp_path, home, "-db", db, "-export-hash", digest)
         assert content.stdout == "INPUT DATA\n"
-    extracted = list((home / ".cache" / "grit").iterdir())
-    assert len(extracted) == 1 and extracted[0].name.startswith("lmdb-1.7.5-")
+        if run == "cold":  # grit's bytecode, compiled once for this Python
+            [code] = (home / ".cache" / "grit").glob("grit-*.code")
+            written = code.stat()
+    cached = sorted(p.name for p in (home / ".cache" / "grit").iterdir())
+    assert len(cached) == 2 and cached[0].startswith("grit-") and cached[1].startswith(
+        "lmdb-1.7.5-"), cached
+    assert (code.stat().st_ino, code.stat().st_mtime_ns) == (written.st_ino, written.st_mtime_ns)
     print(f"python {version}: cold {times[0]:.3f} s, warm {times[1]:.3f} s")
 
 
@@ -141,8 +146,24 @@ def test_concurrent_first_runs_share_one_extraction(pyz, tmp_path):
     for p in procs:
         _, err = p.communicate(timeout=60)
         assert p.returncode == 2 and "no grit database at db" in err  # got as far as grit
-    assert [d.name for d in (home / ".cache" / "grit").iterdir() if not d.name.startswith(
-        "lmdb-")] == []
+    cached = sorted(d.name for d in (home / ".cache" / "grit").iterdir())
+    assert len(cached) == 2 and cached[0].startswith("grit-") and cached[1].startswith(
+        "lmdb-"), cached  # no half-written extraction or bytecode left
+
+
+def test_damaged_cached_bytecode_is_compiled_again(pyz, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"PATH": os.environ["PATH"], "HOME": str(home)}
+    run = [sys.executable, "-I", str(pyz), "-db", "db", "-export", "x"]
+    assert "no grit database at db" in subprocess.run(run, cwd=tmp_path, env=env,
+                                                      capture_output=True, text=True).stderr
+    [code] = (home / ".cache" / "grit").glob("grit-*.code")
+    good = code.read_bytes()
+    code.write_bytes(good[:len(good) // 2])  # cut short, as by a full disk
+    proc = subprocess.run(run, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2 and "no grit database at db" in proc.stderr, proc.stderr
+    assert code.read_bytes() == good
 
 
 def test_unwritable_cache_falls_back_to_a_private_directory(pyz, tmp_path):
