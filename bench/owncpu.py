@@ -4,12 +4,16 @@
 its FUSE server, whose times are read from /proc while it is a zombie, just
 before grit reaps it.
 
-    bench/owncpu.py CPU_FILE GRIT_PY ARGS...
+    bench/owncpu.py [--script] CPU_FILE GRIT_PY ARGS...
+
+grit's module is imported, its bytecode cached, as an installed grit's is;
+--script runs grit.py as a script instead (compiled at every start).
 
 CPU_FILE gets one line: "<grit seconds> <FUSE server seconds>".
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import resource
 import runpy
@@ -48,13 +52,20 @@ def posix_spawn(*args, **kw) -> int:
 
 
 def main() -> None:
-    cpu_file, grit_py, *args = sys.argv[1:]
+    as_script = sys.argv[1] == "--script"
+    cpu_file, grit_py, *args = sys.argv[1 + as_script:]
     os.waitpid = waitpid
     os.posix_spawn = posix_spawn
     sys.argv = [grit_py, *args]
     code = 0
     try:
-        runpy.run_path(grit_py, run_name="__main__")
+        if as_script:
+            runpy.run_path(grit_py, run_name="__main__")
+        else:
+            spec = importlib.util.spec_from_file_location("grit", grit_py)
+            module = sys.modules["grit"] = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            sys.exit(module.main())
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (1 if e.code else 0)
     own = resource.getrusage(resource.RUSAGE_SELF)
