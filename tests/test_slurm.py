@@ -416,6 +416,50 @@ def test_a_local_run_after_a_killed_slurm_run_cancels_its_jobs_and_takes_their_r
     assert live(grit) == local_twin(tmp_path, ON_TWO_NODES.format(ran=os.devnull, wait=""))
 
 
+def test_a_local_run_runs_again_what_failed_in_the_slurm_jobs_it_cancels(grit, cluster, tmp_path):
+    """A failure an element wrote before its job was cancelled may be the cancel's
+    doing (a script whose scratch space went first): the local run that cancels
+    the jobs runs that task again instead of taking the failure in."""
+    ran, fail = tmp_path / "ran.log", tmp_path / "fail"
+    grit.write(f'''
+        [[step]]
+        name = "seed"
+        script = "echo 1 > $OUTPUT_DIR/n-1; echo 2 > $OUTPUT_DIR/n-2"
+        [[step]]
+        name = "work"
+        inputs = ["n-*"]
+        script = """
+        echo "$GRIT_INPUT_NAME ${{SLURMD_NODENAME:-here}}" >> {ran}
+        if [ -n "$SLURMD_NODENAME" ]; then
+            [ "$GRIT_INPUT_NAME" = n-2 ] && sleep 600
+            while [ ! -e {fail} ]; do sleep 0.1; done
+            exit 3
+        fi
+        rev $INPUT_FILE > $OUTPUT_DIR/r-$GRIT_INPUT_NAME
+        """
+    ''')
+    proc = popen_on_slurm(grit, cluster)
+    try:
+        assert wait_for(lambda: ran.exists() and len(ran.read_text().splitlines()) == 2, 60)
+        proc.send_signal(signal.SIGSTOP)  # it takes in nothing more
+        fail.touch()
+        # n-1's failure written, beside the seed's result (a job may run tasks
+        # of later steps handed to it)
+        assert wait_for(lambda: sum(j.get("results", 0) for j in grit.status()["slurm_jobs"])
+                        >= 2, 60)
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+    assert grit.tasks("work")["failed"] == 0  # written by the element, never committed
+    local = grit.run("-parallel", "2", env={"SLURM_CONF": cluster["SLURM_CONF"]})
+    assert "took in 0 finished task(s), cancelled the rest; 2 of their task(s) run here" \
+        in local.stderr, local.stderr
+    assert sorted(e for e in ran.read_text().splitlines() if e.endswith(" here")) == \
+        ["n-1 here", "n-2 here"]
+    assert grit.tasks("work") == {"pending": 0, "done": 2, "failed": 0}
+    assert our_jobs(cluster, grit) == ""
+
+
 def test_a_failed_task_runs_again_on_slurm_with_the_resources_of_its_attempt(grit, cluster):
     grit.write('''
         [[step]]
