@@ -2947,6 +2947,8 @@ def proof_pieces(followed: int, left: int) -> int:
     left to it (1 GiB here: 0.7 s in one piece, 0.4 s in two with nothing
     left; with 700 MiB left on 2 cores, one piece 0.69-0.88 s, two 0.88-0.99 s)."""
     return PROOF_CORES if left * (PROOF_CORES - 1) <= followed else max(1, PROOF_CORES - 1)
+
+
 F_SETLEASE = 1024  # fcntl: a read lease is refused while anyone has the file open for writing
 
 
@@ -5800,7 +5802,7 @@ class SlurmExecutor(Executor):
     def end_earlier_jobs(cls, opts: RunOptions, manifest: Manifest, db: Database,
                          console: Console) -> dict[int, TaskResult]:
         """Before a run on another executor: the jobs an earlier -executor slurm
-        run left (killed) are cancelled and the outputs their elements wrote
+        run left (killed) are cancelled and the tasks their elements finished
         taken in (returned by task), so no task runs in two places at once."""
         jobs = db.meta.slurm_jobs()
         if not jobs:
@@ -5816,7 +5818,7 @@ class SlurmExecutor(Executor):
                      for e in job.elements for t in e.tasks]
             slurm.cancel()
             slurm._thread.join()
-        # A failure may be the cancel's doing (the element's folder went first): it runs here
+        # A failure may be the cancel's doing (a script whose mount went first): it runs here
         ok = [t for t, result in slurm._early.items() if result.ok]
         results = {t: slurm._early[t] for t in db.meta.pending_among(ok)}
         console.info(f"slurm: {slurm.adopted} job(s) of an earlier -executor slurm run: took in "
