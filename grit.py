@@ -3608,14 +3608,14 @@ FUSE_ROOT_ID = 1  # the inode number of the mount's top folder
 
 class _KernelCache:
     """Drops large outputs' pages from the kernel's cache of the FUSE files
-    (libfuse3 with the writeback cache). Each drop runs on a thread of its
-    own: the kernel first sends the file's dirty pages, which the FUSE thread
-    must be free to serve, so that thread only queues paths and never waits."""
+    (libfuse3 with the writeback cache), and ended tasks' folders. Drops and
+    forgets run on threads of their own: the kernel first sends the file's
+    dirty pages, which the FUSE thread must be free to serve, so that thread
+    only queues names and never waits."""
 
     def __init__(self) -> None:
-        self._lib: object = None
         self._fuse: int | None = None  # libfuse's struct fuse, while it exists
-        self._lock = threading.Lock()  # held by a drop and by stop()
+        self._lock = threading.Lock()  # held by a drop or a forget, and by stop()
         self._paths: "queue.Queue[str]" = queue.Queue(maxsize=4)
         self._ended: "queue.SimpleQueue[str]" = queue.SimpleQueue()  # tasks' folders
 
@@ -3634,26 +3634,20 @@ class _KernelCache:
             lib.fuse_lowlevel_notify_inval_entry.argtypes = [
                 ctypes.c_void_p, ctypes.c_uint64, ctypes.c_char_p, ctypes.c_size_t]
             fuse = lib.fuse_get_context().contents.fuse
-            self._session, self._fuse = lib.fuse_get_session(fuse), fuse
+            session = lib.fuse_get_session(fuse)
         except (OSError, AttributeError, ValueError):  # no library, symbol or context:
             return  # the pages stay until the task's files are removed, as before
-        self._lib = lib
-        threading.Thread(target=self._drop_queued, daemon=True).start()
-        threading.Thread(target=self._forget_ended, daemon=True).start()
+        self._fuse = fuse
+        for names, call in ((self._paths, lambda path: lib.fuse_invalidate_path(fuse, path)),
+                            (self._ended, lambda name: lib.fuse_lowlevel_notify_inval_entry(
+                                session, FUSE_ROOT_ID, name, len(name)))):
+            threading.Thread(target=self._serve, args=(names, call), daemon=True).start()
 
     def drop_later(self, path: str | None) -> None:
         """Queue a drop (skipped when a few are queued already: the next will do)."""
         if self._fuse and isinstance(path, str):  # None: the file was removed
             with contextlib.suppress(queue.Full):
                 self._paths.put_nowait(path)
-
-    def _drop_queued(self) -> None:
-        while True:
-            path = self._paths.get()
-            with self._lock:
-                if self._fuse:  # a path removed or renamed since is unknown: no harm
-                    drop = self._lib.fuse_invalidate_path  # type: ignore[attr-defined]
-                    drop(self._fuse, path.encode("latin-1"))
 
     def forget_later(self, token: str) -> None:
         """Have the kernel drop an ended task's folder and what it held: else
@@ -3662,13 +3656,15 @@ class _KernelCache:
         if self._fuse:
             self._ended.put(token)
 
-    def _forget_ended(self) -> None:
+    def _serve(self, names: "queue.Queue[str] | queue.SimpleQueue[str]",
+               call: Callable[[bytes], object]) -> None:
+        """Pass each name queued to call, while libfuse's struct fuse exists
+        (a path removed or renamed since is unknown to it: no harm)."""
         while True:
-            name = self._ended.get().encode("latin-1")
+            name = names.get().encode("latin-1")
             with self._lock:
                 if self._fuse:
-                    self._lib.fuse_lowlevel_notify_inval_entry(  # type: ignore[attr-defined]
-                        self._session, FUSE_ROOT_ID, name, len(name))
+                    call(name)
 
     def stop(self) -> None:
         """Before libfuse frees its struct fuse."""
@@ -5819,8 +5815,8 @@ class SlurmExecutor(Executor):
             slurm.cancel()
             slurm._thread.join()
         # A failure may be the cancel's doing (a script whose mount went first): it runs here
-        ok = [t for t, result in slurm._early.items() if result.ok]
-        results = {t: slurm._early[t] for t in db.meta.pending_among(ok)}
+        results = {t: slurm._early[t] for t in db.meta.pending_among(
+            t for t, result in slurm._early.items() if result.ok)}
         console.info(f"slurm: {slurm.adopted} job(s) of an earlier -executor slurm run: took in "
                      f"{len(results)} finished task(s), cancelled the rest; "
                      f"{len(db.meta.pending_among(tasks)) - len(results)} of their task(s) "

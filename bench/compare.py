@@ -49,19 +49,15 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRIT = os.path.join(ROOT, "grit.py")  # --grit replaces it
 OWNCPU = os.path.join(ROOT, "bench", "owncpu.py")
-# How an installed grit starts: its module imported (bytecode cached), then main().
-LAUNCH = ("import importlib.util as u, sys; s = u.spec_from_file_location('grit', sys.argv.pop(1)); "
-          "m = sys.modules['grit'] = u.module_from_spec(s); s.loader.exec_module(m); "
-          "sys.exit(m.main())")
+BENCH_VENV = os.path.join(ROOT, ".bench-venv")
 AS_SCRIPT = False  # --as-script
 
 
-def grit_command() -> str:
-    """The shell words that start grit, arguments to follow."""
-    if AS_SCRIPT:
-        return f"{shlex.quote(sys.executable)} {shlex.quote(GRIT)}"
-    return f"{shlex.quote(sys.executable)} -c {shlex.quote(LAUNCH)} {shlex.quote(GRIT)}"
-BENCH_VENV = os.path.join(ROOT, ".bench-venv")
+def grit_command(cpu_file: str = os.devnull) -> str:
+    """The shell words that start grit (through bench/owncpu.py, which writes
+    grit's own CPU to cpu_file), arguments to follow."""
+    script = " --script" if AS_SCRIPT else ""
+    return f"{shlex.quote(sys.executable)} {OWNCPU}{script} {cpu_file} {shlex.quote(GRIT)}"
 
 
 def sh(cmd: str, cwd: str) -> tuple[float, int]:
@@ -135,8 +131,7 @@ script = 'rev "$INPUT_FILE" > "$OUTPUT_DIR/rev-$GRIT_INPUT_NAME"'
 
     def run(self, work: str) -> tuple[float, int]:
         """Through bench/owncpu.py, which leaves grit's own CPU in cpu.txt."""
-        script = " --script" if AS_SCRIPT else ""
-        took = sh(f"{sys.executable} {OWNCPU}{script} cpu.txt {GRIT} -manifest m.toml -db db -run -quiet "
+        took = sh(f"{grit_command('cpu.txt')} -manifest m.toml -db db -run -quiet "
                   f"-parallel 2 -output-mode {self.mode}", work)
         with open(os.path.join(work, "cpu.txt")) as f:
             grit_s, server_s = map(float, f.read().split()[:2])
